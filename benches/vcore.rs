@@ -1,0 +1,2 @@
+//! vcore benchmarks (filled in with vcore).
+fn main() {}

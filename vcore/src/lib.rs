@@ -1,0 +1,2 @@
+//! vcore: one KVM VM on one host.
+#![deny(missing_docs, missing_debug_implementations)]
