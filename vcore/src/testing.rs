@@ -1,0 +1,19 @@
+//! Helpers for tests that need `/dev/kvm`: skip loudly where it is missing, fail in CI.
+
+/// Environment variable that turns a missing `/dev/kvm` into a test failure.
+pub const REQUIRE_KVM_ENV: &str = "VINFRA_REQUIRE_KVM";
+
+/// Whether KVM tests may run here. Without `/dev/kvm` it prints one `SKIP` line naming `test`
+/// and returns false, unless `VINFRA_REQUIRE_KVM=1`, where it panics so the test fails.
+pub fn kvm_available(test: &str) -> bool {
+    match kvm_ioctls::Kvm::new() {
+        Ok(_) => true,
+        Err(e) => {
+            if std::env::var(REQUIRE_KVM_ENV).is_ok_and(|v| v == "1") {
+                panic!("{test}: /dev/kvm is required ({REQUIRE_KVM_ENV}=1) but unusable: {e}");
+            }
+            eprintln!("SKIP {test}: no usable /dev/kvm ({e})");
+            false
+        }
+    }
+}

@@ -1,0 +1,346 @@
+//! vCPU threads: `KVM_RUN`, exit dispatch to the buses, pause/resume/stop, throttling.
+//!
+//! Kicking a vCPU out of `KVM_RUN` (for a pause, a stop or a throttle slice) sets
+//! `kvm_run.immediate_exit` and sends the thread a real-time signal with an empty handler. The
+//! vCPU clears `immediate_exit` *before* it looks at the request flags, with a full fence on both
+//! sides, so a kick can never be lost between the check and the next `KVM_RUN`.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::Duration;
+
+use kvm_ioctls::{VcpuExit, VcpuFd};
+
+use crate::bus::Bus;
+use crate::sys::KickHandle;
+
+/// Length of one throttle period: a throttled vCPU sleeps `percent` of it.
+pub const THROTTLE_PERIOD: Duration = Duration::from_millis(10);
+/// `KVM_EXIT_DIRTY_RING_FULL`.
+const EXIT_DIRTY_RING_FULL: u32 = 31;
+
+/// Something a vCPU reports that the embedder should know about.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VmEvent {
+    /// The guest triple-faulted (`KVM_EXIT_SHUTDOWN`); the vCPU stopped.
+    TripleFault {
+        /// The vCPU.
+        vcpu: u8,
+    },
+    /// KVM could not emulate something (`KVM_EXIT_INTERNAL_ERROR`); the vCPU stopped.
+    InternalError {
+        /// The vCPU.
+        vcpu: u8,
+    },
+    /// The hardware refused to enter the guest (`KVM_EXIT_FAIL_ENTRY`); the vCPU stopped.
+    FailEntry {
+        /// The vCPU.
+        vcpu: u8,
+        /// Hardware entry failure reason.
+        reason: u64,
+    },
+    /// The guest asked for shutdown, reset or reported a crash (`KVM_EXIT_SYSTEM_EVENT`); the
+    /// vCPU stopped.
+    SystemEvent {
+        /// The vCPU.
+        vcpu: u8,
+        /// `KVM_SYSTEM_EVENT_*` type.
+        kind: u32,
+    },
+    /// An exit vcore does not handle; the vCPU stopped.
+    UnexpectedExit {
+        /// The vCPU.
+        vcpu: u8,
+        /// The exit, as text.
+        exit: String,
+    },
+    /// `KVM_RUN` failed; the vCPU stopped.
+    RunError {
+        /// The vCPU.
+        vcpu: u8,
+        /// The errno.
+        errno: i32,
+    },
+    /// The vCPU's dirty ring is full: the dirty-ring harvester must collect and reset it. The
+    /// vCPU retries every millisecond until there is room.
+    DirtyRingFull {
+        /// The vCPU.
+        vcpu: u8,
+    },
+}
+
+/// A queue of [`VmEvent`]s, written by vCPU threads, read by the embedder.
+#[derive(Debug, Default)]
+pub(crate) struct EventQueue {
+    queue: Mutex<VecDeque<VmEvent>>,
+    cond: Condvar,
+}
+
+impl EventQueue {
+    pub(crate) fn push(&self, e: VmEvent) {
+        lock(&self.queue).push_back(e);
+        self.cond.notify_all();
+    }
+
+    pub(crate) fn pop(&self, timeout: Duration) -> Option<VmEvent> {
+        let q = lock(&self.queue);
+        let (mut q, _) =
+            self.cond.wait_timeout_while(q, timeout, |q| q.is_empty()).unwrap_or_else(|e| e.into_inner());
+        q.pop_front()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Counters of one vCPU.
+#[derive(Debug, Default)]
+pub struct VcpuStats {
+    /// Returns from `KVM_RUN`.
+    pub exits: AtomicU64,
+    /// Port I/O exits.
+    pub pio: AtomicU64,
+    /// MMIO exits.
+    pub mmio: AtomicU64,
+    /// I/O exits no device claimed.
+    pub unhandled_io: AtomicU64,
+    /// Throttle sleeps taken.
+    pub throttled: AtomicU64,
+}
+
+/// What the vCPU thread and the controlling threads share about one vCPU.
+#[derive(Debug)]
+pub(crate) struct VcpuShared {
+    pub(crate) id: u8,
+    pub(crate) fd: Mutex<VcpuFd>,
+    pub(crate) kick: KickHandle,
+    pub(crate) thread: Mutex<Option<libc::pthread_t>>,
+    pub(crate) throttle_due: AtomicBool,
+    pub(crate) stats: VcpuStats,
+}
+
+impl VcpuShared {
+    pub(crate) fn new(id: u8, mut fd: VcpuFd) -> Self {
+        let kick = KickHandle::new(&mut fd);
+        VcpuShared {
+            id,
+            fd: Mutex::new(fd),
+            kick,
+            thread: Mutex::new(None),
+            throttle_due: AtomicBool::new(false),
+            stats: VcpuStats::default(),
+        }
+    }
+
+    pub(crate) fn fd(&self) -> MutexGuard<'_, VcpuFd> {
+        lock(&self.fd)
+    }
+
+    /// Makes the vCPU leave `KVM_RUN` (or not enter it) as soon as possible.
+    pub(crate) fn kick(&self) {
+        self.kick.set_immediate_exit(true);
+        if let Some(t) = *lock(&self.thread) {
+            crate::sys::signal_thread(t);
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Target {
+    Run,
+    Pause,
+    Stop,
+}
+
+#[derive(Debug)]
+struct CtlState {
+    target: Target,
+    /// vCPU threads parked, stopped for good, or not started.
+    out: usize,
+}
+
+/// Run control shared by all vCPU threads of a VM.
+#[derive(Debug)]
+pub(crate) struct Control {
+    state: Mutex<CtlState>,
+    cond: Condvar,
+    request: AtomicBool,
+    pub(crate) throttle_percent: AtomicU8,
+}
+
+impl Control {
+    pub(crate) fn new(vcpus: usize) -> Self {
+        Control {
+            state: Mutex::new(CtlState { target: Target::Run, out: vcpus }),
+            cond: Condvar::new(),
+            request: AtomicBool::new(false),
+            throttle_percent: AtomicU8::new(0),
+        }
+    }
+
+    /// Called before the `n` vCPU threads are spawned: from now on they count as running.
+    pub(crate) fn started(&self, n: usize) {
+        lock(&self.state).out -= n;
+    }
+
+    /// Parks the calling vCPU while a pause lasts; returns false if it must stop.
+    fn park(&self) -> bool {
+        let mut st = lock(&self.state);
+        if st.target == Target::Run {
+            return true;
+        }
+        st.out += 1;
+        self.cond.notify_all();
+        while st.target == Target::Pause {
+            st = self.cond.wait(st).unwrap_or_else(|e| e.into_inner());
+        }
+        if st.target == Target::Stop {
+            return false;
+        }
+        st.out -= 1;
+        true
+    }
+
+    /// The calling vCPU stopped for good (fatal exit); it counts as out from now on.
+    fn retire(&self) {
+        lock(&self.state).out += 1;
+        self.cond.notify_all();
+    }
+
+    /// Asks every vCPU to pause and waits until all `total` are out of `KVM_RUN`.
+    pub(crate) fn pause(&self, vcpus: &[Arc<VcpuShared>]) {
+        lock(&self.state).target = Target::Pause;
+        self.request.store(true, Ordering::SeqCst);
+        for v in vcpus {
+            v.kick();
+        }
+        let st = lock(&self.state);
+        let _st = self.cond.wait_while(st, |s| s.out < vcpus.len()).unwrap_or_else(|e| e.into_inner());
+    }
+
+    pub(crate) fn resume(&self) {
+        let mut st = lock(&self.state);
+        st.target = Target::Run;
+        self.request.store(false, Ordering::SeqCst);
+        self.cond.notify_all();
+    }
+
+    pub(crate) fn stop(&self, vcpus: &[Arc<VcpuShared>]) {
+        lock(&self.state).target = Target::Stop;
+        self.request.store(true, Ordering::SeqCst);
+        self.cond.notify_all();
+        for v in vcpus {
+            v.kick();
+        }
+    }
+}
+
+/// Everything a vCPU thread needs.
+#[derive(Debug)]
+pub(crate) struct VcpuRunner {
+    pub(crate) vcpu: Arc<VcpuShared>,
+    pub(crate) ctl: Arc<Control>,
+    pub(crate) pio: Bus,
+    pub(crate) mmio: Bus,
+    pub(crate) events: Arc<EventQueue>,
+}
+
+enum Flow {
+    Continue,
+    Retire(VmEvent),
+}
+
+impl VcpuRunner {
+    /// The body of a vCPU thread.
+    pub(crate) fn run(self) {
+        loop {
+            self.vcpu.kick.set_immediate_exit(false);
+            if self.ctl.request.load(Ordering::SeqCst) {
+                if !self.ctl.park() {
+                    return;
+                }
+                continue;
+            }
+            if self.vcpu.throttle_due.swap(false, Ordering::AcqRel) {
+                let pct = u32::from(self.ctl.throttle_percent.load(Ordering::Relaxed).min(99));
+                if pct > 0 {
+                    self.vcpu.stats.throttled.fetch_add(1, Ordering::Relaxed);
+                    std::thread::sleep(THROTTLE_PERIOD * pct / 100);
+                }
+                continue;
+            }
+            if let Flow::Retire(event) = self.run_once() {
+                self.events.push(event);
+                self.ctl.retire();
+                return;
+            }
+        }
+    }
+
+    fn run_once(&self) -> Flow {
+        let id = self.vcpu.id;
+        let stats = &self.vcpu.stats;
+        let mut fd = self.vcpu.fd();
+        let exit = fd.run();
+        stats.exits.fetch_add(1, Ordering::Relaxed);
+        let handled = match exit {
+            Ok(VcpuExit::IoOut(port, data)) => {
+                stats.pio.fetch_add(1, Ordering::Relaxed);
+                self.pio.write(u64::from(port), data)
+            }
+            Ok(VcpuExit::IoIn(port, data)) => {
+                stats.pio.fetch_add(1, Ordering::Relaxed);
+                self.pio.read(u64::from(port), data)
+            }
+            Ok(VcpuExit::MmioWrite(addr, data)) => {
+                stats.mmio.fetch_add(1, Ordering::Relaxed);
+                self.mmio.write(addr, data)
+            }
+            Ok(VcpuExit::MmioRead(addr, data)) => {
+                stats.mmio.fetch_add(1, Ordering::Relaxed);
+                self.mmio.read(addr, data)
+            }
+            Ok(VcpuExit::Intr | VcpuExit::Hlt | VcpuExit::IrqWindowOpen) => true,
+            Ok(VcpuExit::Shutdown) => return Flow::Retire(VmEvent::TripleFault { vcpu: id }),
+            Ok(VcpuExit::InternalError) => return Flow::Retire(VmEvent::InternalError { vcpu: id }),
+            Ok(VcpuExit::FailEntry(reason, _)) => {
+                return Flow::Retire(VmEvent::FailEntry { vcpu: id, reason });
+            }
+            Ok(VcpuExit::SystemEvent(kind, _)) => {
+                return Flow::Retire(VmEvent::SystemEvent { vcpu: id, kind });
+            }
+            Ok(VcpuExit::Unsupported(EXIT_DIRTY_RING_FULL)) => {
+                drop(fd);
+                self.events.push(VmEvent::DirtyRingFull { vcpu: id });
+                std::thread::sleep(Duration::from_millis(1));
+                return Flow::Continue;
+            }
+            Ok(other) => {
+                return Flow::Retire(VmEvent::UnexpectedExit { vcpu: id, exit: format!("{other:?}") });
+            }
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => true,
+            Err(e) => return Flow::Retire(VmEvent::RunError { vcpu: id, errno: e.errno() }),
+        };
+        if !handled {
+            stats.unhandled_io.fetch_add(1, Ordering::Relaxed);
+        }
+        Flow::Continue
+    }
+}
+
+/// Kicks every vCPU once per [`THROTTLE_PERIOD`] while the throttle is above 0 %.
+pub(crate) fn throttle_loop(ctl: Arc<Control>, vcpus: Vec<Arc<VcpuShared>>) {
+    while ctl.throttle_percent.load(Ordering::Relaxed) > 0 && !ctl_stopping(&ctl) {
+        for v in &vcpus {
+            v.throttle_due.store(true, Ordering::Release);
+            v.kick();
+        }
+        std::thread::sleep(THROTTLE_PERIOD);
+    }
+}
+
+fn ctl_stopping(ctl: &Control) -> bool {
+    lock(&ctl.state).target == Target::Stop
+}

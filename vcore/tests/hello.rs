@@ -1,0 +1,28 @@
+//! The `hello` guest: PIO and MMIO exits reach the buses.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{PROBE_ANSWER, attach};
+use vcore::guest::{HELLO_MESSAGE, Hello, MMIO_PROBE_ADDR};
+use vcore::{RunState, VmBuilder, VmConfig};
+
+#[test]
+fn hello_prints_through_the_pio_bus_and_pokes_mmio() {
+    require_kvm!();
+    let vm = VmBuilder::new(VmConfig { mem_mib: 32, ..Default::default() }).payload(Hello).build().unwrap();
+    let dev = attach(&vm);
+    vm.start().unwrap();
+    let code = dev.exit.wait(Duration::from_secs(20));
+    if code.is_none() {
+        panic!("guest not done; event: {:?}", vm.next_event(Duration::ZERO));
+    }
+    assert_eq!(code, Some(PROBE_ANSWER), "the MMIO read answer comes back through the exit port");
+    assert_eq!(String::from_utf8(dev.console.output()).unwrap(), HELLO_MESSAGE);
+    assert_eq!(dev.probe.writes(), vec![(0, b"vinfra!!".to_vec())], "MMIO write at {MMIO_PROBE_ADDR:#x}");
+    let stats = vm.vcpu_stats(0).unwrap();
+    assert!(stats.pio.load(std::sync::atomic::Ordering::Relaxed) >= HELLO_MESSAGE.len() as u64);
+    vm.shutdown();
+    assert_eq!(vm.run_state(), RunState::Stopped);
+}
