@@ -13,6 +13,8 @@ pub const MMIO_HOLE_END: u64 = 0x1_0000_0000;
 pub const PAGE_SIZE: u64 = 4096;
 /// Largest guest memory the builder accepts (the identity map of the built-in guests covers it).
 pub const MAX_MEM_MIB: u64 = 64 * 1024;
+/// Most vCPUs vcore supports (8-bit xAPIC ids).
+pub const MAX_VCPUS: u16 = 255;
 /// Default number of entries of each vCPU's KVM dirty ring.
 pub const DEFAULT_DIRTY_RING_ENTRIES: u32 = 4096;
 
@@ -39,15 +41,15 @@ pub enum DirtyTracking {
 pub struct VmConfig {
     /// Guest RAM in MiB.
     pub mem_mib: u64,
-    /// Number of vCPUs.
+    /// Number of vCPUs (at most 255: vcore gives vCPUs 8-bit xAPIC ids; KVM may allow fewer).
     #[serde(default = "default_vcpus")]
-    pub vcpus: u8,
+    pub vcpus: u16,
     /// Dirty page tracking mode.
     #[serde(default)]
     pub dirty_tracking: DirtyTracking,
 }
 
-fn default_vcpus() -> u8 {
+fn default_vcpus() -> u16 {
     1
 }
 
@@ -95,11 +97,13 @@ pub enum ConfigError {
     #[error("a VM needs at least one vCPU")]
     ZeroVcpus,
     /// More vCPUs than KVM allows on this host.
-    #[error("{requested} vCPUs requested but this host's KVM allows at most {max}")]
+    #[error(
+        "{requested} vCPUs requested but at most {max} are possible (this host's KVM limit, and 255 xAPIC ids)"
+    )]
     TooManyVcpus {
         /// The configured count.
-        requested: u8,
-        /// `KVM_CAP_MAX_VCPUS` of the host.
+        requested: u16,
+        /// The lower of `KVM_CAP_MAX_VCPUS` and [`MAX_VCPUS`].
         max: usize,
     },
     /// The dirty ring size is not usable.
@@ -142,8 +146,9 @@ impl VmConfig {
         if self.vcpus == 0 {
             return Err(ConfigError::ZeroVcpus);
         }
-        if usize::from(self.vcpus) > max_vcpus {
-            return Err(ConfigError::TooManyVcpus { requested: self.vcpus, max: max_vcpus });
+        let max = max_vcpus.min(usize::from(MAX_VCPUS));
+        if usize::from(self.vcpus) > max {
+            return Err(ConfigError::TooManyVcpus { requested: self.vcpus, max });
         }
         if let DirtyTracking::Ring { entries } = self.dirty_tracking {
             if !entries.is_power_of_two() || !(64..=65536).contains(&entries) {

@@ -6,8 +6,12 @@ pub const REQUIRE_KVM_ENV: &str = "VINFRA_REQUIRE_KVM";
 /// Whether KVM tests may run here. Without `/dev/kvm` it prints one `SKIP` line naming `test`
 /// and returns false, unless `VINFRA_REQUIRE_KVM=1`, where it panics so the test fails.
 pub fn kvm_available(test: &str) -> bool {
-    match kvm_ioctls::Kvm::new() {
-        Ok(_) => true,
+    // Open and ask for the API version: a path that opens but is not KVM counts as missing.
+    let probe = kvm_ioctls::Kvm::new().and_then(|k| {
+        if k.get_api_version() == 12 { Ok(()) } else { Err(kvm_ioctls::Error::new(libc::ENOTTY)) }
+    });
+    match probe {
+        Ok(()) => true,
         Err(e) => {
             if std::env::var(REQUIRE_KVM_ENV).is_ok_and(|v| v == "1") {
                 panic!("{test}: /dev/kvm is required ({REQUIRE_KVM_ENV}=1) but unusable: {e}");

@@ -172,8 +172,9 @@ impl VmBuilder {
         }
 
         let supported = cpu::supported_cpuid(&kvm)?;
-        let mut vcpus = Vec::with_capacity(usize::from(self.config.vcpus));
-        for id in 0..self.config.vcpus {
+        let count = u8::try_from(self.config.vcpus).unwrap_or(u8::MAX); // validated: at most 255
+        let mut vcpus = Vec::with_capacity(usize::from(count));
+        for id in 0..count {
             let fd = vm_fd.create_vcpu(u64::from(id)).map_err(|source| VmError::Vcpu {
                 vcpu: id,
                 op: "KVM_CREATE_VCPU",
@@ -208,7 +209,7 @@ impl VmBuilder {
             msr_indices,
         };
         if let Some(payload) = &self.payload {
-            let info = BootInfo { mem_top, tsc_hz: u64::from(tsc_khz) * 1000, vcpus: vm.config.vcpus };
+            let info = BootInfo { mem_top, tsc_hz: u64::from(tsc_khz) * 1000, vcpus: count };
             let entry = payload.load(&vm.memory, &info)?;
             vm.set_entry(&entry)?;
         }
@@ -329,7 +330,7 @@ impl Vm {
 
     /// Number of vCPUs.
     pub fn vcpu_count(&self) -> u8 {
-        self.config.vcpus
+        self.vcpus.len() as u8
     }
 
     /// Counters of vCPU `id`.
