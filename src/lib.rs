@@ -15,3 +15,8 @@ pub use vdevices;
 pub use vha;
 pub use vmigrate;
 pub use vsched;
+
+/// The README's code blocks, compiled and run as doc tests.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;

@@ -157,3 +157,8 @@ pub(crate) fn xsave_from_words(
     x.as_mut_slice()[..tail.len()].copy_from_slice(tail);
     Some(x)
 }
+
+/// Machine code of the built-in `pio_loop` guest (see `guest::pio_loop`).
+pub(crate) fn pio_loop_code() -> &'static [u8] {
+    asm_blob!(vinfra_guest_pio_loop_start, vinfra_guest_pio_loop_end)
+}

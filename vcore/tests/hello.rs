@@ -26,3 +26,14 @@ fn hello_prints_through_the_pio_bus_and_pokes_mmio() {
     vm.shutdown();
     assert_eq!(vm.run_state(), RunState::Stopped);
 }
+
+#[test]
+fn pio_loop_exits_reach_the_bus() {
+    require_kvm!();
+    use vcore::guest::{PIO_LOOP_PORT, PioLoop, WriteCounter};
+    let vm = VmBuilder::new(VmConfig { mem_mib: 16, ..Default::default() }).payload(PioLoop).build().unwrap();
+    let counter = std::sync::Arc::new(WriteCounter::new());
+    vm.pio_bus().insert(PIO_LOOP_PORT.into(), 4, counter.clone()).unwrap();
+    vm.start().unwrap();
+    assert!(common::wait_until(Duration::from_secs(20), || counter.count() > 1000));
+}

@@ -33,6 +33,7 @@ use crate::boot::{BootError, BootInfo};
 use crate::config::{MMIO_HOLE_END, MMIO_HOLE_START, PAGE_SIZE};
 use crate::memory::GuestMemory;
 
+#[rustfmt::skip]
 core::arch::global_asm!(
     ".pushsection .rodata.vinfra_guest_dirtier,\"a\"",
     ".balign 16",
@@ -42,24 +43,24 @@ core::arch::global_asm!(
     // Entry at CPL 3, IOPL 3, IF 0; RDI = vCPU index, RSP = this vCPU's stack.
     "    test rdi, rdi",
     "    jnz .Ldirt_ap",
-    "    mov ebp, 0x6000",       // config page
-    "    mov r8, [rbp + 0x08]",  // working-set start
-    "    mov r9, [rbp + 0x10]",  // working-set pages (n)
-    "    mov r10, [rbp + 0x18]", // pattern
-    "    mov r11, [rbp + 0x20]", // pages per second
-    "    mov r12, [rbp + 0x28]", // TSC Hz
-    "    mov r14, [rbp + 0x40]", // xorshift state
+    "    mov ebp, 0x6000",                  // config page
+    "    mov r8, [rbp + 0x08]",             // working-set start
+    "    mov r9, [rbp + 0x10]",             // working-set pages (n)
+    "    mov r10, [rbp + 0x18]",            // pattern
+    "    mov r11, [rbp + 0x20]",            // pages per second
+    "    mov r12, [rbp + 0x28]",            // TSC Hz
+    "    mov r14, [rbp + 0x40]",            // xorshift state
     "    test r14, r14",
     "    jnz .Ldirt_seeded",
     "    movabs r14, 0x9e3779b97f4a7c15",
     ".Ldirt_seeded:",
-    "    mov r13, [rbp + 0x108]", // w: writes done (resumes a published count)
-    "    mov rbx, r13",           // writes at start, for pacing
+    "    mov r13, [rbp + 0x108]",           // w: writes done (resumes a published count)
+    "    mov rbx, r13",                     // writes at start, for pacing
     "    rdtsc",
     "    shl rdx, 32",
     "    or rax, rdx",
-    "    mov r15, rax",                   // TSC at start
-    "    mov qword ptr [rbp + 0x110], 1", // running
+    "    mov r15, rax",                     // TSC at start
+    "    mov qword ptr [rbp + 0x110], 1",   // running
     ".Ldirt_loop:",
     "    test r11, r11",
     "    jz .Ldirt_pick",
@@ -67,11 +68,11 @@ core::arch::global_asm!(
     "    rdtsc",
     "    shl rdx, 32",
     "    or rax, rdx",
-    "    sub rax, r15", // TSC ticks since start
-    "    mul r11",      // RDX:RAX = ticks * pages per second
-    "    div r12",      // RAX = writes allowed by now
+    "    sub rax, r15",                     // TSC ticks since start
+    "    mul r11",                          // RDX:RAX = ticks * pages per second
+    "    div r12",                          // RAX = writes allowed by now
     "    mov rcx, r13",
-    "    sub rcx, rbx", // writes done since start
+    "    sub rcx, rbx",                     // writes done since start
     "    cmp rcx, rax",
     "    jb .Ldirt_pick",
     "    pause",
@@ -82,10 +83,10 @@ core::arch::global_asm!(
     "    mov rax, r13",
     "    xor edx, edx",
     "    div r9",
-    "    mov rcx, rdx", // sequential: w mod n
+    "    mov rcx, rdx",                     // sequential: w mod n
     "    jmp .Ldirt_stamp",
     ".Ldirt_random:",
-    "    mov rax, r14", // xorshift64: x ^= x << 13; x ^= x >> 7; x ^= x << 17
+    "    mov rax, r14",                     // xorshift64: x ^= x << 13; x ^= x >> 7; x ^= x << 17
     "    shl rax, 13",
     "    xor r14, rax",
     "    mov rax, r14",
@@ -99,20 +100,20 @@ core::arch::global_asm!(
     "    mov rax, r14",
     "    xor edx, edx",
     "    div r9",
-    "    mov rcx, rdx", // random: x mod n
+    "    mov rcx, rdx",                     // random: x mod n
     "    jmp .Ldirt_stamp",
     ".Ldirt_hotcold:",
     "    mov rax, r14",
     "    shr rax, 32",
     "    xor edx, edx",
     "    mov ecx, 100",
-    "    div rcx", // RDX = (x >> 32) mod 100
+    "    div rcx",                          // RDX = (x >> 32) mod 100
     "    cmp rdx, [rbp + 0x38]",
     "    jae .Ldirt_cold",
     "    mov rax, r14",
     "    xor edx, edx",
     "    div qword ptr [rbp + 0x30]",
-    "    mov rcx, rdx", // hot: x mod h
+    "    mov rcx, rdx",                     // hot: x mod h
     "    jmp .Ldirt_stamp",
     ".Ldirt_cold:",
     "    mov rcx, r9",
@@ -121,26 +122,26 @@ core::arch::global_asm!(
     "    xor edx, edx",
     "    div rcx",
     "    mov rcx, rdx",
-    "    add rcx, [rbp + 0x30]", // cold: h + x mod (n - h)
+    "    add rcx, [rbp + 0x30]",            // cold: h + x mod (n - h)
     ".Ldirt_stamp:",
     "    shl rcx, 12",
-    "    add rcx, r8", // page address
+    "    add rcx, r8",                      // page address
     "    mov rax, r13",
     "    xor edx, edx",
     "    div r9",
     "    lea rsi, [rax + 1]",
-    "    mov [rcx], rsi", // generation w / n + 1
+    "    mov [rcx], rsi",                   // generation w / n + 1
     "    lea rax, [r13 + 1]",
-    "    mov [rcx + 8], rax", // sequence number w + 1
+    "    mov [rcx + 8], rax",               // sequence number w + 1
     "    inc r13",
-    "    mov [rbp + 0x108], r13", // pages written
+    "    mov [rbp + 0x108], r13",           // pages written
     "    mov rax, r13",
     "    xor edx, edx",
     "    div r9",
-    "    mov [rbp + 0x100], rax", // generations completed
+    "    mov [rbp + 0x100], rax",           // generations completed
     "    jmp .Ldirt_loop",
     ".Ldirt_ap:",
-    "    lea rbx, [rdi*8 + 0x6200]", // TICKS + 8 * vCPU
+    "    lea rbx, [rdi*8 + 0x6200]",        // TICKS + 8 * vCPU
     ".Ldirt_tick:",
     "    inc qword ptr [rbx]",
     "    pause",

@@ -8,6 +8,7 @@
 use super::BuiltinGuest;
 use crate::boot::BootInfo;
 
+#[rustfmt::skip]
 core::arch::global_asm!(
     ".pushsection .rodata.vinfra_guest_hello,\"a\"",
     ".balign 16",
@@ -18,25 +19,25 @@ core::arch::global_asm!(
     "    test rdi, rdi",
     "    jnz .Lhello_ap",
     "    lea rsi, [rip + .Lhello_msg]",
-    "    mov dx, 0x3f8", // CONSOLE_PORT
+    "    mov dx, 0x3f8",                    // CONSOLE_PORT
     ".Lhello_print:",
-    "    lodsb",       // AL = [RSI++]
-    "    test al, al", // NUL ends the message
+    "    lodsb",                            // AL = [RSI++]
+    "    test al, al",                      // NUL ends the message
     "    jz .Lhello_mmio",
-    "    out dx, al", // one PIO exit per byte
+    "    out dx, al",                       // one PIO exit per byte
     "    jmp .Lhello_print",
     ".Lhello_mmio:",
-    "    movabs rax, 0x21216172666e6976", // "vinfra!!" little endian
-    "    mov ebx, 0xd0000000",            // MMIO_PROBE_ADDR, in the 32-bit hole
-    "    mov qword ptr [rbx], rax",       // MMIO write exit
-    "    mov eax, dword ptr [rbx + 8]",   // MMIO read exit: the device answers
-    "    mov dx, 0xf4",                   // EXIT_PORT
-    "    out dx, eax",                    // done, with the device's answer as the code
+    "    movabs rax, 0x21216172666e6976",   // "vinfra!!" little endian
+    "    mov ebx, 0xd0000000",              // MMIO_PROBE_ADDR, in the 32-bit hole
+    "    mov qword ptr [rbx], rax",         // MMIO write exit
+    "    mov eax, dword ptr [rbx + 8]",     // MMIO read exit: the device answers
+    "    mov dx, 0xf4",                     // EXIT_PORT
+    "    out dx, eax",                      // done, with the device's answer as the code
     ".Lhello_idle:",
     "    pause",
     "    jmp .Lhello_idle",
     ".Lhello_ap:",
-    "    lea rbx, [rdi*8 + 0x6200]", // TICKS + 8 * vCPU
+    "    lea rbx, [rdi*8 + 0x6200]",        // TICKS + 8 * vCPU
     ".Lhello_tick:",
     "    inc qword ptr [rbx]",
     "    pause",

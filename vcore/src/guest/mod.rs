@@ -9,12 +9,14 @@
 //! - [`Hello`]: prints a line to [`CONSOLE_PORT`], talks to an MMIO device, reports done on
 //!   [`EXIT_PORT`].
 //! - [`Dirtier`]: dirties pages in a pattern and at a rate, for migration tests and benches.
+//! - [`PioLoop`]: one port write per loop iteration, to measure the PIO exit round trip.
 //!
 //! vCPUs other than vCPU 0 increment their tick counter at [`tick_addr`], so a test can see every
 //! vCPU make progress.
 
 mod dirtier;
 mod hello;
+mod pio_loop;
 
 use std::sync::{Condvar, Mutex};
 use std::time::Duration;
@@ -23,6 +25,7 @@ pub use dirtier::{
     Dirtier, DirtierConfig, DirtierProgress, MIN_WS_START, PageMismatch, Pattern, read_progress,
 };
 pub use hello::Hello;
+pub use pio_loop::PioLoop;
 
 use crate::boot::{self, BootError, BootInfo, BootPayload, Cpl, EntryPoint};
 use crate::bus::BusDevice;
@@ -30,6 +33,8 @@ use crate::memory::GuestMemory;
 
 /// Port the guests print to (COM1's data register, so a 16550 there shows it too).
 pub const CONSOLE_PORT: u16 = 0x3f8;
+/// Port [`PioLoop`] writes its counter to.
+pub const PIO_LOOP_PORT: u16 = 0x80;
 /// Port a guest writes a 32-bit code to when it is done (like QEMU's isa-debug-exit).
 pub const EXIT_PORT: u16 = 0xf4;
 /// MMIO address `hello` writes to and reads from (in the 32-bit hole, outside RAM).
@@ -162,6 +167,33 @@ impl BusDevice for ExitPort {
         b[..n].copy_from_slice(&data[..n]);
         *self.code.lock().unwrap_or_else(|e| e.into_inner()) = Some(u32::from_le_bytes(b));
         self.cond.notify_all();
+    }
+}
+
+/// A port device that counts writes (what [`PioLoop`] needs).
+#[derive(Debug, Default)]
+pub struct WriteCounter {
+    count: std::sync::atomic::AtomicU64,
+}
+
+impl WriteCounter {
+    /// A counter at 0.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Writes seen so far.
+    pub fn count(&self) -> u64 {
+        self.count.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+impl BusDevice for WriteCounter {
+    fn read(&self, _offset: u64, data: &mut [u8]) {
+        data.fill(0);
+    }
+    fn write(&self, _offset: u64, _data: &[u8]) {
+        self.count.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }
 }
 

@@ -11,7 +11,7 @@ use vcore::{Vm, VmBuilder, VmConfig};
 #[macro_export]
 macro_rules! require_kvm {
     () => {
-        if !vcore::testing::kvm_available(module_path!()) {
+        if !vcore::testing::kvm_available(concat!(file!(), ":", line!())) {
             return;
         }
     };
