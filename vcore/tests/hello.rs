@@ -37,3 +37,18 @@ fn pio_loop_exits_reach_the_bus() {
     vm.start().unwrap();
     assert!(common::wait_until(Duration::from_secs(20), || counter.count() > 1000));
 }
+
+#[test]
+fn a_triple_fault_is_an_event_not_a_panic() {
+    require_kvm!();
+    use vcore::VmEvent;
+    use vcore::vm_memory::{Bytes, GuestAddress};
+    let vm = VmBuilder::new(VmConfig { mem_mib: 16, ..Default::default() }).payload(Hello).build().unwrap();
+    // `ud2` as the first instruction: #UD with no IDT escalates to a triple fault.
+    vm.memory().write_slice(&[0x0f, 0x0b], GuestAddress(vcore::guest::CODE_ADDR)).unwrap();
+    vm.start().unwrap();
+    assert_eq!(vm.next_event(Duration::from_secs(20)), Some(VmEvent::TripleFault { vcpu: 0 }));
+    vm.pause().unwrap(); // a stopped vCPU counts as paused
+    assert!(vm.save_state().is_ok());
+    vm.shutdown();
+}

@@ -140,12 +140,7 @@ core::arch::global_asm!(
     "    div r9",
     "    mov [rbp + 0x100], rax",           // generations completed
     "    jmp .Ldirt_loop",
-    ".Ldirt_ap:",
-    "    lea rbx, [rdi*8 + 0x6200]",        // TICKS + 8 * vCPU
-    ".Ldirt_tick:",
-    "    inc qword ptr [rbx]",
-    "    pause",
-    "    jmp .Ldirt_tick",
+    ap_ticker_asm!(".Ldirt_ap"),
     ".globl vinfra_guest_dirtier_end",
     ".hidden vinfra_guest_dirtier_end",
     "vinfra_guest_dirtier_end:",

@@ -6,7 +6,6 @@
 //! Other vCPUs count in their tick slot of the config page (see [`super::tick_addr`]).
 
 use super::BuiltinGuest;
-use crate::boot::BootInfo;
 
 #[rustfmt::skip]
 core::arch::global_asm!(
@@ -36,12 +35,7 @@ core::arch::global_asm!(
     ".Lhello_idle:",
     "    pause",
     "    jmp .Lhello_idle",
-    ".Lhello_ap:",
-    "    lea rbx, [rdi*8 + 0x6200]",        // TICKS + 8 * vCPU
-    ".Lhello_tick:",
-    "    inc qword ptr [rbx]",
-    "    pause",
-    "    jmp .Lhello_tick",
+    ap_ticker_asm!(".Lhello_ap"),
     ".Lhello_msg:",
     "    .asciz \"Hello from the vinfra guest at CPL 3\\n\"",
     ".globl vinfra_guest_hello_end",
@@ -60,8 +54,5 @@ impl BuiltinGuest for Hello {
     }
     fn code(&self) -> &'static [u8] {
         crate::sys::hello_code()
-    }
-    fn config_page(&self, _info: &BootInfo) -> Result<Vec<u8>, crate::boot::BootError> {
-        Ok(Vec::new())
     }
 }

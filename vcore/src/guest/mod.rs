@@ -14,6 +14,25 @@
 //! vCPUs other than vCPU 0 increment their tick counter at [`tick_addr`], so a test can see every
 //! vCPU make progress.
 
+/// The code every built-in guest runs on vCPUs other than 0: count ticks at `tick_addr(vcpu)`.
+/// `$label` names the entry label (unique per guest); the vCPU index is in RDI.
+macro_rules! ap_ticker_asm {
+    ($label:literal) => {
+        concat!(
+            $label,
+            ":\n",
+            "    lea rbx, [rdi*8 + 0x6200]\n", // TICKS + 8 * vCPU
+            $label,
+            "_loop:\n",
+            "    inc qword ptr [rbx]\n",
+            "    pause\n",
+            "    jmp ",
+            $label,
+            "_loop\n",
+        )
+    };
+}
+
 mod dirtier;
 mod hello;
 mod pio_loop;
@@ -63,8 +82,10 @@ pub trait BuiltinGuest: std::fmt::Debug + Send + Sync {
     fn name(&self) -> &'static str;
     /// Machine code, loaded at [`CODE_ADDR`].
     fn code(&self) -> &'static [u8];
-    /// Bytes for the start of the config page (validated parameters).
-    fn config_page(&self, info: &BootInfo) -> Result<Vec<u8>, BootError>;
+    /// Bytes for the start of the config page (validated parameters); none by default.
+    fn config_page(&self, _info: &BootInfo) -> Result<Vec<u8>, BootError> {
+        Ok(Vec::new())
+    }
 }
 
 impl<G: BuiltinGuest> BootPayload for G {

@@ -2,7 +2,6 @@
 //! exit per iteration; the round trip of a PIO exit is measured against it.
 
 use super::BuiltinGuest;
-use crate::boot::{BootError, BootInfo};
 
 #[rustfmt::skip]
 core::arch::global_asm!(
@@ -20,12 +19,7 @@ core::arch::global_asm!(
     "    inc eax",
     "    out dx, eax",                      // one exit per iteration
     "    jmp .Lpio_loop",
-    ".Lpio_ap:",
-    "    lea rbx, [rdi*8 + 0x6200]",        // TICKS + 8 * vCPU
-    ".Lpio_tick:",
-    "    inc qword ptr [rbx]",
-    "    pause",
-    "    jmp .Lpio_tick",
+    ap_ticker_asm!(".Lpio_ap"),
     ".globl vinfra_guest_pio_loop_end",
     ".hidden vinfra_guest_pio_loop_end",
     "vinfra_guest_pio_loop_end:",
@@ -42,8 +36,5 @@ impl BuiltinGuest for PioLoop {
     }
     fn code(&self) -> &'static [u8] {
         crate::sys::pio_loop_code()
-    }
-    fn config_page(&self, _info: &BootInfo) -> Result<Vec<u8>, BootError> {
-        Ok(Vec::new())
     }
 }
