@@ -114,6 +114,7 @@ pub struct VcpuStats {
 #[derive(Debug)]
 pub(crate) struct VcpuShared {
     pub(crate) id: u8,
+    pub(crate) raw_fd: std::os::fd::RawFd,
     pub(crate) fd: Mutex<VcpuFd>,
     pub(crate) kick: KickHandle,
     pub(crate) thread: Mutex<Option<libc::pthread_t>>,
@@ -126,6 +127,7 @@ impl VcpuShared {
         let kick = KickHandle::new(&mut fd);
         VcpuShared {
             id,
+            raw_fd: std::os::fd::AsRawFd::as_raw_fd(&fd),
             fd: Mutex::new(fd),
             kick,
             thread: Mutex::new(None),

@@ -338,6 +338,20 @@ impl Vm {
         self.vcpus.get(usize::from(id)).map(|v| &v.stats)
     }
 
+    /// The raw fd of vCPU `id`, valid while the `Vm` lives: for mmapping its KVM dirty ring
+    /// (`KVM_DIRTY_LOG_PAGE_OFFSET`). Do not close it or issue vCPU ioctls on it.
+    pub fn vcpu_raw_fd(&self, id: u8) -> Option<std::os::fd::RawFd> {
+        self.vcpus.get(usize::from(id)).map(|v| v.raw_fd)
+    }
+
+    /// Entries per vCPU dirty ring, when the VM was built with [`DirtyTracking::Ring`].
+    pub fn dirty_ring_entries(&self) -> Option<u32> {
+        match self.config.dirty_tracking {
+            DirtyTracking::Ring { entries } => Some(entries),
+            _ => None,
+        }
+    }
+
     /// Guest TSC frequency in kHz (0 if the host does not report it).
     pub fn tsc_khz(&self) -> u32 {
         self.tsc_khz

@@ -1,5 +1,20 @@
-//! vmigrate: moving a running VM between hosts (vMotion) and its disk (Storage vMotion).
+//! vmigrate: moving a running VM between hosts (vMotion).
 //!
-//! Dirty-page tracking (KVM dirty log, dirty ring, the VMM's own bitmap), a versioned and
-//! checksummed wire protocol, transports, and the pre-copy engine. Filled in by the vMotion issue.
+//! Dirty-page tracking ([`dirty`]), a versioned, framed and checksummed wire protocol
+//! ([`stream`]), transports ([`transport`]), and the pre-copy engine ([`precopy`]) with its
+//! statistics ([`stats`]).
 #![deny(missing_docs, missing_debug_implementations)]
+
+pub mod dirty;
+pub mod precopy;
+pub mod receive;
+pub mod stats;
+pub mod stream;
+pub mod transport;
+
+pub use dirty::{DirtyBitmap, DirtyTracker};
+pub use precopy::{ConvergencePolicy, MigrationError, MigrationHandle, Source, Strategy};
+pub use receive::{Destination, ReceiveStats, save_snapshot};
+pub use stats::{MigrationStats, Progress};
+pub use stream::StreamError;
+mod sys;

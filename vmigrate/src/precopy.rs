@@ -1,0 +1,546 @@
+//! The pre-copy engine (source side) and its [`ConvergencePolicy`].
+//!
+//! 1. Handshake (`Hello` → `HelloAck`), start dirty tracking.
+//! 2. Iteration 0 sends all memory (zero pages as runs); each later iteration re-sends what got
+//!    dirty, while the predicted downtime (dirty bytes / measured bandwidth) exceeds the limit.
+//!    Auto-converge throttles the vCPUs when the dirty rate outruns the link; stall detection
+//!    and a total timeout each end in the strategy the caller picked.
+//! 3. Pause, send the rest, the vCPU/VM state and device sections, `Complete`; wait for `Ready`.
+//! 4. **Point of no return**: send `Commit`, wait for `Started`.
+//!
+//! Before the point of no return, any error, a cancel, a dead peer or a timeout turns dirty
+//! logging off, removes the throttle and resumes the source VM (if it was paused); its memory was
+//! only read. If the connection fails after `Commit` was handed to the transport, the source
+//! cannot know whether the destination started the guest: it returns
+//! [`MigrationError::CommitUncertain`] and leaves the VM **paused**, never resumed; the caller
+//! (for example HA, through its fencing tokens) must decide. After `Started` the source VM is
+//! shut down, so it can never run again.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use vcore::Vm;
+use vm_memory::{Bytes, GuestAddress};
+
+use crate::dirty::{DirtyBitmap, DirtyError, DirtyTracker, empty_maps, trackers_for};
+use crate::stats::{Iteration, MigrationStats, Progress};
+use crate::stream::{FrameReader, FrameWriter, Hello, Layout, Message, PAGE, PROTOCOL_VERSIONS, StreamError};
+use crate::transport::Transport;
+
+/// What to do when pre-copy stalls or runs out of time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Strategy {
+    /// Give up; the source keeps running.
+    Cancel,
+    /// Pause and switch over anyway, accepting the predicted downtime (reported first).
+    SwitchOver,
+}
+
+/// When pre-copy may stop iterating, and how hard it may push.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ConvergencePolicy {
+    /// Switch over once the predicted downtime is at most this.
+    pub downtime_limit_ms: u64,
+    /// Most pre-copy iterations (the full pass included) before giving up.
+    pub max_iterations: u32,
+    /// Bytes per second the migration may use; `None` = no limit.
+    pub bandwidth_limit_bps: Option<u64>,
+    /// Throttle vCPUs when the dirty rate outruns the link for two iterations.
+    pub auto_converge: bool,
+    /// First throttle, percent.
+    pub throttle_initial: u8,
+    /// Throttle increment per further iteration, percent.
+    pub throttle_step: u8,
+    /// Highest throttle, percent.
+    pub throttle_max: u8,
+    /// Iterations without a smaller remaining dirty set that count as a stall.
+    pub stall_iterations: u32,
+    /// What a stall leads to.
+    pub on_stall: Strategy,
+    /// Total time allowed for pre-copy, `None` = unlimited.
+    pub timeout_ms: Option<u64>,
+    /// What the timeout leads to.
+    pub on_timeout: Strategy,
+}
+
+impl Default for ConvergencePolicy {
+    fn default() -> Self {
+        ConvergencePolicy {
+            downtime_limit_ms: 300,
+            max_iterations: 30,
+            bandwidth_limit_bps: None,
+            auto_converge: true,
+            throttle_initial: 20,
+            throttle_step: 10,
+            throttle_max: 99,
+            stall_iterations: 5,
+            on_stall: Strategy::Cancel,
+            timeout_ms: None,
+            on_timeout: Strategy::Cancel,
+        }
+    }
+}
+
+/// Cancels a running migration from any thread.
+#[derive(Debug, Clone, Default)]
+pub struct MigrationHandle {
+    cancelled: Arc<AtomicBool>,
+}
+
+impl MigrationHandle {
+    /// A handle nobody cancelled yet.
+    pub fn new() -> Self {
+        Self::default()
+    }
+    /// Asks the migration to stop; the source keeps running (unless past the point of no return).
+    pub fn cancel(&self) {
+        self.cancelled.store(true, Ordering::SeqCst);
+    }
+    /// Whether [`MigrationHandle::cancel`] was called.
+    pub fn is_cancelled(&self) -> bool {
+        self.cancelled.load(Ordering::SeqCst)
+    }
+}
+
+/// Errors of a migration. Every variant but [`MigrationError::CommitUncertain`] leaves the source
+/// VM running (source side) or the destination VM never started (destination side).
+#[derive(Debug, thiserror::Error)]
+pub enum MigrationError {
+    /// The stream failed: transport error, dead peer, corrupt frame.
+    #[error("migration stream")]
+    Stream(#[from] StreamError),
+    /// Dirty tracking failed.
+    #[error("dirty tracking")]
+    Dirty(#[from] DirtyError),
+    /// A VM operation failed (pause, state save or restore, start).
+    #[error("VM operation")]
+    Vm(#[from] vcore::VmError),
+    /// The peer refused the handshake or aborted.
+    #[error("the peer aborted: {0}")]
+    PeerAborted(String),
+    /// The two sides cannot migrate this VM (versions, layout, vCPUs, CPU features).
+    #[error("incompatible peers: {0}")]
+    Incompatible(String),
+    /// A message arrived where another was required.
+    #[error("protocol violation: expected {expected}, got {got}")]
+    Protocol {
+        /// What the state machine needed.
+        expected: &'static str,
+        /// What arrived.
+        got: String,
+    },
+    /// `MigrationHandle::cancel` was called.
+    #[error("migration cancelled")]
+    Cancelled,
+    /// The iteration cap was reached with too much left to send.
+    #[error(
+        "not converging after {iterations} iterations: {remaining_pages} pages dirty, {expected_downtime_ms} ms expected downtime"
+    )]
+    NotConverging {
+        /// Iterations done.
+        iterations: u32,
+        /// Pages still dirty.
+        remaining_pages: u64,
+        /// Downtime a switch-over would cost.
+        expected_downtime_ms: u64,
+    },
+    /// The remaining dirty set stopped shrinking and the policy says cancel.
+    #[error("pre-copy stalled at {remaining_pages} dirty pages for {iterations} iterations")]
+    Stalled {
+        /// Iterations without progress.
+        iterations: u32,
+        /// Pages still dirty.
+        remaining_pages: u64,
+    },
+    /// The pre-copy timeout passed and the policy says cancel.
+    #[error("pre-copy timed out after {elapsed_ms} ms")]
+    TimedOut {
+        /// Time spent.
+        elapsed_ms: u64,
+    },
+    /// The connection failed after `Commit` was sent: the destination may or may not run the
+    /// guest. The source VM stays paused and must not be resumed without outside knowledge.
+    #[error("connection lost at commit: the guest may be running on the destination; source left paused")]
+    CommitUncertain(#[source] StreamError),
+}
+
+/// CPU features of the guest's CPUID as KVM offers them on this host.
+pub fn host_cpu_features(vm: &Vm) -> crate::stream::CpuFeatures {
+    let mut f = crate::stream::CpuFeatures::default();
+    let Ok(cpuid) = vcore::cpu::supported_cpuid(vm.kvm()) else { return f };
+    for e in cpuid.as_slice() {
+        match (e.function, e.index) {
+            (0, _) => {
+                f.vendor[..4].copy_from_slice(&e.ebx.to_le_bytes());
+                f.vendor[4..8].copy_from_slice(&e.edx.to_le_bytes());
+                f.vendor[8..].copy_from_slice(&e.ecx.to_le_bytes());
+            }
+            (1, _) => (f.bits[0], f.bits[1]) = (e.ecx & !(1 << 27), e.edx), // OSXSAVE mirrors CR4
+            (7, 0) => (f.bits[2], f.bits[3], f.bits[4]) = (e.ebx, e.ecx, e.edx),
+            _ => {}
+        }
+    }
+    f
+}
+
+/// Pages per `before_send` chunk (128 MiB): how much memory is re-protected at a time.
+const CHUNK_PAGES: u64 = 32768;
+/// Flush the send buffer at this size.
+const FLUSH_BYTES: usize = 4 << 20;
+
+/// Device state captured after the pause: `(name, bytes)` sections.
+pub type DeviceSaver<'a> = dyn FnMut() -> Vec<(String, Vec<u8>)> + 'a;
+
+/// The source side of a live migration.
+pub struct Source<'a> {
+    vm: &'a Vm,
+    policy: ConvergencePolicy,
+    handle: MigrationHandle,
+    devices: Option<Box<DeviceSaver<'a>>>,
+    progress: Box<dyn FnMut(&Progress) + 'a>,
+    trackers: Vec<Box<dyn DirtyTracker>>,
+}
+
+impl std::fmt::Debug for Source<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Source").field("policy", &self.policy).finish_non_exhaustive()
+    }
+}
+
+struct Sent {
+    normal: u64,
+    zero: u64,
+}
+
+impl<'a> Source<'a> {
+    /// Migrates `vm` (running) under `policy`.
+    pub fn new(vm: &'a Vm, policy: ConvergencePolicy) -> Self {
+        Source {
+            vm,
+            policy,
+            handle: MigrationHandle::new(),
+            devices: None,
+            progress: Box::new(|_| {}),
+            trackers: trackers_for(vm),
+        }
+    }
+
+    /// Uses `handle` for cancellation.
+    pub fn handle(mut self, handle: MigrationHandle) -> Self {
+        self.handle = handle;
+        self
+    }
+
+    /// Called once the VM is paused to collect device state sections.
+    pub fn devices(mut self, saver: impl FnMut() -> Vec<(String, Vec<u8>)> + 'a) -> Self {
+        self.devices = Some(Box::new(saver));
+        self
+    }
+
+    /// Receives progress events.
+    pub fn progress(mut self, f: impl FnMut(&Progress) + 'a) -> Self {
+        self.progress = Box::new(f);
+        self
+    }
+
+    /// Runs the migration over `transport`. On success the destination runs the guest and the
+    /// source VM is shut down.
+    pub fn run<T: Transport>(mut self, mut transport: T) -> Result<MigrationStats, MigrationError> {
+        let mut stats = MigrationStats::default();
+        let mut paused = false;
+        let result = self.precopy_and_handover(&mut transport, &mut stats, &mut paused);
+        let committed = matches!(result, Ok(()) | Err(MigrationError::CommitUncertain(_)));
+        for t in &mut self.trackers {
+            let _ = t.stop(self.vm);
+        }
+        self.vm.set_throttle(0);
+        match result {
+            Ok(()) => {
+                self.vm.shutdown();
+                (self.progress)(&Progress::Done);
+                Ok(stats)
+            }
+            Err(e) => {
+                if !committed {
+                    let mut w = FrameWriter::new(&mut transport, 0);
+                    let _ = w.message(&Message::Abort(e.to_string()));
+                    if paused {
+                        let _ = self.vm.resume();
+                    }
+                }
+                transport.close();
+                Err(e)
+            }
+        }
+    }
+
+    fn check(&self, start: Instant) -> Result<(), MigrationError> {
+        if self.handle.is_cancelled() {
+            return Err(MigrationError::Cancelled);
+        }
+        if let Some(ms) = self.policy.timeout_ms {
+            if self.policy.on_timeout == Strategy::Cancel && start.elapsed() > Duration::from_millis(ms) {
+                return Err(MigrationError::TimedOut { elapsed_ms: start.elapsed().as_millis() as u64 });
+            }
+        }
+        Ok(())
+    }
+
+    fn fetch(&mut self, maps: &mut [DirtyBitmap]) -> Result<(), MigrationError> {
+        for t in &mut self.trackers {
+            t.fetch(self.vm, maps)?;
+        }
+        Ok(())
+    }
+
+    /// Sends every page set in `maps`; returns pages sent.
+    fn send_maps<W: std::io::Write>(
+        &mut self,
+        w: &mut FrameWriter<W>,
+        maps: &[DirtyBitmap],
+        iteration: u32,
+        start: Instant,
+    ) -> Result<Sent, MigrationError> {
+        let slots = self.vm.slots();
+        let total: u64 = maps.iter().map(DirtyBitmap::count).sum();
+        let (mut sent, t0, bytes0) = (Sent { normal: 0, zero: 0 }, Instant::now(), w.bytes);
+        for (slot, map) in slots.iter().zip(maps) {
+            let words = map.words();
+            let mut first = 0u64;
+            while first < map.pages() {
+                let n = CHUNK_PAGES.min(map.pages() - first);
+                let chunk = &words[(first / 64) as usize..(first + n).div_ceil(64) as usize];
+                if chunk.iter().any(|&x| x != 0) {
+                    for t in &mut self.trackers {
+                        t.before_send(self.vm, slot.slot, first, chunk)?;
+                    }
+                    for (s, c) in DirtyBitmap::from_words(chunk.to_vec(), n).runs() {
+                        let gpa = slot.guest_addr + (first + s) * PAGE as u64;
+                        let mem = self.vm.memory();
+                        let (nn, zz) = w.pages(gpa, c, |addr, buf| {
+                            mem.read_slice(buf, GuestAddress(addr))
+                                .map_err(|e| StreamError::Io(std::io::Error::other(e.to_string())))
+                        })?;
+                        sent.normal += nn;
+                        sent.zero += zz;
+                        self.limit_bandwidth(w.bytes - bytes0, t0);
+                    }
+                    self.check(start)?;
+                    (self.progress)(&Progress::Pages { iteration, done: sent.normal + sent.zero, total });
+                }
+                first += n;
+            }
+        }
+        Ok(sent)
+    }
+
+    fn limit_bandwidth(&self, bytes: u64, since: Instant) {
+        if let Some(limit) = self.policy.bandwidth_limit_bps.filter(|&l| l > 0) {
+            let due = Duration::from_secs_f64(bytes as f64 / limit as f64);
+            if let Some(wait) = due.checked_sub(since.elapsed()) {
+                std::thread::sleep(wait);
+            }
+        }
+    }
+
+    fn precopy_and_handover<T: Transport>(
+        &mut self,
+        transport: &mut T,
+        stats: &mut MigrationStats,
+        paused: &mut bool,
+    ) -> Result<(), MigrationError> {
+        let start = Instant::now();
+        let vm = self.vm;
+        let hello = Hello {
+            min_version: PROTOCOL_VERSIONS.0,
+            max_version: PROTOCOL_VERSIONS.1,
+            vcpus: u16::from(vm.vcpu_count()),
+            layout: Layout::of(vm),
+            cpu: host_cpu_features(vm),
+        };
+        let mut w = FrameWriter::new(&mut *transport, FLUSH_BYTES);
+        w.message(&Message::Hello(hello))?;
+        w.flush()?;
+        let mut total_bytes = w.bytes;
+        drop(w);
+        match FrameReader::new(&mut *transport).read_frame()? {
+            Message::HelloAck(_) => {}
+            Message::Abort(reason) => return Err(MigrationError::PeerAborted(reason)),
+            other => {
+                return Err(MigrationError::Protocol { expected: "HelloAck", got: format!("{other:?}") });
+            }
+        }
+        for t in &mut self.trackers {
+            t.start(vm)?;
+        }
+        stats.setup = start.elapsed();
+        let total_pages: u64 = vm.slots().iter().map(|s| s.pages()).sum();
+        (self.progress)(&Progress::Setup { total_pages });
+
+        let mut w = FrameWriter::new(&mut *transport, FLUSH_BYTES);
+        let mut bytes = 0u64; // main writer's count at the end of the previous iteration
+        let mut to_send: Vec<DirtyBitmap> =
+            vm.slots().iter().map(|s| DirtyBitmap::all_set(s.pages())).collect();
+        let (mut best_remaining, mut stalled_for, mut outrun, mut throttle) = (u64::MAX, 0u32, 0u32, 0u8);
+        let mut index = 0u32;
+        loop {
+            let t = Instant::now();
+            let dirty_pages: u64 = to_send.iter().map(DirtyBitmap::count).sum();
+            let sent = self.send_maps(&mut w, &to_send, index, start)?;
+            w.message(&Message::IterationEnd(index))?;
+            w.flush()?;
+            let duration = t.elapsed();
+            let it_bytes = w.bytes - bytes;
+            bytes = w.bytes;
+            let mut maps = empty_maps(vm);
+            self.fetch(&mut maps)?;
+            let remaining: u64 = maps.iter().map(DirtyBitmap::count).sum();
+            let secs = duration.as_secs_f64().max(1e-6);
+            // How fast dirty pages drain: pages handled (zero pages included) per second, in
+            // bytes. Raw link bytes would make a pass over mostly-zero memory look slow.
+            let drained = ((sent.normal + sent.zero) * PAGE as u64).max(it_bytes).max(1);
+            let bandwidth = (drained as f64 / secs).max(1.0);
+            let dirty_rate = remaining as f64 / secs;
+            let expected = Duration::from_secs_f64(remaining as f64 * PAGE as f64 / bandwidth);
+            let it = Iteration {
+                index,
+                dirty_pages,
+                normal_pages: sent.normal,
+                zero_pages: sent.zero,
+                bytes: it_bytes,
+                duration,
+                bandwidth_bps: bandwidth,
+                dirty_rate_pps: dirty_rate,
+                throttle_percent: throttle,
+                expected_downtime: expected,
+            };
+            stats.iterations.push(it);
+            stats.normal_pages += sent.normal;
+            stats.zero_pages += sent.zero;
+            (self.progress)(&Progress::IterationDone(it));
+            to_send = maps;
+            index += 1;
+
+            if expected <= Duration::from_millis(self.policy.downtime_limit_ms) {
+                break;
+            }
+            // A stall: the dirty set stops shrinking although auto-converge has nothing left to try.
+            let can_throttle_more = self.policy.auto_converge && throttle < self.policy.throttle_max;
+            if remaining < best_remaining {
+                (best_remaining, stalled_for) = (remaining, 0);
+            } else if !can_throttle_more {
+                stalled_for += 1;
+            }
+            let timed_out =
+                self.policy.timeout_ms.is_some_and(|ms| start.elapsed() > Duration::from_millis(ms));
+            let forced = if timed_out {
+                Some(("pre-copy timeout", self.policy.on_timeout))
+            } else if stalled_for >= self.policy.stall_iterations {
+                Some(("pre-copy stalled", self.policy.on_stall))
+            } else {
+                None
+            };
+            match forced {
+                Some((_, Strategy::Cancel)) if timed_out => {
+                    return Err(MigrationError::TimedOut { elapsed_ms: start.elapsed().as_millis() as u64 });
+                }
+                Some((_, Strategy::Cancel)) => {
+                    return Err(MigrationError::Stalled {
+                        iterations: stalled_for,
+                        remaining_pages: remaining,
+                    });
+                }
+                Some((reason, Strategy::SwitchOver)) => {
+                    stats.forced_switchover = true;
+                    (self.progress)(&Progress::ForcingSwitchover {
+                        reason: reason.to_string(),
+                        expected_downtime: expected,
+                    });
+                    break;
+                }
+                None => {}
+            }
+            if index >= self.policy.max_iterations {
+                return Err(MigrationError::NotConverging {
+                    iterations: index,
+                    remaining_pages: remaining,
+                    expected_downtime_ms: expected.as_millis() as u64,
+                });
+            }
+            // Auto-converge: the guest re-dirtied more than half of what the iteration drained
+            // (QEMU's trigger), so the link cannot win on its own.
+            if remaining * PAGE as u64 * 2 > drained {
+                outrun += 1
+            } else {
+                outrun = 0
+            }
+            if self.policy.auto_converge && outrun >= 2 && throttle < self.policy.throttle_max {
+                throttle = if throttle == 0 {
+                    self.policy.throttle_initial
+                } else {
+                    throttle.saturating_add(self.policy.throttle_step)
+                }
+                .min(self.policy.throttle_max);
+                vm.set_throttle(throttle);
+                stats.max_throttle_percent = throttle;
+                (self.progress)(&Progress::Throttle { percent: throttle });
+            }
+        }
+
+        // Stop and copy.
+        self.check(start)?;
+        let pause_at = Instant::now();
+        vm.pause()?;
+        *paused = true;
+        stats.pause_latency = pause_at.elapsed();
+        self.fetch(&mut to_send)?;
+        let remaining_pages = to_send.iter().map(DirtyBitmap::count).sum();
+        (self.progress)(&Progress::Paused { remaining_pages });
+        let sent = self.send_maps(&mut w, &to_send, index, start)?;
+        stats.final_pages = sent.normal + sent.zero;
+        stats.normal_pages += sent.normal;
+        stats.zero_pages += sent.zero;
+        let state = vm.save_state()?.to_bytes();
+        stats.final_copy = pause_at.elapsed() - stats.pause_latency;
+        w.message(&Message::CpuState(&state))?;
+        let sections = self.devices.as_mut().map(|f| f()).unwrap_or_default();
+        for (name, data) in &sections {
+            w.message(&Message::Device { name: name.clone(), data })?;
+        }
+        w.message(&Message::Complete)?;
+        w.flush()?;
+        total_bytes += w.bytes;
+        drop(w);
+        match FrameReader::new(&mut *transport).read_frame()? {
+            Message::Ready => {}
+            Message::Abort(reason) => return Err(MigrationError::PeerAborted(reason)),
+            other => return Err(MigrationError::Protocol { expected: "Ready", got: format!("{other:?}") }),
+        }
+        self.check(start)?;
+        let handover_at = Instant::now();
+
+        // Point of no return: from here the source never resumes.
+        let mut w = FrameWriter::new(&mut *transport, 0);
+        w.message(&Message::Commit).map_err(MigrationError::CommitUncertain)?;
+        total_bytes += w.bytes;
+        drop(w);
+        match FrameReader::new(&mut *transport).read_frame() {
+            Ok(Message::Started) => {}
+            Ok(other) => {
+                let msg = format!("{other:?} instead of Started");
+                return Err(MigrationError::CommitUncertain(StreamError::Io(std::io::Error::other(msg))));
+            }
+            Err(e) => return Err(MigrationError::CommitUncertain(e)),
+        }
+        stats.downtime = pause_at.elapsed();
+        stats.handover = handover_at.elapsed();
+        stats.total = start.elapsed();
+        stats.bytes_sent = total_bytes;
+        stats.throughput_bps = stats.bytes_sent as f64 / stats.total.as_secs_f64().max(1e-9);
+        Ok(())
+    }
+}

@@ -1,0 +1,260 @@
+//! The destination side, and snapshots to and from files (a snapshot is a migration to a file).
+//!
+//! The destination writes pages only inside the agreed layout, restores state only after
+//! `Complete`, and starts the guest only after the source's `Commit`. Any error before that
+//! sends `Abort` (best effort) and returns, with the VM never started: the caller drops it.
+
+use std::time::Instant;
+
+use serde::Serialize;
+use vcore::{GuestMemory, Vm, VmSnapshot};
+use vm_memory::{Bytes, GuestAddress};
+
+use crate::precopy::{MigrationError, host_cpu_features};
+use crate::stream::{FrameReader, FrameWriter, Hello, Layout, Message, PAGE, PROTOCOL_VERSIONS, StreamError};
+use crate::transport::Transport;
+
+/// What the destination received.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct ReceiveStats {
+    /// Bytes read (frames, headers included).
+    pub bytes: u64,
+    /// Pages received with contents.
+    pub normal_pages: u64,
+    /// Pages received as zero runs.
+    pub zero_pages: u64,
+    /// Pre-copy iterations seen.
+    pub iterations: u32,
+    /// Device sections received.
+    pub devices: usize,
+    /// Time from `Commit` to the guest running (destination side of the downtime).
+    pub start_us: u64,
+}
+
+/// Writes a page message into `mem`, checking every address against `layout` first.
+/// Returns `(normal pages, zero pages)` written; other messages write nothing.
+pub fn apply_memory(
+    mem: &GuestMemory,
+    layout: &Layout,
+    msg: &Message<'_>,
+) -> Result<(u64, u64), StreamError> {
+    static ZERO: [u8; PAGE] = [0; PAGE];
+    let io = |e: vm_memory::GuestMemoryError| StreamError::Io(std::io::Error::other(e.to_string()));
+    match *msg {
+        Message::Pages { gpa, data } => {
+            layout.check(gpa, data.len() as u64)?;
+            mem.write_slice(data, GuestAddress(gpa)).map_err(io)?;
+            Ok(((data.len() / PAGE) as u64, 0))
+        }
+        Message::ZeroPages { gpa, count } => {
+            let len =
+                count.checked_mul(PAGE as u64).ok_or(StreamError::OutOfLayout { gpa, len: u64::MAX })?;
+            layout.check(gpa, len)?;
+            // Write zeros only over pages that are not zero already: never-touched destination
+            // memory stays unallocated.
+            let mut page = [0u8; PAGE];
+            for i in 0..count {
+                let addr = GuestAddress(gpa + i * PAGE as u64);
+                mem.read_slice(&mut page, addr).map_err(io)?;
+                if !crate::stream::is_zero(&page) {
+                    mem.write_slice(&ZERO[..PAGE], addr).map_err(io)?;
+                }
+            }
+            Ok((0, count))
+        }
+        _ => Ok((0, 0)),
+    }
+}
+
+/// Checks a source's handshake against this VM; returns the reason it is refused, if any.
+pub fn check_hello(vm: &Vm, hello: &Hello) -> Result<u16, String> {
+    let low = hello.min_version.max(PROTOCOL_VERSIONS.0);
+    let high = hello.max_version.min(PROTOCOL_VERSIONS.1);
+    if low > high {
+        return Err(format!(
+            "protocol versions {}..={} and {}..={} do not overlap",
+            hello.min_version, hello.max_version, PROTOCOL_VERSIONS.0, PROTOCOL_VERSIONS.1
+        ));
+    }
+    if hello.vcpus != u16::from(vm.vcpu_count()) {
+        return Err(format!("source has {} vCPUs, destination {}", hello.vcpus, vm.vcpu_count()));
+    }
+    let mine = Layout::of(vm);
+    if hello.layout != mine {
+        return Err(format!(
+            "memory layouts differ: source {:x?}, destination {:x?}",
+            hello.layout, mine.regions
+        ));
+    }
+    let cpu = host_cpu_features(vm);
+    if hello.cpu.vendor != cpu.vendor {
+        return Err("CPU vendors differ".into());
+    }
+    let missing = hello.cpu.missing_from(&cpu);
+    if !missing.is_empty() {
+        return Err(format!("destination lacks CPU features (register, bits): {missing:x?}"));
+    }
+    Ok(high)
+}
+
+/// Device sections restored by the caller before the guest starts.
+pub type DeviceRestorer<'a> = dyn FnMut(&[(String, Vec<u8>)]) -> Result<(), String> + 'a;
+
+/// A look at the restored VM before it starts.
+pub type Inspector<'a> = dyn FnMut(&Vm) + 'a;
+
+/// The destination side of a live migration, or the reader of a snapshot file.
+pub struct Destination<'a> {
+    vm: &'a Vm,
+    devices: Option<Box<DeviceRestorer<'a>>>,
+    on_restored: Option<Box<Inspector<'a>>>,
+}
+
+impl std::fmt::Debug for Destination<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Destination").field("vm", &self.vm).finish_non_exhaustive()
+    }
+}
+
+impl<'a> Destination<'a> {
+    /// Receives into `vm`, which must be built with the source's configuration and not started.
+    pub fn new(vm: &'a Vm) -> Self {
+        Destination { vm, devices: None, on_restored: None }
+    }
+
+    /// Called with the VM once memory and state are restored, before `Ready` (the guest has not
+    /// run yet): a place to verify or record what arrived.
+    pub fn on_restored(mut self, f: impl FnMut(&Vm) + 'a) -> Self {
+        self.on_restored = Some(Box::new(f));
+        self
+    }
+
+    /// Restores device sections (before `Ready`); an error aborts the migration.
+    pub fn devices(mut self, f: impl FnMut(&[(String, Vec<u8>)]) -> Result<(), String> + 'a) -> Self {
+        self.devices = Some(Box::new(f));
+        self
+    }
+
+    /// Runs a live migration over `transport`; on success the guest runs on `vm`.
+    pub fn run<T: Transport>(mut self, mut transport: T) -> Result<ReceiveStats, MigrationError> {
+        let result = self.session(&mut transport, true);
+        if let Err(e) = &result {
+            let mut w = FrameWriter::new(&mut transport, 0);
+            let _ = w.message(&Message::Abort(e.to_string()));
+            transport.close();
+        }
+        result
+    }
+
+    /// Reads a snapshot (written by [`save_snapshot`]) into `vm`; the caller starts it.
+    pub fn restore_file(mut self, file: &mut std::fs::File) -> Result<ReceiveStats, MigrationError> {
+        self.session(file, false)
+    }
+
+    fn session<T: Transport>(
+        &mut self,
+        transport: &mut T,
+        live: bool,
+    ) -> Result<ReceiveStats, MigrationError> {
+        let vm = self.vm;
+        let mut stats = ReceiveStats::default();
+        let mut r = FrameReader::new(&mut *transport);
+        let hello = match r.read_frame()? {
+            Message::Hello(h) => h,
+            Message::Abort(reason) => return Err(MigrationError::PeerAborted(reason)),
+            other => return Err(MigrationError::Protocol { expected: "Hello", got: format!("{other:?}") }),
+        };
+        let version = check_hello(vm, &hello).map_err(MigrationError::Incompatible)?;
+        stats.bytes = r.bytes;
+        drop(r);
+        if live {
+            FrameWriter::new(&mut *transport, 0).message(&Message::HelloAck(version))?;
+        }
+        let mut r = FrameReader::new(&mut *transport);
+        let (mut state, mut sections) = (None, Vec::new());
+        loop {
+            let msg = r.read_frame()?;
+            match msg {
+                Message::Pages { .. } | Message::ZeroPages { .. } => {
+                    let (n, z) = apply_memory(vm.memory(), &hello.layout, &msg)?;
+                    stats.normal_pages += n;
+                    stats.zero_pages += z;
+                }
+                Message::IterationEnd(_) => stats.iterations += 1,
+                Message::CpuState(b) => state = Some(b.to_vec()),
+                Message::Device { name, data } => sections.push((name, data.to_vec())),
+                Message::Complete => break,
+                Message::Abort(reason) => return Err(MigrationError::PeerAborted(reason)),
+                other => {
+                    return Err(MigrationError::Protocol {
+                        expected: "pages or state",
+                        got: format!("{other:?}"),
+                    });
+                }
+            }
+        }
+        stats.bytes += r.bytes;
+        drop(r);
+        let state = state.ok_or(MigrationError::Protocol { expected: "CpuState", got: "Complete".into() })?;
+        let snap = VmSnapshot::from_bytes(&state).map_err(vcore::VmError::from)?;
+        vm.restore_state(&snap)?;
+        stats.devices = sections.len();
+        if let Some(f) = self.devices.as_mut() {
+            f(&sections).map_err(|e| MigrationError::Incompatible(format!("device restore: {e}")))?;
+        }
+        if let Some(f) = self.on_restored.as_mut() {
+            f(vm);
+        }
+        if !live {
+            return Ok(stats);
+        }
+        FrameWriter::new(&mut *transport, 0).message(&Message::Ready)?;
+        match FrameReader::new(&mut *transport).read_frame()? {
+            Message::Commit => {}
+            Message::Abort(reason) => return Err(MigrationError::PeerAborted(reason)),
+            other => return Err(MigrationError::Protocol { expected: "Commit", got: format!("{other:?}") }),
+        }
+        let t = Instant::now();
+        vm.start()?;
+        stats.start_us = t.elapsed().as_micros() as u64;
+        // The guest runs now; if this reply is lost the source reports CommitUncertain.
+        let _ = FrameWriter::new(&mut *transport, 0).message(&Message::Started);
+        Ok(stats)
+    }
+}
+
+/// Saves `vm` (paused by this call if running) to `file`: the handshake, every page, vCPU/VM
+/// state and `devices`, then `Complete`. The VM stays paused.
+pub fn save_snapshot(
+    vm: &Vm,
+    file: &mut std::fs::File,
+    devices: &[(String, Vec<u8>)],
+) -> Result<u64, MigrationError> {
+    if vm.run_state() == vcore::RunState::Running {
+        vm.pause()?;
+    }
+    let mut w = FrameWriter::new(file, 4 << 20);
+    let hello = Hello {
+        min_version: PROTOCOL_VERSIONS.0,
+        max_version: PROTOCOL_VERSIONS.1,
+        vcpus: u16::from(vm.vcpu_count()),
+        layout: Layout::of(vm),
+        cpu: host_cpu_features(vm),
+    };
+    w.message(&Message::Hello(hello))?;
+    for s in vm.slots() {
+        let mem = vm.memory();
+        w.pages(s.guest_addr, s.pages(), |addr, buf| {
+            mem.read_slice(buf, GuestAddress(addr))
+                .map_err(|e| StreamError::Io(std::io::Error::other(e.to_string())))
+        })?;
+    }
+    w.message(&Message::CpuState(&vm.save_state()?.to_bytes()))?;
+    for (name, data) in devices {
+        w.message(&Message::Device { name: name.clone(), data })?;
+    }
+    w.message(&Message::Complete)?;
+    w.flush()?;
+    w.get_mut().sync_all().map_err(StreamError::Io)?;
+    Ok(w.bytes)
+}

@@ -1,0 +1,194 @@
+//! Live migration of the dirtier guest: in-process, over TCP, to and from a file.
+
+mod common;
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::{dest_vm, dump, source_vm, wait_until};
+use vcore::guest::{DirtierConfig, Pattern, read_progress};
+use vcore::{DirtyTracking, RunState, VmConfig};
+use vmigrate::transport::{DEFAULT_PEER_TIMEOUT, channel_pair, tcp_accept, tcp_connect};
+use vmigrate::{ConvergencePolicy, Destination, Source, save_snapshot};
+
+fn migrate_in_process(cfg: VmConfig, d: DirtierConfig, policy: ConvergencePolicy) {
+    let src = source_vm(&cfg, d);
+    let dst = dest_vm(&cfg);
+    let (a, b) = channel_pair(2, DEFAULT_PEER_TIMEOUT);
+    let arrived = Arc::new(Mutex::new(Vec::new()));
+    let stats = std::thread::scope(|s| {
+        let recv = s.spawn(|| {
+            let arrived = arrived.clone();
+            Destination::new(&dst).on_restored(move |vm| *arrived.lock().unwrap() = dump(vm)).run(b)
+        });
+        let stats = Source::new(&src, policy).run(a).expect("migration succeeds");
+        recv.join().unwrap().expect("destination succeeds");
+        stats
+    });
+    // The source is frozen at its pause: what arrived equals it, byte for byte.
+    assert_eq!(src.run_state(), RunState::Stopped);
+    assert!(dump(&src) == *arrived.lock().unwrap(), "destination memory equals the source at pause");
+    let at_pause = read_progress(src.memory());
+    d.check_memory(src.memory(), &at_pause).unwrap();
+    // The guest keeps running on the destination, continuing its own sequence.
+    assert_eq!(dst.run_state(), RunState::Running);
+    assert!(wait_until(Duration::from_secs(20), || read_progress(dst.memory()).pages_written
+        > at_pause.pages_written + 1000));
+    dst.pause().unwrap();
+    d.check_memory(dst.memory(), &read_progress(dst.memory())).unwrap();
+    // Stats are consistent.
+    let first = stats.iterations[0];
+    let total_pages: u64 = src.slots().iter().map(|s| s.pages()).sum();
+    assert_eq!(first.normal_pages + first.zero_pages, total_pages, "iteration 0 sends every page");
+    let later_dirty: u64 = stats.iterations[1..].iter().map(|i| i.dirty_pages).sum();
+    let later_sent: u64 = stats.iterations[1..].iter().map(|i| i.normal_pages + i.zero_pages).sum();
+    assert!(later_sent >= later_dirty, "pages sent >= pages dirtied after the first pass");
+    assert!(stats.downtime > Duration::ZERO && stats.downtime < stats.total);
+    assert!(stats.zero_pages > 0, "untouched memory travels as zero runs");
+    eprintln!(
+        "{:?} {} pps: {} iterations, downtime {:?}, {} MiB sent, final {} pages",
+        d.pattern,
+        d.pages_per_sec,
+        stats.iterations.len(),
+        stats.downtime,
+        stats.bytes_sent >> 20,
+        stats.final_pages
+    );
+}
+
+#[test]
+fn idle_ish_sequential_guest_migrates_in_process() {
+    require_kvm!();
+    let d = DirtierConfig { ws_pages: 2048, pages_per_sec: 2_000, ..Default::default() };
+    migrate_in_process(VmConfig { mem_mib: 128, ..Default::default() }, d, ConvergencePolicy::default());
+}
+
+#[test]
+fn random_dirtier_at_a_high_rate_migrates() {
+    require_kvm!();
+    let d = DirtierConfig {
+        ws_pages: 8192,
+        pattern: Pattern::Random,
+        pages_per_sec: 200_000,
+        seed: 11,
+        ..Default::default()
+    };
+    migrate_in_process(
+        VmConfig { mem_mib: 128, vcpus: 2, ..Default::default() },
+        d,
+        ConvergencePolicy::default(),
+    );
+}
+
+#[test]
+fn hot_cold_flat_out_migrates_with_the_dirty_ring() {
+    require_kvm!();
+    let d = DirtierConfig {
+        ws_pages: 4096,
+        pattern: Pattern::HotCold { hot_pages: 128, hot_percent: 95 },
+        ..Default::default()
+    };
+    let cfg = VmConfig {
+        mem_mib: 64,
+        dirty_tracking: DirtyTracking::Ring { entries: 65536 },
+        ..Default::default()
+    };
+    migrate_in_process(cfg, d, ConvergencePolicy::default());
+}
+
+#[test]
+fn manual_protect_dirty_log_migrates() {
+    require_kvm!();
+    let d = DirtierConfig {
+        ws_pages: 4096,
+        pattern: Pattern::Random,
+        pages_per_sec: 50_000,
+        ..Default::default()
+    };
+    let cfg = VmConfig { mem_mib: 64, dirty_tracking: DirtyTracking::Log, ..Default::default() };
+    migrate_in_process(cfg, d, ConvergencePolicy::default());
+}
+
+#[test]
+fn snapshot_to_file_and_back() {
+    require_kvm!();
+    let cfg = VmConfig { mem_mib: 64, ..Default::default() };
+    let d = DirtierConfig { ws_pages: 2048, pattern: Pattern::Random, ..Default::default() };
+    let src = source_vm(&cfg, d);
+    let path = std::env::temp_dir().join(format!("vmigrate-snap-{}", std::process::id()));
+    let mut f = std::fs::File::create(&path).unwrap();
+    let bytes = save_snapshot(&src, &mut f, &[("probe".into(), vec![1, 2, 3])]).unwrap();
+    assert!(bytes < 64 << 20, "zero pages are not stored: {bytes} bytes");
+    let dst = dest_vm(&cfg);
+    let mut f = std::fs::File::open(&path).unwrap();
+    let mut devices = Vec::new();
+    let stats = Destination::new(&dst).devices(|s| {
+        devices = s.to_vec();
+        Ok(())
+    });
+    let stats = stats.restore_file(&mut f).unwrap();
+    assert_eq!(stats.devices, 1);
+    assert!(dump(&src) == dump(&dst), "restored memory equals the saved memory");
+    assert_eq!(dst.run_state(), RunState::Created);
+    let saved = read_progress(src.memory());
+    dst.start().unwrap();
+    assert!(wait_until(Duration::from_secs(20), || read_progress(dst.memory()).pages_written
+        > saved.pages_written));
+    let _ = std::fs::remove_file(path);
+}
+
+/// Child side of the two-process test: runs only when the parent sets the address.
+#[test]
+fn child_destination() {
+    let Ok(addr) = std::env::var("VMIGRATE_CHILD_LISTEN") else { return };
+    let cfg: VmConfig = serde_json::from_str(&std::env::var("VMIGRATE_CHILD_CFG").unwrap()).unwrap();
+    let d: DirtierConfig = serde_json::from_str(&std::env::var("VMIGRATE_CHILD_DIRTIER").unwrap()).unwrap();
+    let listener = std::net::TcpListener::bind(&addr).unwrap();
+    println!("CHILD LISTENING");
+    let conn = tcp_accept(&listener, DEFAULT_PEER_TIMEOUT).unwrap();
+    let dst = dest_vm(&cfg);
+    let stats = Destination::new(&dst).run(conn).expect("destination");
+    let p0 = read_progress(dst.memory());
+    assert!(wait_until(Duration::from_secs(20), || read_progress(dst.memory()).pages_written
+        > p0.pages_written + 1000));
+    dst.pause().unwrap();
+    let p = read_progress(dst.memory());
+    d.check_memory(dst.memory(), &p).unwrap();
+    println!("CHILD OK pages={} from={} bytes={}", p.pages_written, p0.pages_written, stats.bytes);
+}
+
+#[test]
+fn tcp_between_two_processes() {
+    require_kvm!();
+    let cfg = VmConfig { mem_mib: 128, ..Default::default() };
+    let d = DirtierConfig {
+        ws_pages: 4096,
+        pattern: Pattern::Random,
+        pages_per_sec: 20_000,
+        ..Default::default()
+    };
+    let port = { std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port() };
+    let addr = format!("127.0.0.1:{port}");
+    let child = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "child_destination", "--nocapture", "--test-threads=1"])
+        .env("VMIGRATE_CHILD_LISTEN", &addr)
+        .env("VMIGRATE_CHILD_CFG", serde_json::to_string(&cfg).unwrap())
+        .env("VMIGRATE_CHILD_DIRTIER", serde_json::to_string(&d).unwrap())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let src = source_vm(&cfg, d);
+    let conn = (0..200)
+        .find_map(|_| {
+            tcp_connect(&addr, DEFAULT_PEER_TIMEOUT).ok().or_else(|| {
+                std::thread::sleep(Duration::from_millis(25));
+                None
+            })
+        })
+        .expect("connect to the child");
+    let stats = Source::new(&src, ConvergencePolicy::default()).run(conn).expect("migration");
+    let out = child.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && text.contains("CHILD OK"), "child failed: {text}");
+    eprintln!("TCP: downtime {:?}, {} MiB, {}", stats.downtime, stats.bytes_sent >> 20, text.trim());
+}
