@@ -1,5 +1,28 @@
 //! vsched: deciding where VMs run in a cluster (DRS).
 //!
-//! Entitlements from reservation, limit and shares; placement; load balancing by migration;
-//! rules; maintenance and power management. Knows nothing of KVM. Filled in by the DRS issue.
+//! A sans-I/O core after VMware DRS (Gulati et al., VMware Technical Journal 2012): no clock, no
+//! sockets, no threads. A [`model::Cluster`] snapshot goes in; entitlements, placements and
+//! recommendations come out. Knows nothing of KVM: approved moves leave through the
+//! `Migrator` trait.
+//!
+//! - [`model`]: hosts, VMs, resource pools, serde JSON snapshots.
+//! - [`entitlement`]: reservations first, then shares, capped by demand and limit, along the pool
+//!   tree.
+//! - [`rules`]: VM-VM affinity / anti-affinity, VM-host must / should.
+//! - [`placement`]: initial placement of one VM or a batch.
+//! - [`ledger`]: flat per-host accounting and the imbalance metric.
+//! - [`sim`]: seeded PRNG and random clusters for tests, examples and benches.
 #![deny(missing_docs, missing_debug_implementations)]
+
+pub mod entitlement;
+pub mod ledger;
+pub mod model;
+pub mod placement;
+pub mod rules;
+pub mod sim;
+
+pub use entitlement::Entitlements;
+pub use ledger::{Ledger, imbalance};
+pub use model::{Cluster, Host, HostId, HostState, Pool, PoolId, Resources, Shares, VmId, VmSpec};
+pub use placement::{Placement, PlacementError, place_batch, place_one};
+pub use rules::{Enforcement, Rule, RuleKind};
