@@ -134,6 +134,16 @@ impl Ledger {
         self.attach(vm, to);
     }
 
+    /// Marks a host powered on or off (as power management plans to), keeping the count.
+    pub fn set_on(&mut self, h: HostId, on: bool) {
+        let was = std::mem::replace(&mut self.on[h.idx()], on);
+        match (was, on) {
+            (false, true) => self.n_on += 1,
+            (true, false) => self.n_on -= 1,
+            _ => {}
+        }
+    }
+
     /// Number of powered-on hosts.
     pub fn hosts_on(&self) -> usize {
         self.n_on
@@ -177,7 +187,9 @@ impl Ledger {
     ) -> Result<(), Constraint> {
         self.fits(vm, self.load[vm.idx()], to)
             .map_err(Constraint::Host)?;
-        if let Some(r) = rules.first_broken(cluster, vm, to, &self.where_is, strict_should) {
+        if let Some(r) =
+            rules.first_broken(cluster, vm, to, &self.where_is, &self.on, strict_should)
+        {
             return Err(Constraint::Rule(r));
         }
         Ok(())
@@ -211,42 +223,66 @@ impl Ledger {
     /// The imbalance: standard deviation of the hosts' normalized entitlement (CPU and memory
     /// variances averaged), over powered-on hosts.
     pub fn imbalance(&self) -> f64 {
-        self.moments().sigma(0.0, 0.0)
+        self.moments().sigma(Delta::default())
     }
 
-    /// Change of (Σx_cpu², Σx_mem²) if `vm` moved from its host to `to` (both powered on).
-    pub fn move_delta(&self, vm: VmId, to: HostId) -> (f64, f64) {
+    /// Change of the moment sums if `vm` moved from its host to `to` (a host that is not
+    /// powered on contributes nothing).
+    pub fn move_delta(&self, vm: VmId, to: HostId) -> Delta {
         let v = vm.idx();
         let l = self.load[v];
-        let (mut dc, mut dm) = (0.0, 0.0);
+        let mut d = Delta::default();
         if let Some(s) = self.where_is[v] {
             let s = s.idx();
             if self.on[s] {
                 let (xc, xm) = self.norm(s);
                 let (ic, im) = self.inv_cap[s];
                 let (a, b) = (l.cpu_mhz as f64 * ic, l.mem_mib as f64 * im);
-                dc += a * a - 2.0 * xc * a;
-                dm += b * b - 2.0 * xm * b;
+                d.s1c -= a;
+                d.s2c += a * a - 2.0 * xc * a;
+                d.s1m -= b;
+                d.s2m += b * b - 2.0 * xm * b;
             }
         }
-        let d = to.idx();
-        let (xc, xm) = self.norm(d);
-        let (ic, im) = self.inv_cap[d];
-        let (a, b) = (l.cpu_mhz as f64 * ic, l.mem_mib as f64 * im);
-        dc += a * a + 2.0 * xc * a;
-        dm += b * b + 2.0 * xm * b;
-        (dc, dm)
+        let t = to.idx();
+        if self.on[t] {
+            d.add_to(self, vm, t);
+        }
+        d
     }
 
-    /// Change of (Σx_cpu², Σx_mem²) if `vm`'s load were *also* counted on `to` (as it is while
+    /// Change of the moment sums if `vm`'s load were *also* counted on `to` (as it is while
     /// migrating): the cost side of cost-benefit.
-    pub fn dual_delta(&self, vm: VmId, to: HostId) -> (f64, f64) {
-        let l = self.load[vm.idx()];
-        let d = to.idx();
-        let (xc, xm) = self.norm(d);
-        let (ic, im) = self.inv_cap[d];
-        let (a, b) = (l.cpu_mhz as f64 * ic, l.mem_mib as f64 * im);
-        (a * a + 2.0 * xc * a, b * b + 2.0 * xm * b)
+    pub fn dual_delta(&self, vm: VmId, to: HostId) -> Delta {
+        let mut d = Delta::default();
+        d.add_to(self, vm, to.idx());
+        d
+    }
+}
+
+/// A change of the moment sums (see [`Moments`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Delta {
+    /// Change of Σ x_cpu.
+    pub s1c: f64,
+    /// Change of Σ x_cpu².
+    pub s2c: f64,
+    /// Change of Σ x_mem.
+    pub s1m: f64,
+    /// Change of Σ x_mem².
+    pub s2m: f64,
+}
+
+impl Delta {
+    fn add_to(&mut self, l: &Ledger, vm: VmId, t: usize) {
+        let load = l.load[vm.idx()];
+        let (xc, xm) = l.norm(t);
+        let (ic, im) = l.inv_cap[t];
+        let (a, b) = (load.cpu_mhz as f64 * ic, load.mem_mib as f64 * im);
+        self.s1c += a;
+        self.s2c += a * a + 2.0 * xc * a;
+        self.s1m += b;
+        self.s2m += b * b + 2.0 * xm * b;
     }
 }
 
@@ -275,14 +311,25 @@ pub struct Moments {
 }
 
 impl Moments {
-    /// The imbalance after adding `dc`, `dm` to the squared sums (means unchanged).
-    pub fn sigma(&self, dc: f64, dm: f64) -> f64 {
+    /// The imbalance after applying `d`.
+    pub fn sigma(&self, d: Delta) -> f64 {
         if self.n == 0.0 {
             return 0.0;
         }
-        let vc = (self.s2c + dc) / self.n - (self.s1c / self.n).powi(2);
-        let vm = (self.s2m + dm) / self.n - (self.s1m / self.n).powi(2);
+        let vc = (self.s2c + d.s2c) / self.n - ((self.s1c + d.s1c) / self.n).powi(2);
+        let vm = (self.s2m + d.s2m) / self.n - ((self.s1m + d.s1m) / self.n).powi(2);
         (0.5 * (vc.max(0.0) + vm.max(0.0))).sqrt()
+    }
+
+    /// Goodness of a change: the reduction of the sum of squared deviations from the mean,
+    /// Σ(x - μ)², averaged over CPU and memory. Positive means more balanced.
+    pub fn goodness(&self, d: Delta) -> f64 {
+        if self.n == 0.0 {
+            return 0.0;
+        }
+        let ssc = d.s2c - ((self.s1c + d.s1c).powi(2) - self.s1c.powi(2)) / self.n;
+        let ssm = d.s2m - ((self.s1m + d.s1m).powi(2) - self.s1m.powi(2)) / self.n;
+        -0.5 * (ssc + ssm)
     }
 }
 

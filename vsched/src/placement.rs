@@ -160,13 +160,13 @@ pub fn place_batch(cluster: &Cluster, vms: &[VmId]) -> Placement {
                     let hid = HostId(h);
                     if ledger.fits(vm, load, hid).is_err()
                         || rules
-                            .first_broken(cluster, vm, hid, &ledger.where_is, false)
+                            .first_broken(cluster, vm, hid, &ledger.where_is, &ledger.on, false)
                             .is_some()
                     {
                         continue;
                     }
                     if rules
-                        .first_broken(cluster, vm, hid, &ledger.where_is, true)
+                        .first_broken(cluster, vm, hid, &ledger.where_is, &ledger.on, true)
                         .is_none()
                     {
                         found = Some(hid);
@@ -190,7 +190,7 @@ pub fn place_batch(cluster: &Cluster, vms: &[VmId]) -> Placement {
             None => out.failed.push(PlacementError::NoHost {
                 vm,
                 name: cluster.vms[vm.idx()].name.clone(),
-                why: rejections(cluster, &rules, &ledger, vm, load),
+                why: rejections(cluster, &rules, &ledger, vm, load, false),
             }),
         }
     }
@@ -253,13 +253,13 @@ fn best_of(
     for &h in cands {
         if ledger.fits(vm, load, h).is_err()
             || rules
-                .first_broken(cluster, vm, h, &ledger.where_is, false)
+                .first_broken(cluster, vm, h, &ledger.where_is, &ledger.on, false)
                 .is_some()
         {
             continue;
         }
         let should_broken = rules
-            .first_broken(cluster, vm, h, &ledger.where_is, true)
+            .first_broken(cluster, vm, h, &ledger.where_is, &ledger.on, true)
             .is_some();
         let key = (should_broken, host_key(ledger, h.idx()), h);
         if best.is_none_or(|b| key < b) {
@@ -276,6 +276,7 @@ pub(crate) fn rejections(
     ledger: &Ledger,
     vm: VmId,
     load: Resources,
+    include_should: bool,
 ) -> Rejections {
     let mut by_host: Vec<(HostReject, usize)> = Vec::new();
     let mut by_rule: Vec<(usize, usize)> = Vec::new();
@@ -284,7 +285,14 @@ pub(crate) fn rejections(
         match ledger.fits(vm, load, hid) {
             Err(r) => bump(&mut by_host, r),
             Ok(()) => {
-                if let Some(r) = rules.first_broken(cluster, vm, hid, &ledger.where_is, false) {
+                if let Some(r) = rules.first_broken(
+                    cluster,
+                    vm,
+                    hid,
+                    &ledger.where_is,
+                    &ledger.on,
+                    include_should,
+                ) {
                     bump(&mut by_rule, r);
                 }
             }

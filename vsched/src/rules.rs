@@ -159,8 +159,9 @@ impl RuleIndex {
         })
     }
 
-    /// Would `vm` on `host` satisfy rule `ri`, given where the other VMs are (`where_is`)?
-    /// Affinity counts as satisfied when no other placed member is elsewhere.
+    /// Would `vm` on `host` satisfy rule `ri`, given where the other VMs are (`where_is`) and
+    /// which hosts are powered on (`on`)? Affinity counts as satisfied when no other member runs
+    /// on a different powered-on host (members on hosts being evacuated will follow).
     pub fn allows(
         &self,
         cluster: &Cluster,
@@ -168,6 +169,7 @@ impl RuleIndex {
         vm: VmId,
         host: HostId,
         where_is: &[Option<HostId>],
+        on: &[bool],
     ) -> bool {
         let r = &cluster.rules[ri];
         match &r.kind {
@@ -175,9 +177,11 @@ impl RuleIndex {
             RuleKind::VmAntiAffinity { vms } => !vms
                 .iter()
                 .any(|&o| o != vm && where_is[o.idx()] == Some(host)),
-            RuleKind::VmAffinity { vms } => vms
-                .iter()
-                .all(|&o| o == vm || where_is[o.idx()].is_none_or(|h| h == host)),
+            RuleKind::VmAffinity { vms } => vms.iter().all(|&o| {
+                o == vm
+                    || where_is[o.idx()]
+                        .is_none_or(|h| h == host || !on.get(h.idx()).copied().unwrap_or(true))
+            }),
         }
     }
 
@@ -189,11 +193,12 @@ impl RuleIndex {
         vm: VmId,
         host: HostId,
         where_is: &[Option<HostId>],
+        on: &[bool],
         include_should: bool,
     ) -> Option<usize> {
         self.rules_of(vm).iter().map(|&r| r as usize).find(|&r| {
             (include_should || cluster.rules[r].is_must())
-                && !self.allows(cluster, r, vm, host, where_is)
+                && !self.allows(cluster, r, vm, host, where_is, on)
         })
     }
 }
@@ -234,7 +239,7 @@ pub fn movers(
             .iter()
             .copied()
             .filter(|v| {
-                where_is[v.idx()].is_some_and(|h| !idx.allows(cluster, ri, *v, h, where_is))
+                where_is[v.idx()].is_some_and(|h| !idx.allows(cluster, ri, *v, h, where_is, &[]))
             })
             .collect(),
         RuleKind::VmAntiAffinity { vms } => {

@@ -209,7 +209,7 @@ impl ClusterGen {
             let ok = |ledger: &Ledger, h: HostId| {
                 ledger.fits(vm, load, h).is_ok()
                     && rules
-                        .first_broken(c, vm, h, &ledger.where_is, false)
+                        .first_broken(c, vm, h, &ledger.where_is, &ledger.on, false)
                         .is_none()
             };
             let mut chosen = None;
