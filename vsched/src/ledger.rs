@@ -121,6 +121,11 @@ impl Ledger {
         self.where_is[v] = None;
     }
 
+    /// Takes `vm` off its host (it becomes unplaced), updating all sums.
+    pub fn remove(&mut self, vm: VmId) {
+        self.detach(vm);
+    }
+
     /// Moves (or places) `vm` onto `to`, updating all sums.
     pub fn apply(&mut self, vm: VmId, to: HostId) {
         self.detach(vm);
