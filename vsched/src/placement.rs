@@ -65,6 +65,16 @@ pub enum PlacementError {
         /// Its host.
         host: HostId,
     },
+    /// Admission control at the pool or cluster level refuses the VM's reservation.
+    #[error("vm {vm} ({name}) cannot be admitted: {why}")]
+    Admission {
+        /// The VM.
+        vm: VmId,
+        /// Its name.
+        name: String,
+        /// Which pool limit or cluster capacity the reservation would exceed.
+        why: String,
+    },
     /// No host passes every constraint.
     #[error("vm {vm} ({name}) cannot be placed: {why}")]
     NoHost {
@@ -144,8 +154,17 @@ pub fn place_batch(cluster: &Cluster, vms: &[VmId]) -> Placement {
         .map(|h| Reverse((keys[h], h as u32)))
         .collect();
     let mut popped: Vec<Reverse<(u64, u32)>> = Vec::new();
+    let mut admission = Admission::new(cluster);
     for vm in order {
         let load = cluster.vms[vm.idx()].wanted();
+        if let Err(why) = admission.check(cluster, vm, false) {
+            out.failed.push(PlacementError::Admission {
+                vm,
+                name: cluster.vms[vm.idx()].name.clone(),
+                why,
+            });
+            continue;
+        }
         let chosen = match restricted_hosts(cluster, &rules, &ledger, vm) {
             Some(cands) => best_of(cluster, &rules, &ledger, vm, load, &cands),
             None => {
@@ -183,6 +202,7 @@ pub fn place_batch(cluster: &Cluster, vms: &[VmId]) -> Placement {
         match chosen {
             Some(h) => {
                 ledger.place(vm, load, h);
+                let _ = admission.check(cluster, vm, true);
                 keys[h.idx()] = host_key(&ledger, h.idx());
                 heap.push(Reverse((keys[h.idx()], h.0)));
                 out.placed.push((vm, h));
@@ -195,6 +215,96 @@ pub fn place_batch(cluster: &Cluster, vms: &[VmId]) -> Placement {
         }
     }
     out
+}
+
+/// Pool- and cluster-level admission control: reservations aggregate up the pool tree (a pool
+/// reserves the larger of its own reservation and its children's sum) and must stay within
+/// every pool's limit and, at the root, within the powered-on capacity.
+#[derive(Debug)]
+struct Admission {
+    agg: Vec<Resources>,
+    child_sum: Vec<Resources>,
+    cap: Resources,
+}
+
+fn rmax(a: Resources, b: Resources) -> Resources {
+    Resources::new(a.cpu_mhz.max(b.cpu_mhz), a.mem_mib.max(b.mem_mib))
+}
+
+impl Admission {
+    fn new(cluster: &Cluster) -> Self {
+        let np = cluster.pool_count();
+        let mut child_sum = vec![Resources::default(); np];
+        for v in cluster.vms.iter().filter(|v| v.host.is_some()) {
+            let c = &mut child_sum[v.pool.idx()];
+            c.cpu_mhz += v.reservation.cpu_mhz;
+            c.mem_mib += v.reservation.mem_mib;
+        }
+        let mut agg = vec![Resources::default(); np];
+        for p in (0..np).rev() {
+            let own = cluster
+                .pools
+                .get(p)
+                .map(|x| x.reservation)
+                .unwrap_or_default();
+            agg[p] = rmax(own, child_sum[p]);
+            if let Some(par) = cluster.pools.get(p).and_then(|x| x.parent) {
+                let c = &mut child_sum[par.idx()];
+                c.cpu_mhz += agg[p].cpu_mhz;
+                c.mem_mib += agg[p].mem_mib;
+            }
+        }
+        Admission {
+            agg,
+            child_sum,
+            cap: cluster.on_capacity(),
+        }
+    }
+
+    /// Checks (and with `commit`, records) the VM's reservation up its pool chain.
+    fn check(&mut self, cluster: &Cluster, vm: VmId, commit: bool) -> Result<(), String> {
+        let mut delta = cluster.vms[vm.idx()].reservation;
+        let mut p = Some(cluster.vms[vm.idx()].pool);
+        let mut writes: Vec<(usize, Resources, Resources)> = Vec::new();
+        while let Some(pid) = p {
+            if delta == Resources::default() {
+                break;
+            }
+            let i = pid.idx();
+            let pool = cluster.pools.get(i);
+            let mut child = self.child_sum[i];
+            child.cpu_mhz += delta.cpu_mhz;
+            child.mem_mib += delta.mem_mib;
+            let own = pool.map(|x| x.reservation).unwrap_or_default();
+            let agg = rmax(own, child);
+            if let Some(l) = pool.and_then(|x| x.limit) {
+                if !agg.fits_in(l) {
+                    return Err(format!(
+                        "reservations in pool '{}' would exceed its limit",
+                        pool.map_or("root", |x| x.name.as_str())
+                    ));
+                }
+            }
+            if i == 0 && !agg.fits_in(self.cap) {
+                return Err(
+                    "reservations would exceed the cluster's powered-on capacity".to_string(),
+                );
+            }
+            delta = Resources::new(
+                agg.cpu_mhz - self.agg[i].cpu_mhz,
+                agg.mem_mib - self.agg[i].mem_mib,
+            );
+            writes.push((i, child, agg));
+            p = pool.and_then(|x| x.parent);
+        }
+        if commit {
+            for (i, child, agg) in writes {
+                self.child_sum[i] = child;
+                self.agg[i] = agg;
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Hosts a VM is confined to by must-rules (VM-host "run on", or affinity with a placed

@@ -58,6 +58,7 @@ proptest! {
                     prop_assert_eq!(why.by_host.iter().map(|x| x.1).sum::<usize>()
                         + why.by_rule.iter().map(|x| x.1).sum::<usize>(), c.hosts.len());
                 }
+                PlacementError::Admission { why, .. } => prop_assert!(why.contains("reservations")),
                 other => prop_assert!(false, "unexpected {other}"),
             }
         }
@@ -165,4 +166,42 @@ fn least_loaded_host_first() {
     assert_eq!(place_one(&c, n).unwrap(), HostId(1));
     let e = entitlement::compute(&c);
     let _ = Ledger::new(&c, &e);
+}
+
+#[test]
+fn admission_control_at_pool_and_cluster_level() {
+    use vsched::model::{Pool, PoolId};
+    let mut c = Cluster::new();
+    c.add_host(Host::new("h", 100_000, 100_000));
+    let mut capped = Pool::child("capped", PoolId::ROOT);
+    capped.limit = Some(Resources::new(10_000, 10_000));
+    let capped = c.add_pool(capped);
+    let mut roomy = Pool::child("roomy", PoolId::ROOT);
+    roomy.reservation = Resources::new(0, 50_000);
+    let roomy = c.add_pool(roomy);
+    let mk = |pool, res_mem| {
+        let mut v = VmSpec::new("v", Resources::new(1000, 8000));
+        v.reservation = Resources::new(0, res_mem);
+        v.pool = pool;
+        v
+    };
+    let a = c.add_vm(mk(capped, 6000));
+    let b = c.add_vm(mk(capped, 6000));
+    let out = place_batch(&c, &[a, b]);
+    assert_eq!(out.placed.len(), 1);
+    let msg = out.failed[0].to_string();
+    assert!(
+        msg.contains("pool 'capped' would exceed its limit"),
+        "{msg}"
+    );
+    // The roomy pool already reserves 50,000 MiB: its VMs use that reservation, and the rest
+    // of the cluster can only reserve what is left.
+    let r1 = c.add_vm(mk(roomy, 8000));
+    let big = c.add_vm(mk(PoolId::ROOT, 8000));
+    c.vms[big.idx()].size.mem_mib = 60_000;
+    c.vms[big.idx()].reservation.mem_mib = 55_000;
+    let out = place_batch(&c, &[r1, big]);
+    assert!(out.placed.iter().any(|p| p.0 == r1));
+    let msg = out.failed[0].to_string();
+    assert!(msg.contains("cluster's powered-on capacity"), "{msg}");
 }
