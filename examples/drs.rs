@@ -282,11 +282,11 @@ fn main() -> anyhow::Result<()> {
                     continue;
                 }
                 match drs.approve(rec.id, &mut cluster, &mut migrator) {
-                    Ok(()) => {
-                        if let Action::Migrate(m) = rec.action {
-                            done.push(m);
-                        }
-                    }
+                    Ok(()) => match rec.action {
+                        Action::Migrate(m) => done.push(m),
+                        Action::MigrateGroup(ms) => done.extend(ms),
+                        _ => {}
+                    },
                     Err(e) => {
                         eprintln!("  refused: {e}");
                         s.rejected_or_stale += 1;
@@ -382,6 +382,14 @@ fn ask(
             m.expected
                 .migration_s
                 .map_or("non-converging".to_string(), |s| format!("{s:.0} s")),
+        ),
+        Action::MigrateGroup(ms) => format!(
+            "move together {} ({})",
+            ms.iter()
+                .map(|m| format!("{} {} -> {}", m.vm, m.from, m.to))
+                .collect::<Vec<_>>()
+                .join(", "),
+            ms[0].reason
         ),
         Action::Power(p) => format!(
             "{:?} {} (utilization {:.2} -> {:.2})",

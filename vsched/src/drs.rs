@@ -103,6 +103,8 @@ impl Migrator for RecordingMigrator {
 pub enum Action {
     /// A migration.
     Migrate(Move),
+    /// Migrations approved and carried out together (a must-affinity group leaving a host).
+    MigrateGroup(Vec<Move>),
     /// A power action.
     Power(PowerRec),
     /// Initial placement of an unplaced VM.
@@ -273,9 +275,21 @@ impl Drs {
             self.execute(cluster, migrator, &mut report)?;
             self.history.record(&report.executed);
         } else {
-            for m in &report.plan.moves {
-                let id = self.issue(Action::Migrate(m.clone()));
+            let moves = &report.plan.moves;
+            let mut i = 0;
+            while i < moves.len() {
+                let mut j = i + 1;
+                while j < moves.len() && moves[j].with_previous {
+                    j += 1;
+                }
+                let action = if j - i == 1 {
+                    Action::Migrate(moves[i].clone())
+                } else {
+                    Action::MigrateGroup(moves[i..j].to_vec())
+                };
+                let id = self.issue(action);
                 report.pending.push(id);
+                i = j;
             }
             if let Some(p) = &report.power {
                 let id = self.issue(Action::Power(p.clone()));
@@ -315,7 +329,11 @@ impl Drs {
                 let m = &moves[i];
                 // Re-check against what actually happened (an earlier failure changes things).
                 let ok = ledger.where_is[m.vm.idx()] == Some(m.from)
-                    && still_valid(ledger.check_move(cluster, &rules, m.vm, m.to, false), m);
+                    && still_valid(
+                        ledger.check_move(cluster, &rules, m.vm, m.to, false),
+                        m,
+                        cluster,
+                    );
                 if !ok {
                     report
                         .failed
@@ -378,23 +396,19 @@ impl Drs {
         let stale = |why: String| DrsError::Stale { id, why };
         match &rec.action {
             Action::Migrate(m) => {
-                if let Err(e) = balance::check_move(cluster, m.vm, m.from, m.to) {
-                    let fixes_it = matches!(&e, Stale::Rule(name)
-                        if matches!(&m.reason, balance::Reason::MustRule { name: n, .. } if n == name));
-                    if !fixes_it {
-                        return Err(stale(e.to_string()));
-                    }
+                check_now(cluster, m).map_err(|e| stale(e.to_string()))?;
+                self.carry_out(cluster, migrator, m, rec.pass)?;
+            }
+            Action::MigrateGroup(ms) => {
+                // All or nothing: check the whole group on a scratch copy first.
+                let mut scratch = cluster.clone();
+                for m in ms {
+                    check_now(&scratch, m).map_err(|e| stale(format!("{}: {e}", m.vm)))?;
+                    scratch.vms[m.vm.idx()].host = Some(m.to);
                 }
-                migrator
-                    .migrate(m.vm, m.from, m.to)
-                    .map_err(|source| DrsError::Migrate {
-                        vm: m.vm,
-                        from: m.from,
-                        to: m.to,
-                        source,
-                    })?;
-                cluster.vms[m.vm.idx()].host = Some(m.to);
-                self.history.note(rec.pass, m.vm, m.from);
+                for m in ms {
+                    self.carry_out(cluster, migrator, m, rec.pass)?;
+                }
             }
             Action::Power(p) => {
                 let host = cluster
@@ -443,6 +457,26 @@ impl Drs {
         Ok(())
     }
 
+    fn carry_out(
+        &mut self,
+        cluster: &mut Cluster,
+        migrator: &mut dyn Migrator,
+        m: &Move,
+        pass: u64,
+    ) -> Result<(), DrsError> {
+        migrator
+            .migrate(m.vm, m.from, m.to)
+            .map_err(|source| DrsError::Migrate {
+                vm: m.vm,
+                from: m.from,
+                to: m.to,
+                source,
+            })?;
+        cluster.vms[m.vm.idx()].host = Some(m.to);
+        self.history.note(pass, m.vm, m.from);
+        Ok(())
+    }
+
     /// Rejects a pending recommendation.
     pub fn reject(&mut self, id: u64) -> Result<Recommendation, DrsError> {
         self.pending
@@ -468,13 +502,27 @@ impl Drs {
     }
 }
 
+/// Re-checks a planned move against the cluster as it is now; a must-rule fix may "break"
+/// the rule it fixes while its group is half moved.
+fn check_now(cluster: &Cluster, m: &Move) -> Result<(), Stale> {
+    match (balance::check_move(cluster, m.vm, m.from, m.to), &m.reason) {
+        (Err(Stale::Rule(name)), balance::Reason::MustRule { rule, name: n })
+            if *n == name && balance::fix_still_needed(cluster, *rule, m.vm, m.to) =>
+        {
+            Ok(())
+        }
+        (other, _) => other,
+    }
+}
+
 /// Is a move still valid, given the result of re-checking it? A must-rule fix may "break" the
 /// rule it fixes while its group is half moved.
-fn still_valid(check: Result<(), crate::ledger::Constraint>, m: &Move) -> bool {
+fn still_valid(check: Result<(), crate::ledger::Constraint>, m: &Move, cluster: &Cluster) -> bool {
     match check {
         Ok(()) => true,
         Err(crate::ledger::Constraint::Rule(r)) => {
             matches!(&m.reason, balance::Reason::MustRule { rule, .. } if *rule == r)
+                && balance::fix_still_needed(cluster, r, m.vm, m.to)
         }
         Err(_) => false,
     }

@@ -102,6 +102,9 @@ pub struct Move {
     pub from: HostId,
     /// Destination host.
     pub to: HostId,
+    /// Belongs with the previous move (a must-affinity group evacuated together): approve and
+    /// carry them out as one.
+    pub with_previous: bool,
     /// Why.
     pub reason: Reason,
     /// 1 (mandatory) to 5 (smallest gain).
@@ -260,6 +263,26 @@ pub fn check_move(cluster: &Cluster, vm: VmId, from: HostId, to: HostId) -> Resu
             Constraint::Host(h) => Stale::Host(h),
             Constraint::Rule(r) => Stale::Rule(cluster.rules[r].name.clone()),
         })
+}
+
+/// Does moving `vm` to `to` still fix must-rule `rule` (the VM is among the rule's movers and,
+/// for affinity, `to` holds the group)? A fix may "break" the rule it fixes while the group is
+/// half moved; this tells such a move from one the cluster has made stale.
+pub fn fix_still_needed(cluster: &Cluster, rule: usize, vm: VmId, to: HostId) -> bool {
+    if rule >= cluster.rules.len() {
+        return false;
+    }
+    let where_is: Vec<Option<HostId>> = cluster.vms.iter().map(|v| v.host).collect();
+    let idx = RuleIndex::new(cluster);
+    if !crate::rules::movers(cluster, &idx, rule, &where_is).contains(&vm) {
+        return false;
+    }
+    match &cluster.rules[rule].kind {
+        crate::rules::RuleKind::VmAffinity { vms } => {
+            crate::rules::affinity_target(vms, &where_is) == Some(to)
+        }
+        _ => true,
+    }
 }
 
 /// Why a previously planned move no longer holds.

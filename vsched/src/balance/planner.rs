@@ -99,6 +99,7 @@ impl<'a> Planner<'a> {
             vm,
             from,
             to,
+            with_previous: false,
             priority: if mandatory { 1 } else { priority_of(goodness) },
             reason,
             expected: Expected {
@@ -201,9 +202,29 @@ impl<'a> Planner<'a> {
             for &(vm, _) in &found {
                 self.ledger.apply(vm, host);
             }
-            for (vm, to) in found {
-                let g = self.goodness(vm, to);
-                self.push_move(vm, to, reason.clone(), g, 0.0);
+            // Emit must-affinity groups together (every order of moves out of one host into
+            // a feasible final state is feasible, so regrouping is safe).
+            let mut emitted = vec![false; found.len()];
+            for i in 0..found.len() {
+                if emitted[i] {
+                    continue;
+                }
+                let group = self.affinity_group_on(found[i].0, host);
+                let mut first = true;
+                for j in i..found.len() {
+                    if !emitted[j] && (j == i || group.contains(&found[j].0)) {
+                        emitted[j] = true;
+                        let (vm, to) = found[j];
+                        let g = self.goodness(vm, to);
+                        self.push_move(vm, to, reason.clone(), g, 0.0);
+                        if !first {
+                            if let Some(m) = self.moves.last_mut() {
+                                m.with_previous = true;
+                            }
+                        }
+                        first = false;
+                    }
+                }
             }
         } else {
             for (vm, to) in greedy {
@@ -264,9 +285,14 @@ impl<'a> Planner<'a> {
                 self.ledger.apply(vm, host);
             }
             if applied == group.len() {
-                for &vm in group {
+                for (i, &vm) in group.iter().enumerate() {
                     let g = self.goodness(vm, h);
                     self.push_move(vm, h, reason.clone(), g, 0.0);
+                    if i > 0 {
+                        if let Some(m) = self.moves.last_mut() {
+                            m.with_previous = true;
+                        }
+                    }
                 }
                 return;
             }
