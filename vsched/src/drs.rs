@@ -233,6 +233,7 @@ impl Drs {
 
     fn plan(&self, cluster: &Cluster, dpm_state: &mut DpmState) -> (PassPlan, Option<PowerRec>) {
         let mut p = Planner::new(cluster, &self.cfg.balance);
+        p.use_stability(&self.history.demand);
         let plan_before = p.ledger.imbalance();
         p.evacuate_maintenance();
         p.fix_rules(true);
@@ -258,6 +259,7 @@ impl Drs {
         cluster: &mut Cluster,
         migrator: &mut dyn Migrator,
     ) -> Result<PassReport, DrsError> {
+        self.history.demand.observe(cluster);
         let mut dpm_state = self.dpm;
         let (plan, power) = self.plan(cluster, &mut dpm_state);
         self.dpm = dpm_state;

@@ -17,6 +17,7 @@
 //! - [`drs`]: automation levels, approvals by id, the `Migrator` trait.
 //! - [`config`]: threshold levels, limits and the migration cost model.
 //! - [`waves`]: concurrency-limited migration waves.
+//! - [`stability`]: per-VM demand history; how long a gain is expected to last.
 //! - [`sim`]: seeded PRNG and random clusters for tests, examples and benches.
 #![deny(missing_docs, missing_debug_implementations)]
 
@@ -31,6 +32,7 @@ pub mod model;
 pub mod placement;
 pub mod rules;
 pub mod sim;
+pub mod stability;
 pub mod waves;
 
 pub use balance::{History, Move, PassPlan, Reason, plan_pass};

@@ -317,3 +317,41 @@ fn hysteresis_holds_recently_moved_vms() {
     }
     let _ = balance::EXACT_EVACUATION_VMS;
 }
+
+#[test]
+fn unstable_demand_shortens_the_benefit_horizon() {
+    let c = vsched::sim::ClusterGen {
+        skew: 1.0,
+        rules: 0,
+        ..Default::default()
+    }
+    .build();
+    let cfg = BalanceConfig {
+        threshold: 5,
+        ..BalanceConfig::default()
+    };
+    let plan = plan_pass(&c, &cfg, &History::new(24));
+    let first = plan
+        .moves
+        .iter()
+        .find(|m| m.reason == Reason::Balance)
+        .unwrap()
+        .clone();
+    assert_eq!(first.expected.horizon_s, cfg.benefit_horizon_s);
+    // A horizon for which this move is worth it only if the VM's demand is stable.
+    let cfg = BalanceConfig {
+        benefit_horizon_s: 2.0 * first.expected.cost / first.expected.goodness,
+        ..cfg
+    };
+    let stable = plan_pass(&c, &cfg, &History::new(24));
+    assert!(stable.moves.iter().any(|m| m.vm == first.vm));
+    let mut h = History::new(24);
+    let n = c.vms.len();
+    h.demand.mean = vec![0.5; n];
+    h.demand.dev = vec![0.0; n];
+    h.demand.samples = vec![10; n];
+    h.demand.mean[first.vm.idx()] = 0.1;
+    h.demand.dev[first.vm.idx()] = 1.0;
+    let unstable = plan_pass(&c, &cfg, &h);
+    assert!(unstable.moves.iter().all(|m| m.vm != first.vm));
+}

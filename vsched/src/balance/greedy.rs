@@ -93,7 +93,7 @@ impl Planner<'_> {
                         }
                         let dual = -m.goodness(self.ledger.dual_delta(vm, to));
                         let cost = t * (dual.max(0.0) + cfg.cost_rate);
-                        if good * cfg.benefit_horizon_s <= cost {
+                        if good * self.horizon[v as usize] <= cost {
                             continue;
                         }
                         best = Some((good, cost, v, d));

@@ -91,6 +91,9 @@ pub struct Expected {
     pub cost: f64,
     /// Cost-benefit: benefit (goodness × horizon) in goodness-seconds.
     pub benefit: f64,
+    /// How long the gain is expected to last, seconds: the configured horizon scaled by the
+    /// stability of the VM's demand.
+    pub horizon_s: f64,
 }
 
 /// One recommended migration.
@@ -168,6 +171,9 @@ pub struct History {
     pub last: std::collections::BTreeMap<VmId, Vec<(u64, HostId)>>,
     /// How many passes an entry is kept (the config's `no_return_passes`).
     pub window: u64,
+    /// Per-VM demand history: how long a gain is expected to last.
+    #[serde(default)]
+    pub demand: crate::stability::DemandTracker,
 }
 
 impl History {
@@ -222,6 +228,7 @@ pub const EXACT_EVACUATION_NODES: usize = 200_000;
 /// inputs give the same plan; nothing is applied (a dry run).
 pub fn plan_pass(cluster: &Cluster, cfg: &BalanceConfig, history: &History) -> PassPlan {
     let mut p = Planner::new(cluster, cfg);
+    p.use_stability(&history.demand);
     let before = p.ledger.imbalance();
     p.evacuate_maintenance();
     p.fix_rules(true);

@@ -21,6 +21,8 @@ pub(crate) struct Planner<'a> {
     pub(crate) moved: Vec<bool>,
     pub(crate) moves: Vec<Move>,
     pub(crate) blocked: Vec<Blocked>,
+    /// Per VM, how long a gain is expected to last (seconds).
+    pub(crate) horizon: Vec<f64>,
 }
 
 impl<'a> Planner<'a> {
@@ -34,6 +36,14 @@ impl<'a> Planner<'a> {
             moved: vec![false; cluster.vms.len()],
             moves: Vec::new(),
             blocked: Vec::new(),
+            horizon: vec![cfg.benefit_horizon_s; cluster.vms.len()],
+        }
+    }
+
+    /// Scales each VM's benefit horizon by the stability of its demand.
+    pub(crate) fn use_stability(&mut self, demand: &crate::stability::DemandTracker) {
+        for (v, h) in self.horizon.iter_mut().enumerate() {
+            *h = self.cfg.benefit_horizon_s * demand.stability(VmId(v as u32));
         }
     }
 
@@ -108,7 +118,8 @@ impl<'a> Planner<'a> {
                 goodness,
                 migration_s: self.cfg.migration_s(&self.cluster.vms[vm.idx()]),
                 cost,
-                benefit: goodness * self.cfg.benefit_horizon_s,
+                benefit: goodness * self.horizon[vm.idx()],
+                horizon_s: self.horizon[vm.idx()],
             },
         });
     }
