@@ -19,6 +19,36 @@
 //! - [`waves`]: concurrency-limited migration waves.
 //! - [`stability`]: per-VM demand history; how long a gain is expected to last.
 //! - [`sim`]: seeded PRNG and random clusters for tests, examples and benches.
+//!
+//! ```
+//! use vsched::drs::RecordingMigrator;
+//! use vsched::{Automation, Cluster, Drs, DrsConfig, Enforcement, Host, Resources, Rule,
+//!              RuleKind, VmSpec, place_batch};
+//!
+//! let mut c = Cluster::new();
+//! for i in 0..3 {
+//!     c.add_host(Host::new(format!("esx{i}"), 64_000, 256 * 1024));
+//! }
+//! let vms: Vec<_> = (0..12)
+//!     .map(|i| c.add_vm(VmSpec::new(format!("vm{i}"), Resources::new(4_000, 16 * 1024))))
+//!     .collect();
+//! c.add_rule(Rule::new("db-apart", Enforcement::Must,
+//!                      RuleKind::VmAntiAffinity { vms: vec![vms[0], vms[1]] }));
+//! // Initial placement honours capacity, reservations and rules.
+//! let placed = place_batch(&c, &vms);
+//! assert!(placed.failed.is_empty());
+//! placed.apply(&mut c);
+//! assert_ne!(c.vms[0].host, c.vms[1].host);
+//!
+//! // Manual automation: a pass yields recommendations that a person approves by id.
+//! let mut drs = Drs::new(DrsConfig { automation: Automation::Manual, ..Default::default() })?;
+//! let mut migrator = RecordingMigrator::default();
+//! let report = drs.pass(&mut c, &mut migrator)?;
+//! for id in report.pending {
+//!     drs.approve(id, &mut c, &mut migrator)?;
+//! }
+//! # Ok::<(), vsched::DrsError>(())
+//! ```
 #![deny(missing_docs, missing_debug_implementations)]
 
 pub mod balance;
