@@ -53,7 +53,7 @@ fn capacity_ok(c: &vsched::Cluster, h: HostId) -> bool {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(cases(64)))]
+    #![proptest_config(ProptestConfig::with_cases(cases(256)))]
 
     #[test]
     fn manual_mode_state_machine(p in arb_params(6, 30), ops in prop::collection::vec(arb_op(), 1..40)) {

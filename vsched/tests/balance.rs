@@ -35,7 +35,7 @@ fn apply_checked(c: &mut Cluster, plan: &vsched::PassPlan) -> Result<(), String>
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(cases(96)))]
+    #![proptest_config(ProptestConfig::with_cases(cases(256)))]
 
     /// No recommendation breaks a must-rule, capacity or a reservation; must-rule violations
     /// only go down, and to zero when nothing is blocked.

@@ -25,7 +25,7 @@ fn unplaced(p: &common::Params) -> Cluster {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(cases(96)))]
+    #![proptest_config(ProptestConfig::with_cases(cases(256)))]
 
     /// Every placed VM fits (reservations and wanted load within capacity), sits on a
     /// powered-on host and breaks no must-rule; every failure names a constraint per host.
