@@ -39,7 +39,7 @@ fn passes(c: &mut Criterion) {
         .measurement_time(Duration::from_secs(3));
     for (hosts, vms) in [(64, 8_000), (10_000, 200_000)] {
         let cl = cluster(hosts, vms, false);
-        let plan = plan_pass(&cl, &cfg, &history);
+        let plan = plan_pass(&cl, &cfg, &history).unwrap();
         eprintln!(
             "pass {hosts} hosts / {vms} VMs: {} moves, imbalance {:.4} -> {:.4}",
             plan.moves.len(),
@@ -47,7 +47,7 @@ fn passes(c: &mut Criterion) {
             plan.imbalance_after
         );
         g.bench_function(format!("{hosts}_hosts_{vms}_vms"), |b| {
-            b.iter(|| black_box(plan_pass(black_box(&cl), &cfg, &history)))
+            b.iter(|| black_box(plan_pass(black_box(&cl), &cfg, &history).unwrap()))
         });
     }
     g.finish();
@@ -60,14 +60,14 @@ fn placement(c: &mut Criterion) {
         .measurement_time(Duration::from_secs(3));
     let cl = cluster(10_000, 200_000, true);
     let all: Vec<VmId> = (0..cl.vms.len() as u32).map(VmId).collect();
-    let p = place_batch(&cl, &all);
+    let p = place_batch(&cl, &all).unwrap();
     eprintln!(
         "place 200000 VMs on 10000 hosts: {} placed, {} failed",
         p.placed.len(),
         p.failed.len()
     );
     g.bench_function("200000_vms_on_10000_hosts", |b| {
-        b.iter(|| black_box(place_batch(black_box(&cl), &all)))
+        b.iter(|| black_box(place_batch(black_box(&cl), &all).unwrap()))
     });
     g.finish();
 }

@@ -170,6 +170,9 @@ pub enum DrsError {
         #[source]
         source: MigrateError,
     },
+    /// The cluster description is invalid.
+    #[error("invalid cluster")]
+    Model(#[from] crate::model::ModelError),
     /// Placement failed.
     #[error("placement")]
     Placement(#[from] PlacementError),
@@ -246,9 +249,22 @@ impl Drs {
 
     /// Simulates a whole pass with capacity accounting without changing anything: what would
     /// move, where, and the imbalance after.
-    pub fn dry_run(&self, cluster: &Cluster) -> (PassPlan, Option<PowerRec>) {
+    pub fn dry_run(&self, cluster: &Cluster) -> Result<(PassPlan, Option<PowerRec>), DrsError> {
+        cluster.validate()?;
         let mut s = self.dpm;
-        self.plan(cluster, &mut s)
+        let mut me = self.clone_for_dry_run();
+        me.history.demand.observe(cluster);
+        Ok(me.plan(cluster, &mut s))
+    }
+
+    fn clone_for_dry_run(&self) -> Drs {
+        Drs {
+            cfg: self.cfg.clone(),
+            history: self.history.clone(),
+            dpm: self.dpm,
+            pending: BTreeMap::new(),
+            next_id: self.next_id,
+        }
     }
 
     /// Runs one pass. Full automation executes the moves wave by wave through `migrator`,
@@ -259,6 +275,7 @@ impl Drs {
         cluster: &mut Cluster,
         migrator: &mut dyn Migrator,
     ) -> Result<PassReport, DrsError> {
+        cluster.validate()?;
         self.history.demand.observe(cluster);
         let mut dpm_state = self.dpm;
         let (plan, power) = self.plan(cluster, &mut dpm_state);

@@ -35,7 +35,7 @@
 //! c.add_rule(Rule::new("db-apart", Enforcement::Must,
 //!                      RuleKind::VmAntiAffinity { vms: vec![vms[0], vms[1]] }));
 //! // Initial placement honours capacity, reservations and rules.
-//! let placed = place_batch(&c, &vms);
+//! let placed = place_batch(&c, &vms).expect("valid cluster");
 //! assert!(placed.failed.is_empty());
 //! placed.apply(&mut c);
 //! assert_ne!(c.vms[0].host, c.vms[1].host);

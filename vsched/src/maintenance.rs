@@ -7,8 +7,11 @@ use crate::config::BalanceConfig;
 use crate::model::{Cluster, HostId, HostState};
 
 /// Errors entering maintenance mode.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum MaintenanceError {
+    /// The cluster description is invalid.
+    #[error("invalid cluster")]
+    Model(#[from] crate::model::ModelError),
     /// No such host.
     #[error("host {0} does not exist")]
     UnknownHost(HostId),
@@ -45,6 +48,7 @@ pub fn enter_maintenance(
     host: HostId,
     cfg: &BalanceConfig,
 ) -> Result<Evacuation, MaintenanceError> {
+    cluster.validate()?;
     let h = cluster
         .hosts
         .get_mut(host.idx())

@@ -276,7 +276,7 @@ pub struct Cluster {
 }
 
 /// Errors in a cluster description.
-#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ModelError {
     /// The JSON did not parse or had unknown fields.
     #[error("parsing cluster JSON: {0}")]

@@ -14,7 +14,7 @@ use std::fmt;
 
 use crate::entitlement;
 use crate::ledger::{HostReject, Ledger};
-use crate::model::{Cluster, HostId, Resources, VmId};
+use crate::model::{Cluster, HostId, ModelError, Resources, VmId};
 use crate::rules::{RuleIndex, RuleKind};
 
 /// Per-constraint counts of hosts that could not take a VM.
@@ -54,6 +54,9 @@ impl fmt::Display for Rejections {
 /// Why a VM could not be placed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum PlacementError {
+    /// The cluster description is invalid.
+    #[error("invalid cluster")]
+    Model(#[from] ModelError),
     /// The VM id is out of range.
     #[error("vm {0} does not exist")]
     UnknownVm(VmId),
@@ -107,7 +110,7 @@ impl Placement {
 
 /// Places one unplaced VM; does not modify the cluster.
 pub fn place_one(cluster: &Cluster, vm: VmId) -> Result<HostId, PlacementError> {
-    let mut p = place_batch(cluster, &[vm]);
+    let mut p = place_batch(cluster, &[vm])?;
     match p.failed.pop() {
         Some(e) => Err(e),
         None => Ok(p.placed[0].1),
@@ -119,8 +122,10 @@ fn host_key(l: &Ledger, h: usize) -> u64 {
     (0.5 * (c + m)).to_bits()
 }
 
-/// Places a batch of unplaced VMs (largest first); does not modify the cluster.
-pub fn place_batch(cluster: &Cluster, vms: &[VmId]) -> Placement {
+/// Places a batch of unplaced VMs (largest first); does not modify the cluster. The cluster is
+/// validated first; per-VM failures are listed in the result.
+pub fn place_batch(cluster: &Cluster, vms: &[VmId]) -> Result<Placement, ModelError> {
+    cluster.validate()?;
     let ent = entitlement::compute(cluster);
     let mut ledger = Ledger::new(cluster, &ent);
     let rules = RuleIndex::new(cluster);
@@ -214,7 +219,7 @@ pub fn place_batch(cluster: &Cluster, vms: &[VmId]) -> Placement {
             }),
         }
     }
-    out
+    Ok(out)
 }
 
 /// Pool- and cluster-level admission control: reservations aggregate up the pool tree (a pool

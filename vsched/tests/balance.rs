@@ -42,7 +42,7 @@ proptest! {
     #[test]
     fn pass_is_safe(p in arb_params(7, 40), level in 1u8..=5) {
         let c0 = build(&p);
-        let plan = plan_pass(&c0, &cfg(level), &History::default());
+        let plan = plan_pass(&c0, &cfg(level), &History::default()).unwrap();
         let mut c = c0.clone();
         apply_checked(&mut c, &plan).map_err(TestCaseError::fail)?;
         let before = must_violations(&c0, &where_is(&c0));
@@ -63,7 +63,7 @@ proptest! {
     #[test]
     fn balancing_never_raises_imbalance(p in arb_params(7, 40), level in 2u8..=5) {
         let c0 = build(&p);
-        let plan = plan_pass(&c0, &cfg(level), &History::default());
+        let plan = plan_pass(&c0, &cfg(level), &History::default()).unwrap();
         prop_assert!(plan.imbalance_after <= plan.imbalance_after_mandatory + 1e-12,
             "{} > {}", plan.imbalance_after, plan.imbalance_after_mandatory);
         if plan.moves.iter().all(|m| m.reason == Reason::Balance) {
@@ -88,11 +88,11 @@ proptest! {
     #[test]
     fn pass_is_deterministic(p in arb_params(7, 40), level in 1u8..=5) {
         let c = build(&p);
-        let a = plan_pass(&c, &cfg(level), &History::default());
-        let b = plan_pass(&c, &cfg(level), &History::default());
+        let a = plan_pass(&c, &cfg(level), &History::default()).unwrap();
+        let b = plan_pass(&c, &cfg(level), &History::default()).unwrap();
         prop_assert_eq!(&a, &b);
         let c2 = Cluster::from_json(&c.to_json()).unwrap();
-        prop_assert_eq!(&a, &plan_pass(&c2, &cfg(level), &History::default()));
+        prop_assert_eq!(&a, &plan_pass(&c2, &cfg(level), &History::default()).unwrap());
     }
 
     /// Waves respect the concurrency limits and keep every move after the moves it needs.
@@ -105,7 +105,7 @@ proptest! {
             max_concurrent_per_cluster: per_cluster,
             ..BalanceConfig::default()
         };
-        let plan = plan_pass(&c, &cfg, &History::default());
+        let plan = plan_pass(&c, &cfg, &History::default()).unwrap();
         let mut seen = vec![false; plan.moves.len()];
         let mut wave_of = vec![0; plan.moves.len()];
         for (w, wave) in plan.waves.iter().enumerate() {
@@ -228,9 +228,9 @@ fn threshold_one_only_mandatory() {
         ..Default::default()
     }
     .build();
-    let plan = plan_pass(&c, &cfg(1), &History::default());
+    let plan = plan_pass(&c, &cfg(1), &History::default()).unwrap();
     assert!(plan.moves.iter().all(|m| m.reason.is_mandatory()));
-    let plan5 = plan_pass(&c, &cfg(5), &History::default());
+    let plan5 = plan_pass(&c, &cfg(5), &History::default()).unwrap();
     assert!(plan5.moves.iter().any(|m| m.reason == Reason::Balance));
     assert!(plan5.imbalance_after < plan.imbalance_after);
 }
@@ -247,7 +247,7 @@ fn move_cap_is_honoured() {
         max_moves_per_pass: 3,
         ..BalanceConfig::default()
     };
-    let plan = plan_pass(&c, &cfg, &History::default());
+    let plan = plan_pass(&c, &cfg, &History::default()).unwrap();
     assert_eq!(
         plan.moves
             .iter()
@@ -269,7 +269,7 @@ fn non_converging_vm_is_not_a_candidate() {
         threshold: 5,
         ..BalanceConfig::default()
     };
-    let plan = plan_pass(&c, &cfg, &History::default());
+    let plan = plan_pass(&c, &cfg, &History::default()).unwrap();
     let first = plan
         .moves
         .iter()
@@ -277,7 +277,7 @@ fn non_converging_vm_is_not_a_candidate() {
         .unwrap()
         .vm;
     c.vms[first.idx()].dirty_mib_s = cfg.link_mib_s; // dirties faster than the link
-    let plan = plan_pass(&c, &cfg, &History::default());
+    let plan = plan_pass(&c, &cfg, &History::default()).unwrap();
     assert!(plan.moves.iter().all(|m| m.vm != first));
 }
 
@@ -303,11 +303,11 @@ fn hysteresis_holds_recently_moved_vms() {
     }
     .build();
     let cfg = cfg(5);
-    let plan = plan_pass(&c, &cfg, &History::default());
+    let plan = plan_pass(&c, &cfg, &History::default()).unwrap();
     let mut h = History::new(cfg.no_return_passes);
     h.record(&plan.moves);
     let moved: Vec<VmId> = plan.moves.iter().map(|m| m.vm).collect();
-    let plan2 = plan_pass(&c, &cfg, &h);
+    let plan2 = plan_pass(&c, &cfg, &h).unwrap();
     for m in plan2.moves.iter().filter(|m| m.reason == Reason::Balance) {
         assert!(
             !moved.contains(&m.vm),
@@ -330,7 +330,7 @@ fn unstable_demand_shortens_the_benefit_horizon() {
         threshold: 5,
         ..BalanceConfig::default()
     };
-    let plan = plan_pass(&c, &cfg, &History::new(24));
+    let plan = plan_pass(&c, &cfg, &History::new(24)).unwrap();
     let first = plan
         .moves
         .iter()
@@ -343,7 +343,7 @@ fn unstable_demand_shortens_the_benefit_horizon() {
         benefit_horizon_s: 2.0 * first.expected.cost / first.expected.goodness,
         ..cfg
     };
-    let stable = plan_pass(&c, &cfg, &History::new(24));
+    let stable = plan_pass(&c, &cfg, &History::new(24)).unwrap();
     assert!(stable.moves.iter().any(|m| m.vm == first.vm));
     let mut h = History::new(24);
     let n = c.vms.len();
@@ -352,6 +352,6 @@ fn unstable_demand_shortens_the_benefit_horizon() {
     h.demand.samples = vec![10; n];
     h.demand.mean[first.vm.idx()] = 0.1;
     h.demand.dev[first.vm.idx()] = 1.0;
-    let unstable = plan_pass(&c, &cfg, &h);
+    let unstable = plan_pass(&c, &cfg, &h).unwrap();
     assert!(unstable.moves.iter().all(|m| m.vm != first.vm));
 }

@@ -53,7 +53,7 @@ fn full_automation_executes_and_balances() {
 fn failed_migration_leaves_vm_in_place() {
     let mut c = skewed();
     let mut d = drs(Automation::Full);
-    let plan = d.dry_run(&c).0;
+    let plan = d.dry_run(&c).unwrap().0;
     let victim = plan.moves[0].vm;
     let from = plan.moves[0].from;
     let mut m = RecordingMigrator {
@@ -250,4 +250,27 @@ fn bad_config_is_a_typed_error() {
             .threshold,
         2
     );
+}
+
+#[test]
+fn invalid_cluster_is_a_typed_error_everywhere() {
+    let mut c = ClusterGen::default().build();
+    c.vms[0].host = Some(HostId(999));
+    let cfg = BalanceConfig::default();
+    assert!(vsched::plan_pass(&c, &cfg, &vsched::History::default()).is_err());
+    assert!(vsched::place_batch(&c, &[VmId(1)]).is_err());
+    assert!(matches!(
+        vsched::place_one(&c, VmId(1)),
+        Err(vsched::PlacementError::Model(_))
+    ));
+    assert!(matches!(
+        enter_maintenance(&mut c.clone(), HostId(0), &cfg),
+        Err(vsched::maintenance::MaintenanceError::Model(_))
+    ));
+    let mut d = drs(Automation::Full);
+    assert!(matches!(
+        d.pass(&mut c, &mut RecordingMigrator::default()),
+        Err(DrsError::Model(_))
+    ));
+    assert!(d.dry_run(&c).is_err());
 }

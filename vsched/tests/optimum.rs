@@ -82,7 +82,9 @@ fn gap_to_brute_force_optimum() {
             threshold: 5,
             ..BalanceConfig::default()
         };
-        let one = plan_pass(&c, &cfg, &vsched::History::new(cfg.no_return_passes)).imbalance_after;
+        let one = plan_pass(&c, &cfg, &vsched::History::new(cfg.no_return_passes))
+            .unwrap()
+            .imbalance_after;
         let mut conv = c.clone();
         let mut drs = Drs::new(DrsConfig {
             automation: Automation::Full,

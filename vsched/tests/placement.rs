@@ -33,7 +33,7 @@ proptest! {
     fn batch_placement_is_safe(p in arb_params(8, 60)) {
         let mut c = unplaced(&p);
         let all: Vec<VmId> = (0..c.vms.len() as u32).map(VmId).collect();
-        let out = place_batch(&c, &all);
+        let out = place_batch(&c, &all).unwrap();
         prop_assert_eq!(out.placed.len() + out.failed.len(), c.vms.len());
         out.apply(&mut c);
         prop_assert_eq!(must_violations(&c, &where_is(&c)), 0);
@@ -63,7 +63,7 @@ proptest! {
             }
         }
         // Deterministic.
-        let again = place_batch(&unplaced(&p), &all);
+        let again = place_batch(&unplaced(&p), &all).unwrap();
         prop_assert_eq!(again.placed, out.placed);
     }
 }
@@ -137,7 +137,7 @@ fn rules_steer_placement() {
             run_on: true,
         },
     ));
-    let out = place_batch(&c, &[a, b, x, y]);
+    let out = place_batch(&c, &[a, b, x, y]).unwrap();
     assert!(out.failed.is_empty());
     out.apply(&mut c);
     assert_eq!(c.vms[a.idx()].host, c.vms[b.idx()].host);
@@ -187,7 +187,7 @@ fn admission_control_at_pool_and_cluster_level() {
     };
     let a = c.add_vm(mk(capped, 6000));
     let b = c.add_vm(mk(capped, 6000));
-    let out = place_batch(&c, &[a, b]);
+    let out = place_batch(&c, &[a, b]).unwrap();
     assert_eq!(out.placed.len(), 1);
     let msg = out.failed[0].to_string();
     assert!(
@@ -200,7 +200,7 @@ fn admission_control_at_pool_and_cluster_level() {
     let big = c.add_vm(mk(PoolId::ROOT, 8000));
     c.vms[big.idx()].size.mem_mib = 60_000;
     c.vms[big.idx()].reservation.mem_mib = 55_000;
-    let out = place_batch(&c, &[r1, big]);
+    let out = place_batch(&c, &[r1, big]).unwrap();
     assert!(out.placed.iter().any(|p| p.0 == r1));
     let msg = out.failed[0].to_string();
     assert!(msg.contains("cluster's powered-on capacity"), "{msg}");

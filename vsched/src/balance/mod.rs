@@ -224,9 +224,14 @@ pub const EXACT_EVACUATION_VMS: usize = 12;
 /// Node budget of that exact search.
 pub const EXACT_EVACUATION_NODES: usize = 200_000;
 
-/// Plans one pass over a valid cluster: mandatory moves, then load balancing. Pure: the same
-/// inputs give the same plan; nothing is applied (a dry run).
-pub fn plan_pass(cluster: &Cluster, cfg: &BalanceConfig, history: &History) -> PassPlan {
+/// Plans one pass: mandatory moves, then load balancing. Pure: the same inputs give the same
+/// plan; nothing is applied (a dry run). The cluster is validated first.
+pub fn plan_pass(
+    cluster: &Cluster,
+    cfg: &BalanceConfig,
+    history: &History,
+) -> Result<PassPlan, crate::model::ModelError> {
+    cluster.validate()?;
     let mut p = Planner::new(cluster, cfg);
     p.use_stability(&history.demand);
     let before = p.ledger.imbalance();
@@ -235,7 +240,7 @@ pub fn plan_pass(cluster: &Cluster, cfg: &BalanceConfig, history: &History) -> P
     p.fix_rules(false);
     let after_mandatory = p.ledger.imbalance();
     p.balance(history);
-    p.finish(before, after_mandatory)
+    Ok(p.finish(before, after_mandatory))
 }
 
 /// Applies a plan's moves to the cluster model (what a fully automated pass does once the
