@@ -343,9 +343,45 @@ impl Drs {
         let mut ledger = Ledger::new(cluster, &ent);
         let rules = RuleIndex::new(cluster);
         let moves = &report.plan.moves;
+        // Start index of the group (moves tied by `with_previous`) each move belongs to.
+        let mut group_start = vec![0usize; moves.len()];
+        for i in 0..moves.len() {
+            group_start[i] = if moves[i].with_previous && i > 0 {
+                group_start[i - 1]
+            } else {
+                i
+            };
+        }
+        let mut group_ok: BTreeMap<usize, bool> = BTreeMap::new();
         for wave in &report.plan.waves {
             for &i in wave {
                 let m = &moves[i];
+                let g = group_start[i];
+                let in_group = moves.get(g + 1).is_some_and(|n| n.with_previous);
+                if in_group {
+                    // A group is checked once, as a whole, when its first member comes up.
+                    let ok = *group_ok.entry(g).or_insert_with(|| {
+                        let end = (g + 1..moves.len())
+                            .find(|&j| !moves[j].with_previous)
+                            .unwrap_or(moves.len());
+                        balance::check_group(cluster, &moves[g..end]).is_ok()
+                    });
+                    if !ok {
+                        report
+                            .failed
+                            .push((m.clone(), "skipped: group no longer valid".into()));
+                        continue;
+                    }
+                    match migrator.migrate(m.vm, m.from, m.to) {
+                        Ok(()) => {
+                            ledger.apply(m.vm, m.to);
+                            cluster.vms[m.vm.idx()].host = Some(m.to);
+                            report.executed.push(m.clone());
+                        }
+                        Err(e) => report.failed.push((m.clone(), e.message)),
+                    }
+                    continue;
+                }
                 // Re-check against what actually happened (an earlier failure changes things).
                 let ok = ledger.where_is[m.vm.idx()] == Some(m.from)
                     && still_valid(
@@ -419,12 +455,8 @@ impl Drs {
                 self.carry_out(cluster, migrator, m, rec.pass)?;
             }
             Action::MigrateGroup(ms) => {
-                // All or nothing: check the whole group on a scratch copy first.
-                let mut scratch = cluster.clone();
-                for m in ms {
-                    check_now(&scratch, m).map_err(|e| stale(format!("{}: {e}", m.vm)))?;
-                    scratch.vms[m.vm.idx()].host = Some(m.to);
-                }
+                // All or nothing: the group is checked as a whole.
+                balance::check_group(cluster, ms).map_err(|e| stale(e.to_string()))?;
                 for m in ms {
                     self.carry_out(cluster, migrator, m, rec.pass)?;
                 }

@@ -163,21 +163,7 @@ impl Ledger {
         if self.where_is[vm.idx()] == Some(to) {
             return Err(HostReject::SameHost);
         }
-        let r = self.res[vm.idx()];
-        let (hr, hl, cap) = (self.host_res[t], self.host_load[t], self.cap[t]);
-        if hr.cpu_mhz + r.cpu_mhz > cap.cpu_mhz {
-            return Err(HostReject::CpuReservation);
-        }
-        if hr.mem_mib + r.mem_mib > cap.mem_mib {
-            return Err(HostReject::MemReservation);
-        }
-        if hl.cpu_mhz + load.cpu_mhz > cap.cpu_mhz {
-            return Err(HostReject::CpuCapacity);
-        }
-        if hl.mem_mib + load.mem_mib > cap.mem_mib {
-            return Err(HostReject::MemCapacity);
-        }
-        Ok(())
+        self.fits_load(load, self.res[vm.idx()], to)
     }
 
     /// Full check of moving `vm` to `to`: capacity, admission and must-rules (plus should-rules
@@ -235,14 +221,18 @@ impl Ledger {
     /// powered on contributes nothing).
     pub fn move_delta(&self, vm: VmId, to: HostId) -> Delta {
         let v = vm.idx();
-        let l = self.load[v];
+        self.load_delta(self.load[v], self.where_is[v], to)
+    }
+
+    /// Change of the moment sums if `load` moved from `from` to `to`.
+    pub fn load_delta(&self, load: Resources, from: Option<HostId>, to: HostId) -> Delta {
         let mut d = Delta::default();
-        if let Some(s) = self.where_is[v] {
+        if let Some(s) = from {
             let s = s.idx();
             if self.on[s] {
                 let (xc, xm) = self.norm(s);
                 let (ic, im) = self.inv_cap[s];
-                let (a, b) = (l.cpu_mhz as f64 * ic, l.mem_mib as f64 * im);
+                let (a, b) = (load.cpu_mhz as f64 * ic, load.mem_mib as f64 * im);
                 d.s1c -= a;
                 d.s2c += a * a - 2.0 * xc * a;
                 d.s1m -= b;
@@ -251,7 +241,7 @@ impl Ledger {
         }
         let t = to.idx();
         if self.on[t] {
-            d.add_to(self, vm, t);
+            d.add_to(self, load, t);
         }
         d
     }
@@ -259,9 +249,37 @@ impl Ledger {
     /// Change of the moment sums if `vm`'s load were *also* counted on `to` (as it is while
     /// migrating): the cost side of cost-benefit.
     pub fn dual_delta(&self, vm: VmId, to: HostId) -> Delta {
+        self.dual_load_delta(self.load[vm.idx()], to)
+    }
+
+    /// Change of the moment sums if `load` were also counted on `to`.
+    pub fn dual_load_delta(&self, load: Resources, to: HostId) -> Delta {
         let mut d = Delta::default();
-        d.add_to(self, vm, to.idx());
+        d.add_to(self, load, to.idx());
         d
+    }
+
+    /// Capacity and admission check of a combined `load` with reservation `res` arriving on
+    /// `to` (a group of VMs moving together), ignoring rules.
+    pub fn fits_load(&self, load: Resources, res: Resources, to: HostId) -> Result<(), HostReject> {
+        let t = to.idx();
+        if !self.on[t] {
+            return Err(HostReject::NotOn);
+        }
+        let (hr, hl, cap) = (self.host_res[t], self.host_load[t], self.cap[t]);
+        if hr.cpu_mhz + res.cpu_mhz > cap.cpu_mhz {
+            return Err(HostReject::CpuReservation);
+        }
+        if hr.mem_mib + res.mem_mib > cap.mem_mib {
+            return Err(HostReject::MemReservation);
+        }
+        if hl.cpu_mhz + load.cpu_mhz > cap.cpu_mhz {
+            return Err(HostReject::CpuCapacity);
+        }
+        if hl.mem_mib + load.mem_mib > cap.mem_mib {
+            return Err(HostReject::MemCapacity);
+        }
+        Ok(())
     }
 }
 
@@ -279,8 +297,7 @@ pub struct Delta {
 }
 
 impl Delta {
-    fn add_to(&mut self, l: &Ledger, vm: VmId, t: usize) {
-        let load = l.load[vm.idx()];
+    fn add_to(&mut self, l: &Ledger, load: Resources, t: usize) {
         let (xc, xm) = l.norm(t);
         let (ic, im) = l.inv_cap[t];
         let (a, b) = (load.cpu_mhz as f64 * ic, load.mem_mib as f64 * im);

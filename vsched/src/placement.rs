@@ -425,7 +425,7 @@ pub(crate) fn rejections(
     }
 }
 
-fn bump<K: PartialEq>(v: &mut Vec<(K, usize)>, k: K) {
+pub(crate) fn bump<K: PartialEq>(v: &mut Vec<(K, usize)>, k: K) {
     match v.iter_mut().find(|(x, _)| *x == k) {
         Some((_, n)) => *n += 1,
         None => v.push((k, 1)),

@@ -20,16 +20,32 @@ fn cfg(threshold: u8) -> BalanceConfig {
     }
 }
 
-/// Applies a plan move by move, checking each against the cluster as it then stands.
+/// Applies a plan move by move (a must-affinity group as a whole), checking each against the
+/// cluster as it then stands.
 fn apply_checked(c: &mut Cluster, plan: &vsched::PassPlan) -> Result<(), String> {
-    for (i, m) in plan.moves.iter().enumerate() {
-        match check_move(c, m.vm, m.from, m.to) {
-            Ok(()) => {}
-            Err(Stale::Rule(name)) if matches!(&m.reason, Reason::MustRule { name: n, .. } if *n == name) =>
-                {}
-            Err(e) => return Err(format!("move {i} {m:?} breaks a constraint: {e}")),
+    let moves = &plan.moves;
+    let mut i = 0;
+    while i < moves.len() {
+        let mut j = i + 1;
+        while j < moves.len() && moves[j].with_previous {
+            j += 1;
         }
-        c.vms[m.vm.idx()].host = Some(m.to);
+        if j - i > 1 {
+            balance::check_group(c, &moves[i..j])
+                .map_err(|e| format!("group {:?} breaks a constraint: {e}", &moves[i..j]))?;
+        } else {
+            let m = &moves[i];
+            match check_move(c, m.vm, m.from, m.to) {
+                Ok(()) => {}
+                Err(Stale::Rule(name)) if matches!(&m.reason, Reason::MustRule { name: n, .. } if *n == name) =>
+                    {}
+                Err(e) => return Err(format!("move {i} {m:?} breaks a constraint: {e}")),
+            }
+        }
+        for m in &moves[i..j] {
+            c.vms[m.vm.idx()].host = Some(m.to);
+        }
+        i = j;
     }
     Ok(())
 }
@@ -69,18 +85,27 @@ proptest! {
         if plan.moves.iter().all(|m| m.reason == Reason::Balance) {
             prop_assert!(plan.imbalance_after <= plan.imbalance_before + 1e-12);
         }
-        for m in &plan.moves {
-            if m.reason == Reason::Balance {
-                prop_assert!(m.expected.imbalance_after < m.expected.imbalance_before);
-                prop_assert!(m.expected.benefit > m.expected.cost);
+        // Each balancing unit (one VM, or a must-affinity group moving together) lowers the
+        // imbalance and is worth its cost.
+        let ms = &plan.moves;
+        let mut i = 0;
+        while i < ms.len() {
+            let mut j = i + 1;
+            while j < ms.len() && ms[j].with_previous {
+                j += 1;
             }
+            if ms[i].reason == Reason::Balance {
+                prop_assert!(ms[j - 1].expected.imbalance_after < ms[i].expected.imbalance_before);
+                prop_assert!(ms[i].expected.benefit > ms[i].expected.cost);
+            }
+            i = j;
         }
         let mut c = c0.clone();
         apply_moves(&mut c, &plan.moves);
         let measured = ledger::imbalance(&c);
         prop_assert!((measured - plan.imbalance_after).abs() < 1e-9,
             "plan says {}, cluster has {}", plan.imbalance_after, measured);
-        prop_assert!(plan.moves.iter().filter(|m| m.reason == Reason::Balance).count()
+        prop_assert!(plan.moves.iter().filter(|m| m.reason == Reason::Balance && !m.with_previous).count()
             <= cfg(level).max_moves_per_pass);
     }
 
@@ -354,4 +379,62 @@ fn unstable_demand_shortens_the_benefit_horizon() {
     h.demand.dev[first.vm.idx()] = 1.0;
     let unstable = plan_pass(&c, &cfg, &h).unwrap();
     assert!(unstable.moves.iter().all(|m| m.vm != first.vm));
+}
+
+#[test]
+fn must_affinity_groups_balance_as_a_unit() {
+    use vsched::model::{Host, Resources, VmSpec};
+    let mut c = Cluster::new();
+    for i in 0..3 {
+        c.add_host(Host::new(format!("h{i}"), 100_000, 100_000));
+    }
+    let mut ids = Vec::new();
+    for i in 0..6 {
+        let mut v = VmSpec::new(format!("v{i}"), Resources::new(10_000, 10_000));
+        v.host = Some(HostId(0));
+        ids.push(c.add_vm(v));
+    }
+    c.add_rule(vsched::Rule::new(
+        "pair",
+        vsched::Enforcement::Must,
+        vsched::RuleKind::VmAffinity {
+            vms: vec![ids[0], ids[1]],
+        },
+    ));
+    c.add_rule(vsched::Rule::new(
+        "pair2",
+        vsched::Enforcement::Must,
+        vsched::RuleKind::VmAffinity {
+            vms: vec![ids[2], ids[3]],
+        },
+    ));
+    c.add_rule(vsched::Rule::new(
+        "pair3",
+        vsched::Enforcement::Must,
+        vsched::RuleKind::VmAffinity {
+            vms: vec![ids[4], ids[5]],
+        },
+    ));
+    let plan = plan_pass(&c, &cfg(5), &History::new(24)).unwrap();
+    assert!(plan.moves.len() >= 4, "{:?}", plan.moves);
+    assert!(plan.moves.iter().any(|m| m.with_previous));
+    let mut after = c.clone();
+    apply_checked(&mut after, &plan).unwrap();
+    assert_eq!(must_violations(&after, &where_is(&after)), 0);
+    assert!(
+        ledger::imbalance(&after) < 0.05,
+        "{}",
+        ledger::imbalance(&after)
+    );
+    // Full automation carries the groups out.
+    let mut d = Drs::new(DrsConfig {
+        automation: Automation::Full,
+        balance: cfg(5),
+        ..DrsConfig::default()
+    })
+    .unwrap();
+    let r = d.pass(&mut c, &mut RecordingMigrator::default()).unwrap();
+    assert!(r.failed.is_empty(), "{:?}", r.failed);
+    assert_eq!(must_violations(&c, &where_is(&c)), 0);
+    assert_eq!(c, after);
 }

@@ -1,9 +1,19 @@
-//! Greedy load balancing: the best (VM, destination) pair per step, with cost-benefit and
-//! hysteresis.
+//! Greedy load balancing: the best (unit, destination) pair per step, with cost-benefit and
+//! hysteresis. A unit is one VM, or a must-affinity group that sits on one host and moves as a
+//! whole.
 
 use super::{History, Planner, Reason};
 use crate::config::{min_goodness, target_imbalance};
-use crate::model::{HostId, VmId};
+use crate::model::{HostId, Resources, VmId};
+use crate::rules::RuleKind;
+
+/// A must-affinity group that may move as one unit.
+#[derive(Debug)]
+struct Group {
+    vms: Vec<VmId>,
+    res: Resources,
+    mig_s: f64,
+}
 
 impl Planner<'_> {
     /// Greedy load balancing; returns the number of moves made.
@@ -33,6 +43,7 @@ impl Planner<'_> {
                         .is_none_or(|p| p + cfg.hold_passes <= history.pass)
             })
             .collect();
+        let mut groups = self.movable_groups(history, &mig);
         let on_hosts: Vec<u32> = (0..cl.hosts.len() as u32)
             .filter(|&h| self.ledger.on[h as usize])
             .collect();
@@ -59,8 +70,8 @@ impl Planner<'_> {
                 let dst = keyed[..k].iter().map(|x| x.1).collect();
                 (src, dst)
             };
-            // (goodness, cost, vm, dest), best = highest goodness, then lowest ids.
-            let mut best: Option<(f64, f64, u32, u32)> = None;
+            // (goodness, cost, vm, dest, group), best = highest goodness, then lowest ids.
+            let mut best: Option<(f64, f64, u32, u32, Option<usize>)> = None;
             for &s in &sources {
                 for &v in &self.ledger.host_vms[s as usize] {
                     if !eligible[v as usize] {
@@ -96,18 +107,126 @@ impl Planner<'_> {
                         if good * self.horizon[v as usize] <= cost {
                             continue;
                         }
-                        best = Some((good, cost, v, d));
+                        best = Some((good, cost, v, d, None));
                     }
                 }
             }
-            let Some((good, cost, v, d)) = best else {
+            for (gi, g) in groups.iter().enumerate() {
+                let Some(s) = self.ledger.where_is[g.vms[0].idx()] else {
+                    continue;
+                };
+                if !sources.contains(&s.0) {
+                    continue;
+                }
+                let (load, _) = self.group_totals(&g.vms);
+                let v = g.vms[0].0;
+                for &d in &dests {
+                    if d == s.0 {
+                        continue;
+                    }
+                    let to = HostId(d);
+                    let good = m.goodness(self.ledger.load_delta(load, Some(s), to));
+                    if good < min_good
+                        || best.is_some_and(|b| good < b.0 || (good == b.0 && (v, d) > (b.2, b.3)))
+                    {
+                        continue;
+                    }
+                    if self.ledger.fits_load(load, g.res, to).is_err()
+                        || g.vms
+                            .iter()
+                            .any(|&vm| history.left_recently(vm, to, cfg.no_return_passes))
+                        || self.group_broken_rule(&g.vms, s, to, true).is_some()
+                    {
+                        continue;
+                    }
+                    let dual = -m.goodness(self.ledger.dual_load_delta(load, to));
+                    let cost = g.mig_s * (dual.max(0.0) + cfg.cost_rate);
+                    let horizon = g
+                        .vms
+                        .iter()
+                        .map(|v| self.horizon[v.idx()])
+                        .fold(f64::INFINITY, f64::min);
+                    if good * horizon <= cost {
+                        continue;
+                    }
+                    best = Some((good, cost, v, d, Some(gi)));
+                }
+            }
+            let Some((good, cost, v, d, group)) = best else {
                 break;
             };
-            self.push_move(VmId(v), HostId(d), Reason::Balance, good, cost);
-            eligible[v as usize] = false;
+            match group {
+                None => {
+                    self.push_move(VmId(v), HostId(d), Reason::Balance, good, cost);
+                    eligible[v as usize] = false;
+                }
+                Some(gi) => {
+                    let g = groups.swap_remove(gi);
+                    let first = self.moves.len();
+                    for (i, &vm) in g.vms.iter().enumerate() {
+                        let (gd, c) = if i == 0 { (good, cost) } else { (0.0, 0.0) };
+                        self.push_move(vm, HostId(d), Reason::Balance, gd, c);
+                        eligible[vm.idx()] = false;
+                    }
+                    let priority = self.moves[first].priority;
+                    for m in &mut self.moves[first + 1..] {
+                        m.with_previous = true;
+                        m.priority = priority;
+                    }
+                }
+            }
             sigma = self.ledger.imbalance();
             made += 1;
         }
         made
+    }
+
+    /// Must-affinity groups whose members all sit on one powered-on host and could each move
+    /// (not moved this pass, converging, not held by hysteresis). VMs in more than one
+    /// must-affinity rule are left alone.
+    fn movable_groups(&self, history: &History, mig: &[Option<f64>]) -> Vec<Group> {
+        let cl = self.cluster;
+        let cfg = self.cfg;
+        let mut out = Vec::new();
+        for r in &cl.rules {
+            let RuleKind::VmAffinity { vms } = &r.kind else {
+                continue;
+            };
+            if !r.is_must() {
+                continue;
+            }
+            let Some(h) = self.ledger.where_is[vms[0].idx()] else {
+                continue;
+            };
+            let ok = self.ledger.on[h.idx()]
+                && vms.iter().all(|&vm| {
+                    let v = vm.idx();
+                    self.ledger.where_is[v] == Some(h)
+                        && !self.moved[v]
+                        && mig[v].is_some()
+                        && history
+                            .last_pass(vm)
+                            .is_none_or(|p| p + cfg.hold_passes <= history.pass)
+                        && self.rules.rules_of(vm).iter().all(|&o| {
+                            let o = &cl.rules[o as usize];
+                            o.name == r.name
+                                || !(o.is_must() && matches!(o.kind, RuleKind::VmAffinity { .. }))
+                        })
+                });
+            if !ok {
+                continue;
+            }
+            let mut sorted = vms.clone();
+            sorted.sort_unstable();
+            out.push(Group {
+                res: sorted.iter().fold(Resources::default(), |a, v| {
+                    let r = self.ledger.res[v.idx()];
+                    Resources::new(a.cpu_mhz + r.cpu_mhz, a.mem_mib + r.mem_mib)
+                }),
+                mig_s: sorted.iter().map(|v| mig[v.idx()].unwrap_or(0.0)).sum(),
+                vms: sorted,
+            });
+        }
+        out
     }
 }

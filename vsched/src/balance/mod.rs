@@ -13,7 +13,7 @@ use serde::Serialize;
 
 use crate::config::BalanceConfig;
 use crate::entitlement;
-use crate::ledger::{Constraint, Ledger};
+use crate::ledger::Ledger;
 use crate::model::{Cluster, HostId, VmId};
 use crate::placement::Rejections;
 use crate::rules::RuleIndex;
@@ -252,7 +252,8 @@ pub fn apply_moves(cluster: &mut Cluster, moves: &[Move]) {
 }
 
 /// Checks a single move against the current cluster: the VM is on `from`, and moving it to `to`
-/// keeps capacity, reservations and must-rules. Returns the failed constraint.
+/// keeps capacity, reservations and must-rules (counting group members wherever they are).
+/// Returns the failed constraint.
 pub fn check_move(cluster: &Cluster, vm: VmId, from: HostId, to: HostId) -> Result<(), Stale> {
     let Some(spec) = cluster.vms.get(vm.idx()) else {
         return Err(Stale::Gone);
@@ -270,11 +271,61 @@ pub fn check_move(cluster: &Cluster, vm: VmId, from: HostId, to: HostId) -> Resu
     let ledger = Ledger::new(cluster, &ent);
     let rules = RuleIndex::new(cluster);
     ledger
-        .check_move(cluster, &rules, vm, to, false)
-        .map_err(|c| match c {
-            Constraint::Host(h) => Stale::Host(h),
-            Constraint::Rule(r) => Stale::Rule(cluster.rules[r].name.clone()),
-        })
+        .fits(vm, ledger.load[vm.idx()], to)
+        .map_err(Stale::Host)?;
+    // Strict: members of an affinity group on hosts being evacuated still count (a lone
+    // member must not leave them behind).
+    match rules.first_broken(cluster, vm, to, &ledger.where_is, &[], false) {
+        Some(r) => Err(Stale::Rule(cluster.rules[r].name.clone())),
+        None => Ok(()),
+    }
+}
+
+/// Checks a group of moves carried out together (a must-affinity group): every VM is on its
+/// source, and with all of them moved, every destination keeps capacity and reservations and
+/// every moved VM keeps its must-rules.
+pub fn check_group(cluster: &Cluster, moves: &[Move]) -> Result<(), Stale> {
+    let ent = entitlement::compute(cluster);
+    let mut ledger = Ledger::new(cluster, &ent);
+    let rules = RuleIndex::new(cluster);
+    for m in moves {
+        let Some(spec) = cluster.vms.get(m.vm.idx()) else {
+            return Err(Stale::Gone);
+        };
+        if spec.host != Some(m.from) {
+            return Err(Stale::Moved {
+                now: spec.host,
+                expected: m.from,
+            });
+        }
+        if m.to.idx() >= cluster.hosts.len() {
+            return Err(Stale::Gone);
+        }
+        if !ledger.on[m.to.idx()] {
+            return Err(Stale::Host(crate::ledger::HostReject::NotOn));
+        }
+    }
+    for m in moves {
+        ledger.apply(m.vm, m.to);
+    }
+    for m in moves {
+        let t = m.to.idx();
+        let (r, l, c) = (ledger.host_res[t], ledger.host_load[t], ledger.cap[t]);
+        use crate::ledger::HostReject as R;
+        let bad = [
+            (r.cpu_mhz > c.cpu_mhz, R::CpuReservation),
+            (r.mem_mib > c.mem_mib, R::MemReservation),
+            (l.cpu_mhz > c.cpu_mhz, R::CpuCapacity),
+            (l.mem_mib > c.mem_mib, R::MemCapacity),
+        ];
+        if let Some((_, why)) = bad.iter().find(|b| b.0) {
+            return Err(Stale::Host(*why));
+        }
+        if let Some(ri) = rules.first_broken(cluster, m.vm, m.to, &ledger.where_is, &[], false) {
+            return Err(Stale::Rule(cluster.rules[ri].name.clone()));
+        }
+    }
+    Ok(())
 }
 
 /// Does moving `vm` to `to` still fix must-rule `rule` (the VM is among the rule's movers and,

@@ -6,9 +6,10 @@ use super::{
 };
 use crate::config::{BalanceConfig, priority_of, target_imbalance};
 use crate::entitlement;
+use crate::ledger::HostReject;
 use crate::ledger::Ledger;
-use crate::model::{Cluster, HostId, HostState, VmId};
-use crate::placement::{Rejections, rejections};
+use crate::model::{Cluster, HostId, HostState, Resources, VmId};
+use crate::placement::{Rejections, bump, rejections};
 use crate::rules::{self, RuleIndex, RuleKind};
 use crate::waves::{Hop, plan_waves};
 
@@ -181,7 +182,11 @@ impl<'a> Planner<'a> {
                 continue;
             }
             let vm = VmId(v);
-            let group = self.affinity_group_on(vm, host);
+            let group: Vec<VmId> = self
+                .affinity_group_on(vm, host)
+                .into_iter()
+                .filter(|g| *g == vm || !handled.contains(&g.0))
+                .collect();
             if group.len() > 1 {
                 handled.extend(group.iter().map(|g| g.0));
                 self.evacuate_group(&group, host, &reason);
@@ -264,53 +269,96 @@ impl<'a> Planner<'a> {
         g
     }
 
-    /// Moves a must-affinity group off `host` together, to the best host that takes all of
-    /// its members, or blocks them all.
+    /// Moves a must-affinity group off `host` together, to the best host that takes the whole
+    /// group (combined capacity and reservations, every member's must-rules), or blocks every
+    /// member with the per-host reasons for the group.
     fn evacuate_group(&mut self, group: &[VmId], host: HostId, reason: &Reason) {
         let mo = self.ledger.moments();
-        let first = group[0];
-        let mut cands: Vec<(f64, HostId)> = (0..self.cluster.hosts.len() as u32)
-            .map(HostId)
-            .filter(|&h| {
-                self.ledger
-                    .check_move(self.cluster, &self.rules, first, h, false)
-                    .is_ok()
-            })
-            .map(|h| (-mo.goodness(self.ledger.move_delta(first, h)), h))
-            .collect();
+        let (load, res) = self.group_totals(group);
+        let mut cands: Vec<(f64, HostId)> = Vec::new();
+        let mut why = Rejections {
+            hosts: self.cluster.hosts.len(),
+            ..Rejections::default()
+        };
+        for h in (0..self.cluster.hosts.len() as u32).map(HostId) {
+            let fit = if h == host {
+                Err(HostReject::SameHost)
+            } else {
+                self.ledger.fits_load(load, res, h)
+            };
+            if let Err(r) = fit {
+                bump(&mut why.by_host, r);
+                continue;
+            }
+            if let Some(ri) = self.group_broken_rule(group, host, h, false) {
+                bump(&mut why.by_rule, self.cluster.rules[ri].name.clone());
+                continue;
+            }
+            cands.push((-mo.goodness(self.ledger.load_delta(load, Some(host), h)), h));
+        }
         cands.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
-        for (_, h) in cands {
-            let mut applied = 0;
-            for &vm in group {
-                if self
-                    .ledger
-                    .check_move(self.cluster, &self.rules, vm, h, false)
-                    .is_err()
-                {
-                    break;
-                }
-                self.ledger.apply(vm, h);
-                applied += 1;
-            }
-            for &vm in &group[..applied] {
-                self.ledger.apply(vm, host);
-            }
-            if applied == group.len() {
-                for (i, &vm) in group.iter().enumerate() {
-                    let g = self.goodness(vm, h);
-                    self.push_move(vm, h, reason.clone(), g, 0.0);
-                    if i > 0 {
-                        if let Some(m) = self.moves.last_mut() {
-                            m.with_previous = true;
-                        }
+        if let Some(&(_, h)) = cands.first() {
+            for (i, &vm) in group.iter().enumerate() {
+                let g = self.goodness(vm, h);
+                self.push_move(vm, h, reason.clone(), g, 0.0);
+                if i > 0 {
+                    if let Some(m) = self.moves.last_mut() {
+                        m.with_previous = true;
                     }
                 }
-                return;
             }
+            return;
         }
+        why.by_host.sort();
+        why.by_rule.sort();
         for &vm in group {
-            self.block(vm, reason.clone());
+            self.blocked.push(Blocked {
+                vm,
+                reason: reason.clone(),
+                why: why.clone(),
+            });
         }
+    }
+
+    /// Combined load and reservation of a group.
+    pub(super) fn group_totals(&self, group: &[VmId]) -> (Resources, Resources) {
+        group
+            .iter()
+            .fold((Resources::default(), Resources::default()), |(l, r), v| {
+                let (a, b) = (self.ledger.load[v.idx()], self.ledger.res[v.idx()]);
+                (
+                    Resources::new(l.cpu_mhz + a.cpu_mhz, l.mem_mib + a.mem_mib),
+                    Resources::new(r.cpu_mhz + b.cpu_mhz, r.mem_mib + b.mem_mib),
+                )
+            })
+    }
+
+    /// With every member of `group` moved from `from` to `to`, the first rule (must, or also
+    /// should with `include_should`) a member would break. Applies and undoes the moves.
+    pub(super) fn group_broken_rule(
+        &mut self,
+        group: &[VmId],
+        from: HostId,
+        to: HostId,
+        include_should: bool,
+    ) -> Option<usize> {
+        for &vm in group {
+            self.ledger.apply(vm, to);
+        }
+        let broken = group.iter().find_map(|&vm| {
+            self.rules.first_broken(
+                self.cluster,
+                vm,
+                to,
+                &self.ledger.where_is,
+                &self.ledger.on,
+                include_should,
+            )
+        });
+        for &vm in group {
+            self.ledger.apply(vm, from);
+        }
+        broken
     }
 
     /// Depth-first search for destinations of `order` (all on `src`); leaves them applied in the
