@@ -66,6 +66,10 @@ struct Args {
     /// Cap on load-balancing moves per pass.
     #[arg(long, default_value_t = 32)]
     max_moves: usize,
+    /// Plan one pass on the starting cluster and print it (moves, reasons, waves, imbalance
+    /// after) without applying anything; with --json the plan is the JSON object.
+    #[arg(long)]
+    dry_run: bool,
 }
 
 /// A migrator that only counts (the example has no hypervisors; vmigrate plugs in here).
@@ -207,6 +211,15 @@ fn main() -> anyhow::Result<()> {
             ..DpmConfig::default()
         },
     })?;
+    if args.dry_run {
+        let (plan, power) = drs.dry_run(&cluster)?;
+        if args.json {
+            println!("{}", serde_json::to_string(&plan)?);
+        } else {
+            print_plan(&plan, power.as_ref());
+        }
+        return Ok(());
+    }
     let passes = (args.hours * 60 / args.interval_min) as usize;
     let mut demand = DemandModel::new(&cluster, args.seed);
     let mut migrator = SimMigrator::default();
@@ -486,6 +499,53 @@ fn chart(series: &[f64], moves: &[usize], interval_min: u32, cfg: &DrsConfig) {
         format!("{hours:.0}h"),
         width = cols.saturating_sub(2).max(3)
     );
+}
+
+fn print_plan(plan: &vsched::PassPlan, power: Option<&vsched::dpm::PowerRec>) {
+    println!(
+        "dry run: {} moves in {} waves, {} blocked; imbalance {:.4} -> {:.4} (after mandatory \
+         moves {:.4})",
+        plan.moves.len(),
+        plan.waves.len(),
+        plan.blocked.len(),
+        plan.imbalance_before,
+        plan.imbalance_after,
+        plan.imbalance_after_mandatory
+    );
+    let wave_of = |i: usize| plan.waves.iter().position(|w| w.contains(&i)).unwrap_or(0);
+    println!(
+        "{:>4} {:>4} {:>8} {:>17} {:>3} {:>9} {:>8}  reason",
+        "#", "wave", "vm", "from -> to", "pri", "gain", "migr"
+    );
+    for (i, m) in plan.moves.iter().enumerate() {
+        println!(
+            "{:>4} {:>4} {:>8} {:>17} {:>3} {:>9.5} {:>8}  {}{}",
+            i,
+            wave_of(i),
+            m.vm.to_string(),
+            format!("{} -> {}", m.from, m.to),
+            m.priority,
+            m.expected.imbalance_before - m.expected.imbalance_after,
+            m.expected
+                .migration_s
+                .map_or("n/c".to_string(), |s| format!("{s:.0} s")),
+            m.reason,
+            if m.with_previous {
+                " (with previous)"
+            } else {
+                ""
+            }
+        );
+    }
+    for b in &plan.blocked {
+        println!("blocked {} ({}): {}", b.vm, b.reason, b.why);
+    }
+    if let Some(p) = power {
+        println!(
+            "power: {:?} {} (utilization {:.2} -> {:.2})",
+            p.action, p.host, p.util_before, p.util_after
+        );
+    }
 }
 
 fn table(s: &Summary) {
