@@ -122,7 +122,11 @@ fn set(r: &mut Resources, which: Res, v: u64) {
     }
 }
 
-/// Computes entitlements for every placed VM of a (valid) cluster.
+/// Computes entitlements for every placed VM of a cluster.
+///
+/// # Panics
+/// On a cluster that fails [`Cluster::validate`] (dangling pool or host references); the
+/// public entry points of the scheduler validate first.
 pub fn compute(cluster: &Cluster) -> Entitlements {
     let capacity = cluster.on_capacity();
     let npools = cluster.pool_count();

@@ -66,6 +66,9 @@ pub struct Ledger {
 
 impl Ledger {
     /// Builds the ledger from the cluster and its entitlements.
+    ///
+    /// # Panics
+    /// On a cluster that fails [`Cluster::validate`].
     pub fn new(cluster: &Cluster, ent: &Entitlements) -> Self {
         let nh = cluster.hosts.len();
         let mut l = Ledger {
@@ -366,6 +369,9 @@ fn sub(a: &mut Resources, b: Resources) {
 }
 
 /// The imbalance of a cluster as it stands.
+///
+/// # Panics
+/// On a cluster that fails [`Cluster::validate`].
 pub fn imbalance(cluster: &Cluster) -> f64 {
     let ent = crate::entitlement::compute(cluster);
     Ledger::new(cluster, &ent).imbalance()
