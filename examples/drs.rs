@@ -460,7 +460,7 @@ fn chart(series: &[f64], moves: &[usize], interval_min: u32, cfg: &DrsConfig) {
     let top = col_imb
         .iter()
         .cloned()
-        .fold(target.unwrap_or(0.0), f64::max)
+        .fold(target.unwrap_or(0.0) * 1.2, f64::max)
         .max(1e-6);
     println!(
         "imbalance (std dev of normalized host entitlement), max per column; '-' / '=' = target"
@@ -469,7 +469,7 @@ fn chart(series: &[f64], moves: &[usize], interval_min: u32, cfg: &DrsConfig) {
         let lo = top * row as f64 / H as f64;
         let mut line = String::new();
         for &v in &col_imb {
-            let t = target.is_some_and(|t| t > lo && t <= lo + top / H as f64);
+            let t = target.is_some_and(|t| t > lo && t <= lo + top / H as f64 + 1e-12);
             line.push(match (v > lo, t) {
                 (true, true) => '=',
                 (true, false) => '#',
