@@ -444,6 +444,10 @@ impl Drs {
         cluster: &mut Cluster,
         migrator: &mut dyn Migrator,
     ) -> Result<(), DrsError> {
+        if !self.pending.contains_key(&id) {
+            return Err(DrsError::UnknownRecommendation(id));
+        }
+        cluster.validate()?;
         let rec = self
             .pending
             .remove(&id)
