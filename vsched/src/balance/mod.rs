@@ -160,7 +160,9 @@ pub struct PassPlan {
     pub hosts_after: Vec<HostLoad>,
 }
 
-/// What the balancer remembers between passes (hysteresis).
+/// What the balancer remembers between passes (hysteresis, demand stability). Create it with
+/// [`History::new`]`(cfg.no_return_passes)`; [`Drs`](crate::Drs) keeps one for you. The default
+/// (window 0) forgets every move at once.
 #[derive(Debug, Clone, Default, PartialEq, serde::Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct History {
