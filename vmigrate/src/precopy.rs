@@ -400,10 +400,13 @@ impl<'a> Source<'a> {
             self.fetch(&mut maps)?;
             let remaining: u64 = maps.iter().map(DirtyBitmap::count).sum();
             let secs = duration.as_secs_f64().max(1e-6);
-            // How fast dirty pages drain: pages handled (zero pages included) per second, in
-            // bytes. Raw link bytes would make a pass over mostly-zero memory look slow.
-            let drained = ((sent.normal + sent.zero) * PAGE as u64).max(it_bytes).max(1);
-            let bandwidth = (drained as f64 / secs).max(1.0);
+            // Measured link rate. After a pass over mostly-zero memory it underestimates the
+            // link (time went to scanning, not sending): the error is on the safe side, one more
+            // iteration rather than a longer downtime.
+            let mut bandwidth = (it_bytes as f64 / secs).max(1.0);
+            if let Some(limit) = self.policy.bandwidth_limit_bps.filter(|&l| l > 0) {
+                bandwidth = bandwidth.min(limit as f64);
+            }
             let dirty_rate = remaining as f64 / secs;
             let expected = Duration::from_secs_f64(remaining as f64 * PAGE as f64 / bandwidth);
             let it = Iteration {
@@ -473,7 +476,7 @@ impl<'a> Source<'a> {
             }
             // Auto-converge: the guest re-dirtied more than half of what the iteration drained
             // (QEMU's trigger), so the link cannot win on its own.
-            if remaining * PAGE as u64 * 2 > drained {
+            if remaining * PAGE as u64 * 2 > it_bytes {
                 outrun += 1
             } else {
                 outrun = 0

@@ -10,14 +10,24 @@ use vcore::vm_memory::{Bytes, GuestMemoryBackend, GuestMemoryRegion};
 use vcore::{Vm, VmBuilder, VmConfig};
 use vmigrate::transport::{ChannelTransport, Transport};
 
-/// Returns early from a test when KVM is missing (and not required).
+/// Returns early from a test when KVM is missing (and not required); otherwise holds a lock
+/// until the test ends, so migration tests of one binary do not starve each other's vCPUs on
+/// small machines (their outcomes depend on the guest really running).
 #[macro_export]
 macro_rules! require_kvm {
     () => {
         if !vcore::testing::kvm_available(concat!(file!(), ":", line!())) {
             return;
         }
+        let _serial = $crate::common::serial();
     };
+}
+
+static SERIAL: Mutex<()> = Mutex::new(());
+
+/// The lock behind `require_kvm!`.
+pub fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 pub fn source_vm(cfg: &VmConfig, d: DirtierConfig) -> Vm {
