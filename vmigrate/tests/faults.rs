@@ -9,7 +9,7 @@ use std::time::Duration;
 use common::{Fault, Faulty, assert_source_alive, dest_vm, source_vm};
 use vcore::guest::{DirtierConfig, Pattern};
 use vcore::{RunState, VmConfig};
-use vmigrate::transport::{DEFAULT_PEER_TIMEOUT, channel_pair};
+use vmigrate::transport::channel_pair;
 use vmigrate::{ConvergencePolicy, Destination, MigrationError, MigrationHandle, Source};
 
 fn cfg() -> VmConfig {
