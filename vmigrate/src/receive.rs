@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use serde::Serialize;
 use vcore::{GuestMemory, Vm, VmSnapshot};
-use vm_memory::{Bytes, GuestAddress};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
 use crate::precopy::{MigrationError, host_cpu_features};
 use crate::stream::{FrameReader, FrameWriter, Hello, Layout, Message, PAGE, PROTOCOL_VERSIONS, StreamError};
@@ -32,11 +32,13 @@ pub struct ReceiveStats {
 }
 
 /// Writes a page message into `mem`, checking every address against `layout` first.
+/// `known_zero(gpa)`, if given, says a page is certainly zero already (it is then not touched).
 /// Returns `(normal pages, zero pages)` written; other messages write nothing.
 pub fn apply_memory(
     mem: &GuestMemory,
     layout: &Layout,
     msg: &Message<'_>,
+    known_zero: Option<&dyn Fn(u64) -> bool>,
 ) -> Result<(u64, u64), StreamError> {
     static ZERO: [u8; PAGE] = [0; PAGE];
     let io = |e: vm_memory::GuestMemoryError| StreamError::Io(std::io::Error::other(e.to_string()));
@@ -50,14 +52,17 @@ pub fn apply_memory(
             let len =
                 count.checked_mul(PAGE as u64).ok_or(StreamError::OutOfLayout { gpa, len: u64::MAX })?;
             layout.check(gpa, len)?;
-            // Write zeros only over pages that are not zero already: never-touched destination
-            // memory stays unallocated.
+            // Pages the VMM never wrote are still zero in a VM that never ran (fresh anonymous
+            // memory): skip them without reading, which would fault each one in. Others are
+            // checked and zeroed only if needed.
             let mut page = [0u8; PAGE];
             for i in 0..count {
                 let addr = GuestAddress(gpa + i * PAGE as u64);
-                mem.read_slice(&mut page, addr).map_err(io)?;
-                if !crate::stream::is_zero(&page) {
-                    mem.write_slice(&ZERO[..PAGE], addr).map_err(io)?;
+                if !known_zero.is_some_and(|k| k(addr.0)) {
+                    mem.read_slice(&mut page, addr).map_err(io)?;
+                    if !crate::stream::is_zero(&page) {
+                        mem.write_slice(&ZERO[..PAGE], addr).map_err(io)?;
+                    }
                 }
             }
             Ok((0, count))
@@ -170,13 +175,24 @@ impl<'a> Destination<'a> {
         if live {
             FrameWriter::new(&mut *transport, 0).message(&Message::HelloAck(version))?;
         }
+        // A VM that never ran holds only what the VMM wrote into it, and the VMM's writes are
+        // tracked per page: every other page is zero.
+        let fresh = vm.run_state() == vcore::RunState::Created;
+        let mem = vm.memory();
+        let known_zero: Option<Box<dyn Fn(u64) -> bool>> = fresh.then(|| {
+            Box::new(move |gpa: u64| {
+                mem.find_region(GuestAddress(gpa)).is_some_and(|r| {
+                    !vm_memory::MmapRegion::bitmap(r).is_addr_set((gpa - r.start_addr().0) as usize)
+                })
+            }) as Box<dyn Fn(u64) -> bool>
+        });
         let mut r = FrameReader::new(&mut *transport);
         let (mut state, mut sections) = (None, Vec::new());
         loop {
             let msg = r.read_frame()?;
             match msg {
                 Message::Pages { .. } | Message::ZeroPages { .. } => {
-                    let (n, z) = apply_memory(vm.memory(), &hello.layout, &msg)?;
+                    let (n, z) = apply_memory(vm.memory(), &hello.layout, &msg, known_zero.as_deref())?;
                     stats.normal_pages += n;
                     stats.zero_pages += z;
                 }

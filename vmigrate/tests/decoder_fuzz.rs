@@ -32,7 +32,7 @@ fn decode_all(mem: &GuestMemory, bytes: &[u8]) -> usize {
     let mut r = FrameReader::new(bytes);
     let mut frames = 0;
     while let Ok(msg) = r.read_frame() {
-        let _ = apply_memory(mem, &layout(), &msg);
+        let _ = apply_memory(mem, &layout(), &msg, None);
         frames += 1;
     }
     frames
