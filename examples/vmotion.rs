@@ -74,9 +74,9 @@ struct VmArgs {
     /// vCPUs (both sides must agree).
     #[arg(long, default_value_t = 1, global = true)]
     vcpus: u16,
-    /// Working set the guest dirties, in MiB.
-    #[arg(long, default_value_t = 256, global = true)]
-    ws_mib: u64,
+    /// Working set the guest dirties, in MiB [default: a quarter of the memory, at most 256].
+    #[arg(long, global = true)]
+    ws_mib: Option<u64>,
     /// Pages per second the guest dirties; 0 = as fast as it can.
     #[arg(long, default_value_t = 50_000, global = true)]
     rate: u64,
@@ -112,8 +112,11 @@ impl VmArgs {
     fn config(&self) -> VmConfig {
         VmConfig { mem_mib: self.mem_mib, vcpus: self.vcpus, ..Default::default() }
     }
+    fn ws_mib(&self) -> u64 {
+        self.ws_mib.unwrap_or((self.mem_mib / 4).clamp(1, 256))
+    }
     fn dirtier(&self) -> DirtierConfig {
-        let ws_pages = (self.ws_mib << 20) / 4096;
+        let ws_pages = (self.ws_mib() << 20) / 4096;
         DirtierConfig {
             ws_start: MIN_WS_START,
             ws_pages,
@@ -284,7 +287,7 @@ fn summary_for(mode: &'static str, a: &VmArgs) -> Summary {
         mode,
         mem_mib: a.mem_mib,
         vcpus: a.vcpus,
-        ws_mib: a.ws_mib,
+        ws_mib: a.ws_mib(),
         rate_pps: a.rate,
         pattern: format!("{:?}", a.pattern).to_lowercase(),
         ..Default::default()
@@ -344,7 +347,9 @@ fn local(cli: &Cli) -> Result<Summary> {
 }
 
 fn print_table(s: &Summary) {
-    let rows: Vec<(&str, String)> = vec![
+    let migrating = matches!(s.mode, "local" | "send");
+    let receiving = matches!(s.mode, "local" | "listen" | "restore");
+    let mut rows: Vec<(&str, String)> = vec![
         (
             "VM",
             format!(
@@ -353,47 +358,50 @@ fn print_table(s: &Summary) {
             ),
         ),
         ("total time", format!("{:.1} ms", s.total_ms)),
-        ("setup", format!("{:.1} ms", s.setup_ms)),
-        (
+    ];
+    if migrating {
+        rows.push(("setup", format!("{:.1} ms", s.setup_ms)));
+        rows.push((
             "downtime",
             format!(
                 "{:.2} ms (pause {:.2}, final copy {:.2}, handover {:.2})",
                 s.downtime_without_verification_ms, s.pause_ms, s.final_copy_ms, s.handover_ms
             ),
-        ),
-        (
-            "+ memory verification",
-            format!(
-                "{:.2} ms spent checking memory before the guest starts (--no-verify skips it)",
-                s.verification_ms
-            ),
-        ),
-        ("iterations", s.iterations.to_string()),
-        (
-            "sent",
-            format!(
-                "{:.1} MiB: {} pages with data, {} zero pages",
-                s.bytes_sent as f64 / (1 << 20) as f64,
-                s.normal_pages,
-                s.zero_pages
-            ),
-        ),
-        ("throughput", format!("{:.1} MiB/s", s.throughput_mib_s)),
-        ("max throttle", format!("{} %", s.max_throttle_percent)),
-        (
-            "memory equal at pause",
-            s.memory_equal_at_pause.map_or("n/a".into(), |b| if b { "yes".into() } else { "NO".into() }),
-        ),
-        (
+        ));
+        if s.memory_equal_at_pause.is_some() {
+            rows.push((
+                "+ memory verification",
+                format!(
+                    "{:.2} ms checking memory before the guest starts (--no-verify skips it)",
+                    s.verification_ms
+                ),
+            ));
+        }
+        rows.push(("iterations", s.iterations.to_string()));
+        rows.push(("throughput", format!("{:.1} MiB/s", s.throughput_mib_s)));
+        rows.push(("max throttle", format!("{} %", s.max_throttle_percent)));
+    }
+    let bytes = format!("{:.1} MiB", s.bytes_sent as f64 / (1 << 20) as f64);
+    rows.push(if s.mode == "save" {
+        ("snapshot size", bytes)
+    } else {
+        ("transferred", format!("{bytes}: {} pages with data, {} zero pages", s.normal_pages, s.zero_pages))
+    });
+    if let Some(eq) = s.memory_equal_at_pause {
+        rows.push(("memory equal at pause", if eq { "yes".into() } else { "NO".into() }));
+    }
+    if receiving {
+        let state = if s.guest_keeps_running { "keeps running" } else { "STOPPED" };
+        rows.push((
             "guest progress",
             format!(
-                "{} pages at pause, {} on the destination: {}",
-                s.guest_pages_at_pause,
-                s.guest_pages_on_destination,
-                if s.guest_keeps_running { "keeps running" } else { "STOPPED" }
+                "{} pages at handover, {} now: {state}",
+                s.guest_pages_at_pause, s.guest_pages_on_destination
             ),
-        ),
-    ];
+        ));
+    } else {
+        rows.push(("guest progress", format!("{} pages written when paused", s.guest_pages_at_pause)));
+    }
     println!("\nvmotion ({})", s.mode);
     println!("{:-<100}", "");
     for (k, v) in rows {
