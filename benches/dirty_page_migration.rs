@@ -1,0 +1,247 @@
+//! Dirty-page migration benchmarks: bitmap work, page encode/decode against memcpy, and
+//! end-to-end migration of a 256 MiB guest (idle and dirtying) in-process and over loopback TCP,
+//! next to raw TCP throughput of a socket pair. KVM parts print one SKIP line without /dev/kvm.
+#![allow(missing_docs)] // criterion_group! generates undocumented items
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::time::{Duration, Instant};
+
+use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use vinfra::vcore::config::RamRange;
+use vinfra::vcore::guest::{Dirtier, DirtierConfig, Pattern, read_progress};
+use vinfra::vcore::memory::create_guest_memory;
+use vinfra::vcore::{Vm, VmBuilder, VmConfig};
+use vinfra::vmigrate::dirty::{DirtyBitmap, DirtyTracker, KvmDirtyLog, VmmBitmap, empty_maps};
+use vinfra::vmigrate::receive::apply_memory;
+use vinfra::vmigrate::stream::{FrameReader, FrameWriter, Layout, is_zero};
+use vinfra::vmigrate::transport::{DEFAULT_PEER_TIMEOUT, channel_pair, tcp_accept, tcp_connect};
+use vinfra::vmigrate::{ConvergencePolicy, Destination, Source};
+
+const MIB: usize = 1 << 20;
+
+fn bitmaps(c: &mut Criterion) {
+    let mut g = c.benchmark_group("bitmap");
+    for gib in [1u64, 16] {
+        let pages = (gib << 30) / 4096;
+        let mut a = DirtyBitmap::new(pages);
+        let mut b = DirtyBitmap::new(pages);
+        for p in (0..pages).step_by(97) {
+            b.set(p);
+        }
+        g.bench_function(BenchmarkId::new("merge_count_runs", format!("{gib}GiB")), |bench| {
+            bench.iter(|| {
+                a.clear();
+                a.merge(&b);
+                let runs = a.runs().count();
+                (a.count(), runs)
+            })
+        });
+        if vinfra::vcore::testing::kvm_available("benches/dirty_page_migration bitmap") {
+            let vm = VmBuilder::new(VmConfig { mem_mib: gib << 10, ..Default::default() }).build().unwrap();
+            let mut log = KvmDirtyLog::default();
+            log.start(&vm).unwrap();
+            let mut vmm = VmmBitmap;
+            let mut maps = empty_maps(&vm);
+            g.bench_function(BenchmarkId::new("kvm_log_and_vmm_fetch", format!("{gib}GiB")), |bench| {
+                bench.iter(|| {
+                    for m in maps.iter_mut() {
+                        m.clear();
+                    }
+                    log.fetch(&vm, &mut maps).unwrap();
+                    vmm.fetch(&vm, &mut maps).unwrap();
+                    maps.iter().map(DirtyBitmap::count).sum::<u64>()
+                })
+            });
+            log.stop(&vm).unwrap();
+        }
+    }
+    g.finish();
+}
+
+fn encode_decode(c: &mut Criterion) {
+    let size = 64 * MIB;
+    let mut data = vec![0u8; size];
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    for w in data.chunks_exact_mut(8) {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        w.copy_from_slice(&x.to_le_bytes());
+    }
+    let zeros = vec![0u8; size];
+    let mut g = c.benchmark_group("pages_64MiB");
+    g.throughput(Throughput::Bytes(size as u64));
+    let mut dst = vec![0u8; size];
+    g.bench_function("memcpy", |b| b.iter(|| dst.copy_from_slice(&data)));
+    g.bench_function("zero_scan", |b| b.iter(|| zeros.chunks_exact(4096).all(is_zero)));
+    let mut sink = Vec::with_capacity(size + MIB);
+    g.bench_function("encode", |b| {
+        b.iter(|| {
+            sink.clear();
+            let mut w = FrameWriter::new(&mut sink, 4 * MIB);
+            w.pages(0, (size / 4096) as u64, |addr, buf| {
+                buf.copy_from_slice(&data[addr as usize..addr as usize + 4096]);
+                Ok(())
+            })
+            .unwrap();
+            w.flush().unwrap();
+        })
+    });
+    let mem = create_guest_memory(&[RamRange { guest_addr: 0, size: size as u64 }]).unwrap();
+    let layout = Layout { regions: vec![(0, size as u64)] };
+    g.bench_function("decode_apply", |b| {
+        b.iter(|| {
+            let mut r = FrameReader::new(sink.as_slice());
+            while let Ok(m) = r.read_frame() {
+                apply_memory(&mem, &layout, &m, None).unwrap();
+            }
+        })
+    });
+    g.finish();
+}
+
+fn raw_tcp(c: &mut Criterion) {
+    let size = 64 * MIB;
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let reader = std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().unwrap();
+        let mut buf = vec![0u8; 4 * MIB];
+        while s.read(&mut buf).map(|n| n > 0).unwrap_or(false) {}
+    });
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_nodelay(true).unwrap();
+    let chunk = vec![0x5au8; 4 * MIB];
+    let mut g = c.benchmark_group("tcp_loopback");
+    g.throughput(Throughput::Bytes(size as u64));
+    g.bench_function("raw_64MiB", |b| {
+        b.iter(|| {
+            for _ in 0..size / chunk.len() {
+                s.write_all(&chunk).unwrap();
+            }
+        })
+    });
+    g.finish();
+    drop(s);
+    reader.join().unwrap();
+}
+
+fn source(d: DirtierConfig) -> Vm {
+    let vm = VmBuilder::new(VmConfig { mem_mib: 256, ..Default::default() }).payload(Dirtier(d)).build().unwrap();
+    vm.start().unwrap();
+    // Running, and (unless idle) through its working set once.
+    let want = if d.pages_per_sec < 100 { 1 } else { d.ws_pages };
+    while read_progress(vm.memory()).pages_written < want {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    vm
+}
+
+/// One migration; returns (total, downtime).
+fn migrate_once(d: DirtierConfig, tcp: bool) -> (Duration, Duration) {
+    let src = source(d);
+    let dst = VmBuilder::new(VmConfig { mem_mib: 256, ..Default::default() }).build().unwrap();
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::scope(|s| {
+        let stats = if tcp {
+            let (listener, dst) = (&listener, &dst);
+            let recv = s.spawn(move || {
+                let conn = tcp_accept(listener, DEFAULT_PEER_TIMEOUT).unwrap();
+                Destination::new(dst).run(conn).unwrap();
+            });
+
+            let stats = Source::new(&src, ConvergencePolicy::default())
+                .run(tcp_connect(addr, DEFAULT_PEER_TIMEOUT).unwrap())
+                .unwrap();
+            recv.join().unwrap();
+            stats
+        } else {
+            let (a, b) = channel_pair(4, DEFAULT_PEER_TIMEOUT);
+            let recv = s.spawn(|| Destination::new(&dst).run(b).unwrap());
+            let stats = Source::new(&src, ConvergencePolicy::default()).run(a).unwrap();
+            recv.join().unwrap();
+            stats
+        };
+        (stats.total, stats.downtime)
+    })
+}
+
+fn end_to_end(c: &mut Criterion) {
+    if !vinfra::vcore::testing::kvm_available("benches/dirty_page_migration end_to_end") {
+        return;
+    }
+    let mut g = c.benchmark_group("migrate_256MiB");
+    g.sample_size(10).measurement_time(Duration::from_secs(8)).warm_up_time(Duration::from_millis(500));
+    let idle = DirtierConfig { ws_pages: 16384, pages_per_sec: 1, ..Default::default() };
+    let slow = DirtierConfig { ws_pages: 16384, pattern: Pattern::Random, pages_per_sec: 5_000, ..Default::default() };
+    let fast = DirtierConfig { ws_pages: 16384, pattern: Pattern::Random, pages_per_sec: 50_000, ..Default::default() };
+    for (name, d) in [("idle", idle), ("dirty_5k_pps", slow), ("dirty_50k_pps", fast)] {
+        for (transport, tcp) in [("in_process", false), ("tcp", true)] {
+            let mut downtimes = Vec::new();
+            g.bench_function(BenchmarkId::new(transport, name), |b| {
+                b.iter_custom(|iters| {
+                    let mut total = Duration::ZERO;
+                    for _ in 0..iters {
+                        let (t, down) = migrate_once(d, tcp);
+                        total += t;
+                        downtimes.push(down);
+                    }
+                    total
+                })
+            });
+            downtimes.sort();
+            if let (Some(min), Some(max)) = (downtimes.first(), downtimes.last()) {
+                let median = downtimes[downtimes.len() / 2];
+                eprintln!("migrate_256MiB/{transport}/{name}: downtime median {median:?} (min {min:?}, max {max:?})");
+            }
+        }
+    }
+    g.finish();
+}
+
+fn idle_1gib_downtime(c: &mut Criterion) {
+    if !vinfra::vcore::testing::kvm_available("benches/dirty_page_migration idle_1GiB") {
+        return;
+    }
+    let mut g = c.benchmark_group("idle_1GiB");
+    g.sample_size(10).measurement_time(Duration::from_secs(5)).warm_up_time(Duration::from_millis(200));
+    g.bench_function("downtime_tcp", |b| {
+        b.iter_custom(|iters| {
+            let mut total = Duration::ZERO;
+            for _ in 0..iters {
+                let d = DirtierConfig { ws_pages: 1024, pages_per_sec: 1, ..Default::default() };
+                let cfg = VmConfig { mem_mib: 1024, ..Default::default() };
+                let src = VmBuilder::new(cfg.clone()).payload(Dirtier(d)).build().unwrap();
+                src.start().unwrap();
+                let dst = VmBuilder::new(cfg).build().unwrap();
+                let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+                let addr = listener.local_addr().unwrap();
+                let t = Instant::now();
+                let stats = std::thread::scope(|s| {
+                    let recv = s.spawn(|| {
+                        let conn = tcp_accept(&listener, DEFAULT_PEER_TIMEOUT).unwrap();
+                        Destination::new(&dst).run(conn).unwrap();
+                    });
+                    let st = Source::new(&src, ConvergencePolicy::default())
+                        .run(tcp_connect(addr, DEFAULT_PEER_TIMEOUT).unwrap())
+                        .unwrap();
+                    recv.join().unwrap();
+                    st
+                });
+                let _ = t;
+                total += stats.downtime;
+            }
+            total
+        })
+    });
+    g.finish();
+}
+
+criterion_group! {
+    name = migration;
+    config = Criterion::default().sample_size(20).measurement_time(Duration::from_secs(3)).warm_up_time(Duration::from_millis(500));
+    targets = bitmaps, encode_decode, raw_tcp, end_to_end, idle_1gib_downtime
+}
+criterion_main!(migration);
