@@ -10,6 +10,7 @@
 //! - [`fence`]: fence agents, the lease watchdog, fencing tokens.
 //! - [`restart`]: admission control, priorities, placement.
 //! - [`agent`]: the host agent tying them together.
+//! - [`sim`]: a deterministic simulator checking that no VM ever runs twice.
 #![deny(missing_docs, missing_debug_implementations)]
 
 pub mod agent;
@@ -17,7 +18,7 @@ pub mod detector;
 pub mod fence;
 pub mod model;
 pub mod restart;
-
+pub mod sim;
 pub mod store;
 pub mod view;
 
