@@ -233,7 +233,8 @@ pub fn check_leases<S: ClusterStore>(s: &S, p: &str, clock: &mut dyn StoreClock)
     assert!(!s.lease_alive(l).unwrap());
     assert!(
         matches!(s.keep_alive(l), Err(StoreError::LeaseNotFound(_))),
-        "expired lease is gone"
+        "expired lease is gone: {:?}",
+        s.keep_alive(l)
     );
     assert!(
         matches!(

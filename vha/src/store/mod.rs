@@ -9,6 +9,11 @@
 mod mem;
 pub use mem::MemStore;
 
+#[cfg(feature = "etcd")]
+mod etcd;
+#[cfg(feature = "etcd")]
+pub use etcd::EtcdStore;
+
 #[cfg(any(test, feature = "test-utils"))]
 pub mod conformance;
 
