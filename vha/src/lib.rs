@@ -11,6 +11,8 @@
 //! - [`restart`]: admission control, priorities, placement.
 //! - [`agent`]: the host agent tying them together.
 //! - [`sim`]: a deterministic simulator checking that no VM ever runs twice.
+//! - [`runtime`]: the real-world driver: UDP heartbeats, the store served over TCP or etcd,
+//!   host agents as OS processes.
 #![deny(missing_docs, missing_debug_implementations)]
 
 pub mod agent;
@@ -18,6 +20,7 @@ pub mod detector;
 pub mod fence;
 pub mod model;
 pub mod restart;
+pub mod runtime;
 pub mod sim;
 pub mod store;
 pub mod view;

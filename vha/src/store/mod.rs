@@ -225,7 +225,7 @@ pub enum StoreError {
 /// (behind an `Arc`) or between simulated hosts. Watches are pull-based: [`ClusterStore::poll_watch`]
 /// drains the events seen so far without blocking, which suits both a sans-I/O core and a real
 /// event loop.
-pub trait ClusterStore {
+pub trait ClusterStore: std::fmt::Debug {
     /// Reads one key.
     fn get(&self, key: &str) -> Result<Option<KeyValue>, StoreError>;
     /// Reads every key starting with `prefix`, sorted by key, with the revision of the read.
