@@ -27,7 +27,7 @@ use vha::runtime::{
 
 /// Kill (or isolate, or freeze) one host of a 4-host cluster and watch HA restart its VMs.
 #[derive(Debug, Parser)]
-#[command(name = "ha", about)]
+#[command(name = "ha")]
 struct Args {
     /// Isolate the victim (no heartbeats, no store, no power control) instead of killing it;
     /// it must fence itself, and its VMs restart once its lease expired.
