@@ -72,7 +72,11 @@ fn kill9_host_agent_vms_restart_elsewhere() {
     let mut h = cluster(HarnessConfig::default());
     let o = run_scenario(&mut h, Scenario::Kill).expect("scenario");
     check_safe(&o);
-    assert!(o.fence_ms.is_some(), "the dead host was power-fenced");
+    assert!(
+        o.fence_ms.is_some(),
+        "the dead host was fenced: {}",
+        serde_json::to_string_pretty(&o).unwrap_or_default()
+    );
 }
 
 #[test]
@@ -131,4 +135,27 @@ fn isolated_host_fences_itself() {
     let o = run_scenario(&mut h, Scenario::Partition).expect("scenario");
     check_safe(&o);
     assert!(o.fence_ms.is_some(), "isolated host fenced itself");
+}
+
+/// The same kill -9 scenario with etcd as the store (feature `etcd`; skips without etcd unless
+/// `VINFRA_REQUIRE_ETCD=1`).
+#[cfg(feature = "etcd")]
+#[test]
+fn kill9_host_agent_with_etcd() {
+    let eps = std::env::var("VINFRA_ETCD_ENDPOINTS")
+        .unwrap_or_else(|_| "http://127.0.0.1:2379".to_string());
+    let eps: Vec<String> = eps.split(',').map(|s| s.trim().to_string()).collect();
+    if let Err(e) = vha::store::EtcdStore::connect(&eps, std::time::Duration::from_secs(2)) {
+        if std::env::var("VINFRA_REQUIRE_ETCD").as_deref() == Ok("1") {
+            panic!("VINFRA_REQUIRE_ETCD=1 but etcd at {eps:?} is unreachable: {e}");
+        }
+        eprintln!("SKIP: no etcd at {eps:?} ({e})");
+        return;
+    }
+    let mut h = cluster(HarnessConfig {
+        etcd: Some(eps),
+        ..HarnessConfig::default()
+    });
+    let o = run_scenario(&mut h, Scenario::Kill).expect("scenario");
+    check_safe(&o);
 }

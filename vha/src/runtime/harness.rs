@@ -6,6 +6,7 @@ use std::net::UdpSocket;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver};
 use std::time::{Duration, Instant};
 
@@ -87,10 +88,17 @@ impl ClusterHarness {
         cfg: HarnessConfig,
         spawn: &dyn Fn(&HostRunConfig) -> Command,
     ) -> Result<Self, RuntimeError> {
-        let stamp = unix_ms();
-        let prefix = format!("/vha-demo/{}-{stamp}/", std::process::id());
+        // Unique per harness, even for several harnesses started in one process at once.
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        let run = format!(
+            "{}-{}-{}",
+            std::process::id(),
+            unix_ms(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        );
+        let prefix = format!("/vha-demo/{run}/");
         let keys = Keys::new(prefix.clone());
-        let control_dir = std::env::temp_dir().join(format!("vha-{}-{stamp}", std::process::id()));
+        let control_dir = std::env::temp_dir().join(format!("vha-{run}"));
         std::fs::create_dir_all(&control_dir)
             .map_err(io(format!("creating {}", control_dir.display())))?;
         let timeout = Duration::from_millis(cfg.store_timeout_ms);
