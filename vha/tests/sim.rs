@@ -1,8 +1,9 @@
 //! Seeded simulation: thousands of random fault schedules, each checked after every step for
 //! "no VM runs twice" and "every protected VM of a failed host restarts within the bound".
 //!
-//! `VHA_SIM_SCHEDULES=N` sets the number of schedules (default 2000, split over 4 tests);
-//! `VHA_SIM_SEED=S cargo test -p vha --test sim replay_seed -- --nocapture` replays one seed.
+//! `VHA_SIM_SCHEDULES=N` sets the number of schedules (default 2000, split over 4 configs);
+//! `VHA_SIM_SEED=S VHA_SIM_CONFIG=<name> cargo test -p vha --test sim replay_seed -- --nocapture`
+//! replays one seed (a failure prints the exact command).
 //! Long run (>= 10,000 schedules, release build):
 //! `VHA_SIM_SCHEDULES=10000 cargo test --release -p vha --test sim -- --ignored long_run --nocapture`
 use std::time::Instant;
@@ -17,15 +18,53 @@ fn schedules(default: u64) -> u64 {
         .unwrap_or(default)
 }
 
-fn run_part(part: u64, parts: u64, cfg: SimConfig) {
+/// The schedule families of the suite; `VHA_SIM_CONFIG=<name>` selects one for `replay_seed`.
+fn config(name: &str) -> SimConfig {
+    match name {
+        "percentage_5_hosts" => SimConfig {
+            hosts: 5,
+            vms: 10,
+            policy: AdmissionPolicy::Percentage {
+                cpu_pct: 25,
+                mem_pct: 25,
+            },
+            ..SimConfig::default()
+        },
+        "dedicated_failover_3_hosts" => SimConfig {
+            hosts: 3,
+            vms: 6,
+            policy: AdmissionPolicy::DedicatedFailoverHosts,
+            ..SimConfig::default()
+        },
+        "no_power_fencing" => {
+            let mut cfg = SimConfig::default();
+            cfg.ha.power_fencing = false;
+            cfg.ha.isolation_response = vha::detector::IsolationResponse::LeaveRunning;
+            cfg
+        }
+        _ => SimConfig::default(),
+    }
+}
+
+const CONFIGS: [&str; 4] = [
+    "host_failures_tolerated",
+    "percentage_5_hosts",
+    "dedicated_failover_3_hosts",
+    "no_power_fencing",
+];
+
+fn run_part(part: usize) {
+    let name = CONFIGS[part];
     let total = schedules(2000);
+    let parts = CONFIGS.len() as u64;
     let per = total.div_ceil(parts);
-    let seeds = part * per..((part + 1) * per).min(total);
-    let n = seeds.end - seeds.start;
+    let p = part as u64;
+    let seeds = p * per..((p + 1) * per).min(total);
+    let n = seeds.end.saturating_sub(seeds.start);
     let t = Instant::now();
-    match run_seeds(seeds, &cfg) {
+    match run_seeds(seeds, &config(name)) {
         Ok(s) => eprintln!(
-            "{n} schedules in {:.1?}: {} restarts, {} fences, {} self-fences, {} hw resets, max down {} ms",
+            "{name}: {n} schedules in {:.1?}: {} restarts, {} fences, {} self-fences, {} hw resets, max down {} ms",
             t.elapsed(),
             s.restarts,
             s.fences,
@@ -33,46 +72,28 @@ fn run_part(part: u64, parts: u64, cfg: SimConfig) {
             s.hw_resets,
             s.max_down_ms
         ),
-        Err(v) => panic!("{v}"),
+        Err(v) => panic!("{v}(config: VHA_SIM_CONFIG={name})"),
     }
 }
 
 #[test]
 fn schedules_part0_host_failures_tolerated() {
-    run_part(0, 4, SimConfig::default());
+    run_part(0);
 }
 
 #[test]
 fn schedules_part1_percentage_5_hosts() {
-    let cfg = SimConfig {
-        hosts: 5,
-        vms: 10,
-        policy: AdmissionPolicy::Percentage {
-            cpu_pct: 25,
-            mem_pct: 25,
-        },
-        ..SimConfig::default()
-    };
-    run_part(1, 4, cfg);
+    run_part(1);
 }
 
 #[test]
 fn schedules_part2_dedicated_failover_3_hosts() {
-    let cfg = SimConfig {
-        hosts: 3,
-        vms: 6,
-        policy: AdmissionPolicy::DedicatedFailoverHosts,
-        ..SimConfig::default()
-    };
-    run_part(2, 4, cfg);
+    run_part(2);
 }
 
 #[test]
 fn schedules_part3_no_power_fencing() {
-    let mut cfg = SimConfig::default();
-    cfg.ha.power_fencing = false;
-    cfg.ha.isolation_response = vha::detector::IsolationResponse::LeaveRunning;
-    run_part(3, 4, cfg);
+    run_part(3);
 }
 
 #[test]
@@ -83,7 +104,8 @@ fn replay_seed() {
     else {
         return;
     };
-    match run_random(seed, &SimConfig::default()) {
+    let name = std::env::var("VHA_SIM_CONFIG").unwrap_or_default();
+    match run_random(seed, &config(&name)) {
         Ok(s) => eprintln!("seed {seed}: ok {s:?}"),
         Err(v) => panic!("{v}"),
     }
@@ -94,25 +116,20 @@ fn replay_seed() {
 fn long_run() {
     let total = schedules(10_000);
     let t = Instant::now();
-    let cfgs = [
-        SimConfig::default(),
-        SimConfig {
-            hosts: 5,
-            vms: 12,
-            ..SimConfig::default()
-        },
-    ];
-    for (i, cfg) in cfgs.iter().enumerate() {
-        let seeds = 1_000_000 * (i as u64 + 1)..1_000_000 * (i as u64 + 1) + total / 2;
-        match run_seeds(seeds, cfg) {
-            Ok(s) => eprintln!("config {i}: {s:?}"),
-            Err(v) => panic!("{v}"),
+    let per = total / CONFIGS.len() as u64;
+    for (i, name) in CONFIGS.iter().enumerate() {
+        // Seeds disjoint from the regular suite's.
+        let seeds = 1_000_000 * (i as u64 + 1)..1_000_000 * (i as u64 + 1) + per;
+        match run_seeds(seeds, &config(name)) {
+            Ok(s) => eprintln!("{name}: {per} schedules: {s:?}"),
+            Err(v) => panic!("{v}(config: VHA_SIM_CONFIG={name})"),
         }
     }
     let secs = t.elapsed().as_secs_f64();
+    let n = per * CONFIGS.len() as u64;
     eprintln!(
-        "{total} schedules, 0 violations, {secs:.1} s, {:.0} schedules/s",
-        total as f64 / secs
+        "{n} schedules, 0 violations, {secs:.1} s, {:.0} schedules/s",
+        n as f64 / secs
     );
 }
 

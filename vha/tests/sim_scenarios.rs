@@ -156,6 +156,9 @@ fn checker_catches_drift_beyond_the_watchdog_bound() {
         sim.cut_store(victim, true);
         if let Err(v) = sim.run_for(6000) {
             assert!(v.what.contains("SAFETY"), "{v}");
+            if caught == 0 {
+                eprintln!("expected violation caught (report format):\n{v}");
+            }
             caught += 1;
         }
     }

@@ -56,7 +56,7 @@ pub struct SimConfig {
     pub host_cpu_mhz: u64,
     /// Host memory in MiB.
     pub host_mem_mib: u64,
-    /// How many trace lines a violation report keeps.
+    /// How many trace lines a violation report keeps (the last ones).
     pub trace_lines: usize,
     /// Actual clock rate error of the hosts (default: the watchdog's `max_drift`). Setting it
     /// above the configured bound breaks the watchdog's assumption; tests use it to show the
@@ -102,7 +102,7 @@ impl fmt::Display for Violation {
         writeln!(f, "seed={} t={}ms: {}", self.seed, self.at_ms, self.what)?;
         writeln!(
             f,
-            "replay: VHA_SIM_SEED={} cargo test -p vha --test sim replay_seed",
+            "replay: VHA_SIM_SEED={} cargo test -p vha --test sim replay_seed -- --nocapture",
             self.seed
         )?;
         for l in &self.trace {
