@@ -81,8 +81,9 @@ impl FenceAgent for NoFenceAgent {
 pub struct WatchdogConfig {
     /// Largest clock rate error between any host and the store, as a fraction (0.01 = 1 %).
     pub max_drift: f64,
-    /// Extra margin in ms before the lease's earliest possible expiry (covers the agent's tick
-    /// period and the time to stop VMs).
+    /// Extra margin in ms before the lease's earliest possible expiry. It must cover the
+    /// driver's tick period, a blocking store request (keep the store timeout well below it) and
+    /// the time to stop VMs.
     pub guard_ms: u64,
 }
 

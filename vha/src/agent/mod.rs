@@ -213,13 +213,7 @@ impl HostAgent {
         out: &mut Vec<Action>,
     ) {
         let now = now_ms;
-        if self.watchdog.expired(now) {
-            let why = format!(
-                "watchdog: lease not renewed by its safe deadline {} ms",
-                self.watchdog.deadline_ms().unwrap_or(0)
-            );
-            self.self_fence(now, StopReason::Watchdog, &why, out);
-        }
+        self.check_watchdog(now, out);
         if now >= self.next_heartbeat_ms {
             self.next_heartbeat_ms = now + self.cfg.heartbeat_interval_ms;
             for m in self
@@ -234,13 +228,16 @@ impl HostAgent {
                 });
             }
         }
+        let mut store_down = false;
         if self.lease.is_none() {
             self.try_join(now, store, out);
         } else if now >= self.next_keepalive_ms {
-            self.keep_alive(now, store, out);
+            store_down = !self.keep_alive(now, store, out);
         }
         self.check_isolation(now, out);
-        if now >= self.next_reconcile_ms && self.lease.is_some() {
+        // With the store down, skip the reads this tick: stacking request timeouts would delay
+        // the next watchdog check.
+        if now >= self.next_reconcile_ms && self.lease.is_some() && !store_down {
             self.next_reconcile_ms = now + self.cfg.reconcile_interval_ms;
             match self.view.refresh(store, &self.keys) {
                 Ok(()) => {
@@ -309,15 +306,34 @@ impl HostAgent {
         }
     }
 
-    fn keep_alive(&mut self, now: u64, store: &dyn ClusterStore, out: &mut Vec<Action>) {
-        let Some(lease) = self.lease else { return };
+    /// Renews the lease; false if the store did not answer.
+    fn keep_alive(&mut self, now: u64, store: &dyn ClusterStore, out: &mut Vec<Action>) -> bool {
+        let Some(lease) = self.lease else { return true };
         self.next_keepalive_ms = now + self.cfg.keepalive_interval_ms;
         match store.keep_alive(lease) {
             Ok(_) => {
                 self.watchdog.renewed(now);
                 self.store_ok(now);
+                true
             }
-            Err(e) => self.store_failed(now, &e, out),
+            Err(e) => {
+                let answered = matches!(e, StoreError::LeaseNotFound(_));
+                self.store_failed(now, &e, out);
+                answered
+            }
+        }
+    }
+
+    /// The watchdog on its own: stops every VM and gives up the lease if the safe deadline has
+    /// passed at `now_ms`. [`HostAgent::tick`] starts with it; a real-time driver should also
+    /// call it right after `tick` (whose store calls may have blocked) and before VM I/O.
+    pub fn check_watchdog(&mut self, now_ms: u64, out: &mut Vec<Action>) {
+        if self.watchdog.expired(now_ms) {
+            let why = format!(
+                "watchdog: lease not renewed by its safe deadline ({} ms late)",
+                now_ms - self.watchdog.deadline_ms().unwrap_or(now_ms)
+            );
+            self.self_fence(now_ms, StopReason::Watchdog, &why, out);
         }
     }
 

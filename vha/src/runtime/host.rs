@@ -175,6 +175,8 @@ pub fn run_host(cfg: HostRunConfig, emit: &mut dyn FnMut(ReportLine)) -> Result<
             agent.handle(now, ev);
         }
         agent.tick(now, &*store, &mut WorstFit, &mut actions);
+        // Store calls inside tick may have blocked: check the deadline again before VM I/O.
+        agent.check_watchdog(clock.now_ms(), &mut actions);
         for a in actions.drain(..) {
             match a {
                 Action::SendHeartbeat { addr, .. } => {
