@@ -62,7 +62,7 @@ pub enum Action {
         /// Why.
         reason: StopReason,
     },
-    /// Power-fence a host through the [`fence::FenceAgent`], then report [`Event::FenceDone`].
+    /// Power-fence a host through the [`FenceAgent`](crate::fence::FenceAgent), then report [`Event::FenceDone`].
     Fence {
         /// The host to fence.
         host: HostSpec,
