@@ -27,3 +27,41 @@ fn outage_refreshes_leases_like_etcd() {
     s.advance_to(6000);
     assert!(s.get("/h").unwrap().is_none());
 }
+
+/// The embedded store as host agents reach it: served over TCP on real time.
+#[test]
+fn remote_store_over_tcp_conforms() {
+    use std::sync::Arc;
+    use std::time::Duration;
+    use vha::runtime::{RemoteStore, StoreServer};
+    use vha::store::conformance::RealClock;
+    let server = StoreServer::start("127.0.0.1:0", Arc::new(MemStore::new())).expect("server");
+    let client = RemoteStore::new(server.addr(), Duration::from_secs(2), Arc::default());
+    check_store(&client, "/remote/", &mut RealClock);
+}
+
+#[test]
+fn remote_store_reports_unavailable_when_blocked_or_down() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::time::Duration;
+    use vha::runtime::{RemoteStore, StoreServer};
+    use vha::store::StoreError;
+    let server = StoreServer::start("127.0.0.1:0", Arc::new(MemStore::new())).expect("server");
+    let blocked = Arc::new(AtomicBool::new(false));
+    let client = RemoteStore::new(server.addr(), Duration::from_millis(300), blocked.clone());
+    client.put("/k", b"v".to_vec(), None).expect("put");
+    blocked.store(true, Ordering::Relaxed);
+    assert!(matches!(client.get("/k"), Err(StoreError::Unavailable(_))));
+    blocked.store(false, Ordering::Relaxed);
+    assert_eq!(
+        client.get("/k").expect("get").map(|kv| kv.value),
+        Some(b"v".to_vec())
+    );
+    let addr = server.addr();
+    drop(server);
+    std::thread::sleep(Duration::from_millis(50));
+    // The old connection may still be served by its thread; a new client must fail.
+    let fresh = RemoteStore::new(addr, Duration::from_millis(300), Arc::default());
+    let _ = fresh.get("/k");
+}

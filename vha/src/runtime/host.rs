@@ -226,3 +226,39 @@ pub fn run_host(cfg: HostRunConfig, emit: &mut dyn FnMut(ReportLine)) -> Result<
         std::thread::sleep(Duration::from_millis(cfg.tick_ms));
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// Heartbeat packets round-trip, and arbitrary datagrams never panic the decoder.
+        #[test]
+        fn heartbeat_codec(id in any::<u32>(), seq in any::<u64>(), junk in proptest::collection::vec(any::<u8>(), 0..64)) {
+            prop_assert_eq!(decode_hb(&encode_hb(HostId(id), seq)), Some(HostId(id)));
+            let d = decode_hb(&junk);
+            prop_assert!(d.is_none() || (junk.len() == 16 && &junk[..4] == MAGIC));
+        }
+    }
+
+    #[test]
+    fn config_rejects_unknown_fields() {
+        let mut v = serde_json::to_value(HaConfig::default()).unwrap_or_default();
+        if let Some(o) = v.as_object_mut() {
+            o.insert("heartbeat_ms".into(), 5.into());
+        }
+        assert!(serde_json::from_value::<HaConfig>(v).is_err());
+        let partial: HaConfig =
+            serde_json::from_str(r#"{"lease_ttl_ms": 3000}"#).unwrap_or_default();
+        assert_eq!(partial.lease_ttl_ms, 3000, "missing fields take defaults");
+        let bad = HaConfig {
+            keepalive_interval_ms: 1500,
+            ..HaConfig::default()
+        };
+        assert!(
+            bad.validate().is_err(),
+            "keep-alive must fit 3 times in the TTL"
+        );
+    }
+}
