@@ -167,3 +167,26 @@ fn checker_catches_drift_beyond_the_watchdog_bound() {
         "the safety checker never fired on a broken watchdog"
     );
 }
+
+#[test]
+fn two_host_split_brain_is_not_fenced() {
+    for seed in 0..10 {
+        let cfg = SimConfig {
+            hosts: 2,
+            vms: 4,
+            ..SimConfig::default()
+        };
+        let mut sim = Sim::new(seed, cfg).unwrap_or_else(|v| panic!("{v}"));
+        let before = owners(&sim);
+        // The heartbeat network splits; both hosts still reach the store.
+        sim.partition(&[0], &[1], true);
+        sim.run_for(6000).unwrap_or_else(|v| panic!("{v}"));
+        assert_eq!(sim.stats().fences, 0, "seed={seed}: {:#?}", sim.trace());
+        assert_eq!(
+            owners(&sim),
+            before,
+            "seed={seed}: VMs untouched: {:#?}",
+            sim.trace()
+        );
+    }
+}

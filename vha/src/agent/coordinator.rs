@@ -154,6 +154,10 @@ impl HostAgent {
         // Fencing decisions, with fence-storm protection: when more hosts are silent than may
         // be fenced at once, every one of them is held off until it is heard again (or its
         // lease expires), even if the others come back first.
+        // A coordinator that hears fewer than half of its peers may itself be the cut-off one
+        // (always the case to consider in a two-host cluster): it does not power-fence either.
+        let heard = members.len() - silent.len();
+        let minority = heard * 2 < members.len();
         let storm = silent.len() > self.cfg.max_concurrent_fences;
         for h in &silent {
             let Some(m) = self.view.members.get(h) else {
@@ -165,7 +169,7 @@ impl HostAgent {
             let settled = self.peers.get(h).is_some_and(|p| {
                 now.saturating_sub(p.suspected_since_ms) >= self.cfg.fence_settle_ms
             });
-            if storm || !self.cfg.power_fencing {
+            if storm || minority || !self.cfg.power_fencing {
                 if self.holdoff_logged.insert(*h) {
                     let why = if storm {
                         format!(
@@ -173,6 +177,12 @@ impl HostAgent {
                              holds its store lease, its VMs restart only if the lease expires",
                             silent.len(),
                             self.cfg.max_concurrent_fences
+                        )
+                    } else if minority {
+                        format!(
+                            "this coordinator hears only {heard} of {} peers and may be the \
+                             isolated one: not fencing; {h}'s VMs restart only if its lease expires",
+                            members.len()
                         )
                     } else {
                         "power fencing disabled; waiting for its lease to expire (watchdog)"
@@ -187,8 +197,12 @@ impl HostAgent {
                     host: m.spec.clone(),
                 });
                 let why = format!(
-                    "the only silent host for {} ms; power fence before restarting its VMs",
-                    self.cfg.fence_settle_ms
+                    "suspected for {} ms, {} of {} peers silent (<= {}): power fence before \
+                     restarting its VMs",
+                    self.cfg.fence_settle_ms,
+                    silent.len(),
+                    members.len(),
+                    self.cfg.max_concurrent_fences
                 );
                 self.log(out, now, DecisionKind::Fence { peer: *h }, why);
             }
