@@ -190,3 +190,17 @@ fn two_host_split_brain_is_not_fenced() {
         );
     }
 }
+
+#[test]
+fn checker_catches_a_missed_restart_bound() {
+    // Promise an impossible 300 ms restart bound: the liveness check must fire after a crash.
+    let cfg = SimConfig {
+        restart_bound_ms: 300,
+        ..SimConfig::default()
+    };
+    let mut sim = Sim::new(5, cfg).unwrap_or_else(|v| panic!("{v}"));
+    let victim = (0..4).find(|h| !vms_on(&sim, *h).is_empty()).unwrap() as usize;
+    sim.crash(victim, None);
+    let err = sim.run_for(5000).expect_err("the bound cannot be met");
+    assert!(err.what.contains("LIVENESS"), "{err}");
+}
