@@ -312,10 +312,7 @@ pub fn power_on(
     let r = store.txn(
         Txn::new()
             .when(Compare::absent(keys.vm(spec.id)))
-            .when(Compare::CreateRevision {
-                key: keys.host(h),
-                revision: m.create_revision,
-            })
+            .when(Compare::mod_rev(keys.host(h), m.mod_revision))
             .and_then(TxnOp::Put {
                 key: keys.vm(spec.id),
                 value,

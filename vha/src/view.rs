@@ -5,15 +5,18 @@ use std::collections::BTreeMap;
 use crate::model::{HostId, HostSpec, Keys, VmId, VmRecord};
 use crate::store::{ClusterStore, LeaseId, Revision, StoreError};
 
-/// One member: its spec, the lease its key hangs on, and the key's creation revision.
+/// One member: its spec, the lease its key hangs on, and the key's revisions.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Member {
     /// Published spec.
     pub spec: HostSpec,
     /// The member's current lease.
     pub lease: LeaseId,
-    /// Creation revision of the membership key (changes when the host re-joins).
+    /// Creation revision of the membership key.
     pub create_revision: Revision,
+    /// Last modification revision of the membership key (changes at every join, so a
+    /// compare on it proves the member still has the same lease).
+    pub mod_revision: Revision,
 }
 
 /// A VM record with its revision (the current fencing token).
@@ -51,7 +54,7 @@ impl ClusterView {
             match self
                 .members
                 .values()
-                .find(|m| m.create_revision == kv.create_revision)
+                .find(|m| m.mod_revision == kv.mod_revision)
             {
                 Some(m) if m.lease == lease => {
                     members.insert(m.spec.id, m.clone());
@@ -64,6 +67,7 @@ impl ClusterView {
                                 spec,
                                 lease,
                                 create_revision: kv.create_revision,
+                                mod_revision: kv.mod_revision,
                             },
                         );
                     }

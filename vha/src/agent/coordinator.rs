@@ -248,10 +248,7 @@ impl HostAgent {
             let txn = Txn::new()
                 .when(Compare::mod_rev(&key, ctoken))
                 .when(Compare::mod_rev(self.keys.vm(vm), token))
-                .when(Compare::CreateRevision {
-                    key: self.keys.host(to),
-                    revision: m.create_revision,
-                })
+                .when(Compare::mod_rev(self.keys.host(to), m.mod_revision))
                 .and_then(TxnOp::Put {
                     key: self.keys.vm(vm),
                     value,
