@@ -75,6 +75,7 @@ fn encode_decode(c: &mut Criterion) {
     let mut dst = vec![0u8; size];
     g.bench_function("memcpy", |b| b.iter(|| dst.copy_from_slice(&data)));
     g.bench_function("zero_scan", |b| b.iter(|| zeros.chunks_exact(4096).all(is_zero)));
+    g.bench_function("crc32c", |b| b.iter(|| crc32c::crc32c(&data)));
     let mut sink = Vec::with_capacity(size + MIB);
     g.bench_function("encode", |b| {
         b.iter(|| {
@@ -122,13 +123,56 @@ fn raw_tcp(c: &mut Criterion) {
             }
         })
     });
-    g.finish();
     drop(s);
     reader.join().unwrap();
+
+    // The same 64 MiB as migration pages: encoded, sent, decoded and written into guest memory
+    // by a receiver thread, over a fresh loopback socket pair.
+    let data: Vec<u8> = (0..size).map(|i| (i % 251) as u8 | 1).collect();
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let receiver = std::thread::spawn(move || {
+        let (s, _) = listener.accept().unwrap();
+        let mem = create_guest_memory(&[RamRange { guest_addr: 0, size: size as u64 }]).unwrap();
+        let layout = Layout { regions: vec![(0, size as u64)] };
+        let mut r = FrameReader::new(s);
+        let mut ack = r.get_mut().try_clone().unwrap();
+        loop {
+            match r.read_frame() {
+                Ok(vinfra::vmigrate::stream::Message::Complete) => ack.write_all(&[1]).unwrap(),
+                Ok(m) => {
+                    apply_memory(&mem, &layout, &m, None).unwrap();
+                }
+                Err(_) => break,
+            }
+        }
+    });
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_nodelay(true).unwrap();
+    let mut back = s.try_clone().unwrap();
+    g.bench_function("pages_64MiB_encode_send_decode_apply", |b| {
+        b.iter(|| {
+            let mut w = FrameWriter::new(&mut s, 4 * MIB);
+            w.pages(0, (size / 4096) as u64, |addr, buf| {
+                buf.copy_from_slice(&data[addr as usize..addr as usize + 4096]);
+                Ok(())
+            })
+            .unwrap();
+            w.message(&vinfra::vmigrate::stream::Message::Complete).unwrap();
+            w.flush().unwrap();
+            let mut one = [0u8];
+            back.read_exact(&mut one).unwrap();
+        })
+    });
+    g.finish();
+    drop(s);
+    drop(back);
+    receiver.join().unwrap();
 }
 
 fn source(d: DirtierConfig) -> Vm {
-    let vm = VmBuilder::new(VmConfig { mem_mib: 256, ..Default::default() }).payload(Dirtier(d)).build().unwrap();
+    let vm =
+        VmBuilder::new(VmConfig { mem_mib: 256, ..Default::default() }).payload(Dirtier(d)).build().unwrap();
     vm.start().unwrap();
     // Running, and (unless idle) through its working set once.
     let want = if d.pages_per_sec < 100 { 1 } else { d.ws_pages };
@@ -175,8 +219,18 @@ fn end_to_end(c: &mut Criterion) {
     let mut g = c.benchmark_group("migrate_256MiB");
     g.sample_size(10).measurement_time(Duration::from_secs(8)).warm_up_time(Duration::from_millis(500));
     let idle = DirtierConfig { ws_pages: 16384, pages_per_sec: 1, ..Default::default() };
-    let slow = DirtierConfig { ws_pages: 16384, pattern: Pattern::Random, pages_per_sec: 5_000, ..Default::default() };
-    let fast = DirtierConfig { ws_pages: 16384, pattern: Pattern::Random, pages_per_sec: 50_000, ..Default::default() };
+    let slow = DirtierConfig {
+        ws_pages: 16384,
+        pattern: Pattern::Random,
+        pages_per_sec: 5_000,
+        ..Default::default()
+    };
+    let fast = DirtierConfig {
+        ws_pages: 16384,
+        pattern: Pattern::Random,
+        pages_per_sec: 50_000,
+        ..Default::default()
+    };
     for (name, d) in [("idle", idle), ("dirty_5k_pps", slow), ("dirty_50k_pps", fast)] {
         for (transport, tcp) in [("in_process", false), ("tcp", true)] {
             let mut downtimes = Vec::new();
@@ -194,7 +248,9 @@ fn end_to_end(c: &mut Criterion) {
             downtimes.sort();
             if let (Some(min), Some(max)) = (downtimes.first(), downtimes.last()) {
                 let median = downtimes[downtimes.len() / 2];
-                eprintln!("migrate_256MiB/{transport}/{name}: downtime median {median:?} (min {min:?}, max {max:?})");
+                eprintln!(
+                    "migrate_256MiB/{transport}/{name}: downtime median {median:?} (min {min:?}, max {max:?})"
+                );
             }
         }
     }

@@ -20,28 +20,19 @@ fn phi(c: &mut Criterion) {
 
 fn store(c: &mut Criterion) {
     let s = MemStore::new();
-    let mut rev = s
-        .put("/vha/vms/00000001", b"owner".to_vec(), None)
-        .unwrap_or(0);
-    c.bench_function(
-        "MemStore: compare-and-swap txn (fencing-token write)",
-        |b| {
-            b.iter(|| {
-                let r = s
-                    .txn(
-                        Txn::new()
-                            .when(Compare::mod_rev("/vha/vms/00000001", rev))
-                            .and_then(TxnOp::Put {
-                                key: "/vha/vms/00000001".into(),
-                                value: b"x".to_vec(),
-                                lease: None,
-                            }),
-                    )
-                    .unwrap_or_else(|e| panic!("txn: {e}"));
-                rev = r.revision;
-            })
-        },
-    );
+    let mut rev = s.put("/vha/vms/00000001", b"owner".to_vec(), None).unwrap_or(0);
+    c.bench_function("MemStore: compare-and-swap txn (fencing-token write)", |b| {
+        b.iter(|| {
+            let r = s
+                .txn(Txn::new().when(Compare::mod_rev("/vha/vms/00000001", rev)).and_then(TxnOp::Put {
+                    key: "/vha/vms/00000001".into(),
+                    value: b"x".to_vec(),
+                    lease: None,
+                }))
+                .unwrap_or_else(|e| panic!("txn: {e}"));
+            rev = r.revision;
+        })
+    });
 }
 
 fn sim(c: &mut Criterion) {
@@ -49,15 +40,12 @@ fn sim(c: &mut Criterion) {
     let mut seed = 0u64;
     let mut g = c.benchmark_group("simulator");
     g.sample_size(20);
-    g.bench_function(
-        "one random fault schedule (4 hosts, 8 VMs, ~18 s virtual)",
-        |b| {
-            b.iter(|| {
-                seed += 1;
-                run_random(seed, &cfg).unwrap_or_else(|v| panic!("{v}"))
-            })
-        },
-    );
+    g.bench_function("one random fault schedule (4 hosts, 8 VMs, ~18 s virtual)", |b| {
+        b.iter(|| {
+            seed += 1;
+            run_random(seed, &cfg).unwrap_or_else(|v| panic!("{v}"))
+        })
+    });
     g.finish();
 }
 

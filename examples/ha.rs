@@ -21,8 +21,7 @@ use anyhow::{Context, Result, bail};
 use clap::Parser;
 use indicatif::{ProgressBar, ProgressStyle};
 use vha::runtime::{
-    ClusterHarness, ETCD_SUPPORTED, HarnessConfig, HostRunConfig, Outcome, Scenario, run_host,
-    run_scenario,
+    ClusterHarness, ETCD_SUPPORTED, HarnessConfig, HostRunConfig, Outcome, Scenario, run_host, run_scenario,
 };
 
 /// Kill (or isolate, or freeze) one host of a 4-host cluster and watch HA restart its VMs.
@@ -70,20 +69,14 @@ fn main() -> Result<()> {
     } else {
         Scenario::Kill
     };
-    let pb = if args.json {
-        ProgressBar::hidden()
-    } else {
-        ProgressBar::new_spinner()
-    };
+    let pb = if args.json { ProgressBar::hidden() } else { ProgressBar::new_spinner() };
     pb.set_style(ProgressStyle::with_template("{spinner} [{elapsed}] {msg}")?);
     pb.enable_steady_tick(Duration::from_millis(100));
 
     let mut _etcd_proc = None;
     let etcd = if args.etcd {
         if !ETCD_SUPPORTED {
-            bail!(
-                "--etcd needs vha's etcd backend: cargo run --example ha --features vha/etcd -- --etcd"
-            );
+            bail!("--etcd needs vha's etcd backend: cargo run --example ha --features vha/etcd -- --etcd");
         }
         pb.set_message("finding etcd");
         let (eps, proc_) = find_or_start_etcd()?;
@@ -92,20 +85,15 @@ fn main() -> Result<()> {
     } else {
         None
     };
-    let mut cfg = HarnessConfig {
-        hosts: args.hosts,
-        vms_per_host: args.vms_per_host,
-        etcd,
-        ..Default::default()
-    };
+    let mut cfg =
+        HarnessConfig { hosts: args.hosts, vms_per_host: args.vms_per_host, etcd, ..Default::default() };
     if args.no_power_fence || scenario == Scenario::Stop {
         cfg.ha.power_fencing = false;
     }
     let exe = std::env::current_exe().context("locating this binary")?;
     let spawn = |hc: &HostRunConfig| {
         let mut c = Command::new(&exe);
-        c.arg("--host-agent")
-            .arg(serde_json::to_string(hc).unwrap_or_default());
+        c.arg("--host-agent").arg(serde_json::to_string(hc).unwrap_or_default());
         c
     };
     pb.set_message(format!("starting {} host agent processes", cfg.hosts));
@@ -117,11 +105,7 @@ fn main() -> Result<()> {
     pb.set_message(format!("injecting {scenario:?} and waiting for restarts"));
     let o = run_scenario(&mut h, scenario)?;
     pb.finish_and_clear();
-    let store = if cfg.etcd.is_some() {
-        "etcd"
-    } else {
-        "embedded"
-    };
+    let store = if cfg.etcd.is_some() { "etcd" } else { "embedded" };
     if args.json {
         let v = serde_json::json!({
             "store": store,
@@ -139,11 +123,7 @@ fn main() -> Result<()> {
         print_human(&o, store, &cfg, h.vms().len());
     }
     if o.double_runs > 0 || o.stale_writes_accepted > 0 {
-        bail!(
-            "safety violated: {} double runs, {} stale writes",
-            o.double_runs,
-            o.stale_writes_accepted
-        );
+        bail!("safety violated: {} double runs, {} stale writes", o.double_runs, o.stale_writes_accepted);
     }
     Ok(())
 }
@@ -181,10 +161,7 @@ fn print_human(o: &Outcome, store: &str, cfg: &HarnessConfig, vms: usize) {
     for e in &o.timeline {
         println!("  {:>+7}  {:<7}  {}", e.at_ms, e.host.to_string(), e.what);
     }
-    println!(
-        "\n{:<7} {:<9} {:<8} {:>16} {:>14}",
-        "VM", "priority", "to", "restart begun", "running again"
-    );
+    println!("\n{:<7} {:<9} {:<8} {:>16} {:>14}", "VM", "priority", "to", "restart begun", "running again");
     for v in &o.vms {
         println!(
             "{:<7} {:<9} {:<8} {:>16} {:>14}",
@@ -199,41 +176,15 @@ fn print_human(o: &Outcome, store: &str, cfg: &HarnessConfig, vms: usize) {
     println!(
         "  {:<44} {}",
         "last heartbeat received (before fault)",
-        o.last_heartbeat_ms
-            .map_or("-".into(), |x| format!("{x} ms"))
+        o.last_heartbeat_ms.map_or("-".into(), |x| format!("{x} ms"))
     );
-    println!(
-        "  {:<44} {}",
-        "fault -> suspected (phi > threshold)",
-        ms(o.detection_ms)
-    );
-    println!(
-        "  {:<44} {}",
-        "fault -> fenced (power fence or self-fence)",
-        ms(o.fence_ms)
-    );
-    println!(
-        "  {:<44} {}",
-        "host death -> restart begun (first VM)",
-        ms(o.first_restart_ms)
-    );
-    println!(
-        "  {:<44} {}",
-        "fault -> every protected VM running again",
-        ms(o.all_running_ms)
-    );
-    println!(
-        "  {:<44} {}",
-        "VMs running on two hosts at once", o.double_runs
-    );
-    println!(
-        "  {:<44} {}",
-        "stale shared writes accepted (split brain)", o.stale_writes_accepted
-    );
-    println!(
-        "  {:<44} {}",
-        "victim writes refused (stale fencing token)", o.victim_writes_refused
-    );
+    println!("  {:<44} {}", "fault -> suspected (phi > threshold)", ms(o.detection_ms));
+    println!("  {:<44} {}", "fault -> fenced (power fence or self-fence)", ms(o.fence_ms));
+    println!("  {:<44} {}", "host death -> restart begun (first VM)", ms(o.first_restart_ms));
+    println!("  {:<44} {}", "fault -> every protected VM running again", ms(o.all_running_ms));
+    println!("  {:<44} {}", "VMs running on two hosts at once", o.double_runs);
+    println!("  {:<44} {}", "stale shared writes accepted (split brain)", o.stale_writes_accepted);
+    println!("  {:<44} {}", "victim writes refused (stale fencing token)", o.victim_writes_refused);
 }
 
 struct EtcdProc {
@@ -254,13 +205,8 @@ fn free_port() -> Result<u16> {
 }
 
 fn reachable(ep: &str) -> bool {
-    let hostport = ep
-        .trim_start_matches("http://")
-        .trim_start_matches("https://");
-    hostport
-        .parse()
-        .ok()
-        .is_some_and(|a| TcpStream::connect_timeout(&a, Duration::from_millis(300)).is_ok())
+    let hostport = ep.trim_start_matches("http://").trim_start_matches("https://");
+    hostport.parse().ok().is_some_and(|a| TcpStream::connect_timeout(&a, Duration::from_millis(300)).is_ok())
 }
 
 fn find_or_start_etcd() -> Result<(Vec<String>, Option<EtcdProc>)> {
@@ -279,12 +225,7 @@ fn find_or_start_etcd() -> Result<(Vec<String>, Option<EtcdProc>)> {
         .args(["--name", "vha", "--data-dir"])
         .arg(&dir)
         .args(["--listen-client-urls", &c, "--advertise-client-urls", &c])
-        .args([
-            "--listen-peer-urls",
-            &p,
-            "--initial-advertise-peer-urls",
-            &p,
-        ])
+        .args(["--listen-peer-urls", &p, "--initial-advertise-peer-urls", &p])
         .args(["--initial-cluster", &format!("vha={p}")])
         .args(["--heartbeat-interval", "100", "--election-timeout", "500"])
         .stdout(Stdio::null())

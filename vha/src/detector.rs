@@ -85,13 +85,7 @@ pub struct PhiDetector {
 impl PhiDetector {
     /// A detector that has seen no heartbeat yet.
     pub fn new(cfg: PhiConfig) -> Self {
-        Self {
-            cfg,
-            intervals: VecDeque::new(),
-            sum: 0.0,
-            sum_sq: 0.0,
-            last_ms: None,
-        }
+        Self { cfg, intervals: VecDeque::new(), sum: 0.0, sum_sq: 0.0, last_ms: None }
     }
 
     /// Records a heartbeat arrival at `now_ms`. Arrivals that go back in time are ignored.
@@ -153,11 +147,7 @@ impl PhiDetector {
         let mean = self.mean_ms() + self.cfg.acceptable_pause_ms;
         let y = (elapsed - mean) / self.std_dev_ms();
         let e = (-y * (1.5976 + 0.070566 * y * y)).exp();
-        let p = if elapsed > mean {
-            e / (1.0 + e)
-        } else {
-            1.0 - 1.0 / (1.0 + e)
-        };
+        let p = if elapsed > mean { e / (1.0 + e) } else { 1.0 - 1.0 / (1.0 + e) };
         if p <= 0.0 { f64::INFINITY } else { -p.log10() }
     }
 
@@ -192,11 +182,7 @@ pub struct IsolationDetector {
 impl IsolationDetector {
     /// A detector that counts from `now_ms`.
     pub fn new(timeout_ms: u64, now_ms: u64) -> Self {
-        Self {
-            timeout_ms,
-            last_peer_ms: now_ms,
-            last_store_ms: now_ms,
-        }
+        Self { timeout_ms, last_peer_ms: now_ms, last_store_ms: now_ms }
     }
     /// A heartbeat from any peer arrived.
     pub fn peer_heard(&mut self, now_ms: u64) {
@@ -233,10 +219,7 @@ mod tests {
         let last = 49 * 200;
         assert!(d.phi(last + 200) < 1.0, "on time: {}", d.phi(last + 200));
         assert!(!d.suspected(last + 400));
-        assert!(
-            d.suspected(last + 1500),
-            "1.5 s of silence at 200 ms interval is a failure"
-        );
+        assert!(d.suspected(last + 1500), "1.5 s of silence at 200 ms interval is a failure");
         // Detection time with default settings: the first ms at which phi > 8.
         let t = (0..5000).find(|ms| d.suspected(last + ms)).unwrap();
         assert!((400..1200).contains(&t), "detected after {t} ms");
@@ -245,15 +228,9 @@ mod tests {
     #[test]
     fn config_validation() {
         assert!(PhiConfig::default().validate().is_ok());
-        let c = PhiConfig {
-            threshold: f64::NAN,
-            ..Default::default()
-        };
+        let c = PhiConfig { threshold: f64::NAN, ..Default::default() };
         assert!(c.validate().is_err());
-        let c = PhiConfig {
-            window: 1,
-            ..Default::default()
-        };
+        let c = PhiConfig { window: 1, ..Default::default() };
         assert!(c.validate().is_err());
     }
 

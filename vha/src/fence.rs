@@ -68,10 +68,7 @@ pub struct NoFenceAgent;
 
 impl FenceAgent for NoFenceAgent {
     fn fence(&mut self, host: &HostSpec) -> Result<(), FenceError> {
-        Err(FenceError::Unreachable {
-            host: host.id.to_string(),
-            reason: "no fence agent".into(),
-        })
+        Err(FenceError::Unreachable { host: host.id.to_string(), reason: "no fence agent".into() })
     }
 }
 
@@ -89,10 +86,7 @@ pub struct WatchdogConfig {
 
 impl Default for WatchdogConfig {
     fn default() -> Self {
-        Self {
-            max_drift: 0.01,
-            guard_ms: 400,
-        }
+        Self { max_drift: 0.01, guard_ms: 400 }
     }
 }
 
@@ -115,15 +109,9 @@ impl Watchdog {
             return Err(FenceError::InvalidWatchdog("max_drift must be in [0, 0.2)"));
         }
         if cfg.guard_ms >= ttl_ms / 2 {
-            return Err(FenceError::InvalidWatchdog(
-                "guard_ms must be below half the lease TTL",
-            ));
+            return Err(FenceError::InvalidWatchdog("guard_ms must be below half the lease TTL"));
         }
-        Ok(Self {
-            cfg,
-            ttl_ms,
-            deadline_ms: None,
-        })
+        Ok(Self { cfg, ttl_ms, deadline_ms: None })
     }
 
     /// Milliseconds of safe operation after a renewal is sent.
@@ -164,13 +152,11 @@ pub fn start_vm(
     lease: LeaseId,
     runner: &str,
 ) -> Result<Revision, FenceError> {
-    let txn = Txn::new()
-        .when(Compare::mod_rev(keys.vm(vm), token))
-        .and_then(TxnOp::Put {
-            key: keys.run(vm),
-            value: format!("{runner} token={token}").into_bytes(),
-            lease: Some(lease),
-        });
+    let txn = Txn::new().when(Compare::mod_rev(keys.vm(vm), token)).and_then(TxnOp::Put {
+        key: keys.run(vm),
+        value: format!("{runner} token={token}").into_bytes(),
+        lease: Some(lease),
+    });
     match store.txn(txn) {
         Ok(r) if r.succeeded => Ok(r.revision),
         Ok(_) => Err(FenceError::StaleToken { vm, token }),
@@ -186,13 +172,11 @@ pub fn write_shared(
     token: Revision,
     data: Vec<u8>,
 ) -> Result<Revision, FenceError> {
-    let txn = Txn::new()
-        .when(Compare::mod_rev(keys.vm(vm), token))
-        .and_then(TxnOp::Put {
-            key: keys.data(vm),
-            value: data,
-            lease: None,
-        });
+    let txn = Txn::new().when(Compare::mod_rev(keys.vm(vm), token)).and_then(TxnOp::Put {
+        key: keys.data(vm),
+        value: data,
+        lease: None,
+    });
     match store.txn(txn) {
         Ok(r) if r.succeeded => Ok(r.revision),
         Ok(_) => Err(FenceError::StaleToken { vm, token }),
@@ -217,30 +201,18 @@ mod tests {
         let t2 = s.put(&k.vm(VmId(1)), b"owner=b".to_vec(), None).unwrap();
         assert_eq!(
             write_shared(&s, &k, VmId(1), t1, b"y".to_vec()),
-            Err(FenceError::StaleToken {
-                vm: VmId(1),
-                token: t1
-            })
+            Err(FenceError::StaleToken { vm: VmId(1), token: t1 })
         );
-        assert!(matches!(
-            start_vm(&s, &k, VmId(1), t1, l, "a"),
-            Err(FenceError::StaleToken { .. })
-        ));
+        assert!(matches!(start_vm(&s, &k, VmId(1), t1, l, "a"), Err(FenceError::StaleToken { .. })));
         assert!(write_shared(&s, &k, VmId(1), t2, b"z".to_vec()).is_ok());
     }
 
     #[test]
     fn watchdog_validation() {
         assert!(Watchdog::new(WatchdogConfig::default(), 2000).is_ok());
-        let bad = WatchdogConfig {
-            max_drift: 0.5,
-            ..Default::default()
-        };
+        let bad = WatchdogConfig { max_drift: 0.5, ..Default::default() };
         assert!(Watchdog::new(bad, 2000).is_err());
-        let bad = WatchdogConfig {
-            guard_ms: 1500,
-            ..Default::default()
-        };
+        let bad = WatchdogConfig { guard_ms: 1500, ..Default::default() };
         assert!(Watchdog::new(bad, 2000).is_err());
     }
 

@@ -29,9 +29,7 @@ impl fmt::Display for VmId {
 
 /// Restart priority of a VM (vSphere's levels). `Disabled` VMs are not protected: HA never
 /// restarts them.
-#[derive(
-    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize, Deserialize,
-)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Priority {
     /// Not protected; never restarted.
@@ -115,9 +113,7 @@ pub struct Keys {
 impl Keys {
     /// Keys under `prefix` (e.g. `/vha/`).
     pub fn new(prefix: impl Into<String>) -> Self {
-        Self {
-            prefix: prefix.into(),
-        }
+        Self { prefix: prefix.into() }
     }
     /// Prefix of the host membership keys.
     pub fn hosts(&self) -> String {

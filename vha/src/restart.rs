@@ -114,13 +114,7 @@ impl Placement for WorstFit {
         hosts
             .iter()
             .filter(|h| h.fits(vm) && (restart || !h.spec.failover))
-            .max_by_key(|h| {
-                (
-                    restart && h.spec.failover,
-                    h.free_mem_mib(),
-                    std::cmp::Reverse(h.spec.id),
-                )
-            })
+            .max_by_key(|h| (restart && h.spec.failover, h.free_mem_mib(), std::cmp::Reverse(h.spec.id)))
             .map(|h| h.spec.id)
     }
 }
@@ -139,9 +133,7 @@ impl AdmissionPolicy {
     /// Checks the settings.
     pub fn validate(&self) -> Result<(), RestartError> {
         match self {
-            AdmissionPolicy::Percentage { cpu_pct, mem_pct }
-                if *cpu_pct > 100 || *mem_pct > 100 =>
-            {
+            AdmissionPolicy::Percentage { cpu_pct, mem_pct } if *cpu_pct > 100 || *mem_pct > 100 => {
                 Err(RestartError::InvalidPolicy("percentages must be <= 100"))
             }
             _ => Ok(()),
@@ -154,22 +146,13 @@ impl AdmissionPolicy {
         self.validate()?;
         let used_cpu: u64 = hosts.iter().map(|h| h.used_cpu_mhz).sum::<u64>() + vm.cpu_mhz;
         let used_mem: u64 = hosts.iter().map(|h| h.used_mem_mib).sum::<u64>() + vm.mem_mib;
-        let refuse = |reason: String| {
-            Err(RestartError::Admission {
-                vm: vm.id,
-                policy: self.name(),
-                reason,
-            })
-        };
+        let refuse = |reason: String| Err(RestartError::Admission { vm: vm.id, policy: self.name(), reason });
         match self {
             AdmissionPolicy::Disabled => Ok(()),
             AdmissionPolicy::HostFailuresTolerated { hosts: n } => {
                 let n = *n as usize;
                 if n >= hosts.len() {
-                    return refuse(format!(
-                        "cannot tolerate {n} failures with {} hosts",
-                        hosts.len()
-                    ));
+                    return refuse(format!("cannot tolerate {n} failures with {} hosts", hosts.len()));
                 }
                 let mut cpus: Vec<u64> = hosts.iter().map(|h| h.spec.cpu_mhz).collect();
                 let mut mems: Vec<u64> = hosts.iter().map(|h| h.spec.mem_mib).collect();
@@ -237,11 +220,7 @@ pub fn host_views(view: &ClusterView, candidates: &[HostId]) -> Vec<HostView> {
         .filter_map(|h| view.members.get(h))
         .map(|m| {
             let (c, mm) = used.get(&m.spec.id).copied().unwrap_or_default();
-            HostView {
-                spec: m.spec.clone(),
-                used_cpu_mhz: c,
-                used_mem_mib: mm,
-            }
+            HostView { spec: m.spec.clone(), used_cpu_mhz: c, used_mem_mib: mm }
         })
         .collect()
 }
@@ -295,29 +274,16 @@ pub fn power_on(
     let all: Vec<HostId> = view.members.keys().copied().collect();
     let hosts = host_views(&view, &all);
     policy.admit(&hosts, &spec)?;
-    let no_room = || RestartError::NoCapacity {
-        vm: spec.id,
-        cpu_mhz: spec.cpu_mhz,
-        mem_mib: spec.mem_mib,
-    };
+    let no_room = || RestartError::NoCapacity { vm: spec.id, cpu_mhz: spec.cpu_mhz, mem_mib: spec.mem_mib };
     let h = placement.place(&spec, &hosts, false).ok_or_else(no_room)?;
     let m = &view.members[&h];
-    let rec = VmRecord {
-        spec: spec.clone(),
-        owner: Some(h),
-        owner_lease: Some(m.lease),
-        restarts: 0,
-    };
+    let rec = VmRecord { spec: spec.clone(), owner: Some(h), owner_lease: Some(m.lease), restarts: 0 };
     let value = serde_json::to_vec(&rec).map_err(|e| RestartError::Encode(e.to_string()))?;
     let r = store.txn(
         Txn::new()
             .when(Compare::absent(keys.vm(spec.id)))
             .when(Compare::mod_rev(keys.host(h), m.mod_revision))
-            .and_then(TxnOp::Put {
-                key: keys.vm(spec.id),
-                value,
-                lease: None,
-            }),
+            .and_then(TxnOp::Put { key: keys.vm(spec.id), value, lease: None }),
     )?;
     if !r.succeeded {
         return Err(RestartError::Exists(spec.id));
@@ -344,87 +310,43 @@ mod tests {
         }
     }
     fn vm(id: u32, cpu: u64, mem: u64) -> VmSpec {
-        VmSpec {
-            id: VmId(id),
-            cpu_mhz: cpu,
-            mem_mib: mem,
-            priority: Default::default(),
-        }
+        VmSpec { id: VmId(id), cpu_mhz: cpu, mem_mib: mem, priority: Default::default() }
     }
 
     #[test]
     fn host_failures_tolerated() {
         let p = AdmissionPolicy::HostFailuresTolerated { hosts: 1 };
-        let hs = [
-            host(0, 1000, 1000, false, (400, 400)),
-            host(1, 1000, 1000, false, (500, 500)),
-        ];
-        assert!(
-            p.admit(&hs, &vm(1, 100, 100)).is_ok(),
-            "1000 left after losing one, 1000 used"
-        );
+        let hs = [host(0, 1000, 1000, false, (400, 400)), host(1, 1000, 1000, false, (500, 500))];
+        assert!(p.admit(&hs, &vm(1, 100, 100)).is_ok(), "1000 left after losing one, 1000 used");
         assert!(p.admit(&hs, &vm(1, 101, 100)).is_err());
         let p2 = AdmissionPolicy::HostFailuresTolerated { hosts: 2 };
-        assert!(
-            p2.admit(&hs, &vm(1, 1, 1)).is_err(),
-            "cannot lose every host"
-        );
+        assert!(p2.admit(&hs, &vm(1, 1, 1)).is_err(), "cannot lose every host");
     }
 
     #[test]
     fn percentage() {
-        let p = AdmissionPolicy::Percentage {
-            cpu_pct: 25,
-            mem_pct: 50,
-        };
-        let hs = [
-            host(0, 1000, 1000, false, (0, 0)),
-            host(1, 1000, 1000, false, (0, 900)),
-        ];
+        let p = AdmissionPolicy::Percentage { cpu_pct: 25, mem_pct: 50 };
+        let hs = [host(0, 1000, 1000, false, (0, 0)), host(1, 1000, 1000, false, (0, 900))];
         assert!(p.admit(&hs, &vm(1, 100, 100)).is_ok());
-        assert!(
-            p.admit(&hs, &vm(1, 100, 101)).is_err(),
-            "mem would exceed 50%"
-        );
-        assert!(
-            AdmissionPolicy::Percentage {
-                cpu_pct: 101,
-                mem_pct: 0
-            }
-            .validate()
-            .is_err()
-        );
+        assert!(p.admit(&hs, &vm(1, 100, 101)).is_err(), "mem would exceed 50%");
+        assert!(AdmissionPolicy::Percentage { cpu_pct: 101, mem_pct: 0 }.validate().is_err());
     }
 
     #[test]
     fn dedicated_failover_hosts() {
         let p = AdmissionPolicy::DedicatedFailoverHosts;
-        let hs = [
-            host(0, 1000, 1000, false, (0, 0)),
-            host(1, 1000, 1000, true, (0, 0)),
-        ];
+        let hs = [host(0, 1000, 1000, false, (0, 0)), host(1, 1000, 1000, true, (0, 0))];
         assert!(p.admit(&hs, &vm(1, 100, 100)).is_ok());
         let mut w = WorstFit;
-        assert_eq!(
-            w.place(&vm(1, 100, 100), &hs, false),
-            Some(HostId(0)),
-            "power-on avoids failover"
-        );
-        assert_eq!(
-            w.place(&vm(1, 100, 100), &hs, true),
-            Some(HostId(1)),
-            "restart prefers failover"
-        );
+        assert_eq!(w.place(&vm(1, 100, 100), &hs, false), Some(HostId(0)), "power-on avoids failover");
+        assert_eq!(w.place(&vm(1, 100, 100), &hs, true), Some(HostId(1)), "restart prefers failover");
         let none = [host(0, 1000, 1000, false, (0, 0))];
         assert!(p.admit(&none, &vm(1, 1, 1)).is_err());
     }
 
     #[test]
     fn worst_fit_picks_most_free_memory() {
-        let hs = [
-            host(0, 1000, 1000, false, (0, 600)),
-            host(1, 1000, 1000, false, (0, 200)),
-        ];
+        let hs = [host(0, 1000, 1000, false, (0, 600)), host(1, 1000, 1000, false, (0, 200))];
         assert_eq!(WorstFit.place(&vm(1, 10, 10), &hs, true), Some(HostId(1)));
         assert_eq!(WorstFit.place(&vm(1, 10, 900), &hs, true), None);
     }

@@ -51,11 +51,7 @@ impl ClusterView {
         let mut members = BTreeMap::new();
         for kv in hosts {
             let Some(lease) = kv.lease else { continue };
-            match self
-                .members
-                .values()
-                .find(|m| m.mod_revision == kv.mod_revision)
-            {
+            match self.members.values().find(|m| m.mod_revision == kv.mod_revision) {
                 Some(m) if m.lease == lease => {
                     members.insert(m.spec.id, m.clone());
                 }
@@ -89,13 +85,7 @@ impl ClusterView {
                 }
                 None => match serde_json::from_slice::<VmRecord>(&kv.value) {
                     Ok(record) => {
-                        out.insert(
-                            record.spec.id,
-                            VmEntry {
-                                record,
-                                token: kv.mod_revision,
-                            },
-                        );
+                        out.insert(record.spec.id, VmEntry { record, token: kv.mod_revision });
                     }
                     Err(e) => self.undecodable.push((kv.key, e.to_string())),
                 },

@@ -30,12 +30,7 @@ fn host_agent_entry() {
 
 fn spawn(hc: &HostRunConfig) -> Command {
     let mut c = Command::new(std::env::current_exe().expect("test binary"));
-    c.args([
-        "host_agent_entry",
-        "--exact",
-        "--nocapture",
-        "--test-threads=1",
-    ]);
+    c.args(["host_agent_entry", "--exact", "--nocapture", "--test-threads=1"]);
     c.env(ENV, serde_json::to_string(hc).expect("encode config"));
     c
 }
@@ -49,17 +44,10 @@ fn cluster(cfg: HarnessConfig) -> ClusterHarness {
 fn check_safe(o: &Outcome) {
     let text = serde_json::to_string_pretty(o).unwrap_or_default();
     assert_eq!(o.double_runs, 0, "a VM ran on two hosts: {text}");
-    assert_eq!(
-        o.stale_writes_accepted, 0,
-        "a fenced host wrote shared state: {text}"
-    );
+    assert_eq!(o.stale_writes_accepted, 0, "a fenced host wrote shared state: {text}");
     assert!(!o.vms.is_empty(), "the victim ran protected VMs: {text}");
     for v in &o.vms {
-        assert!(
-            v.running_ms.is_some() && v.to != Some(o.victim),
-            "{:?} restarted elsewhere: {text}",
-            v.vm
-        );
+        assert!(v.running_ms.is_some() && v.to != Some(o.victim), "{:?} restarted elsewhere: {text}", v.vm);
     }
     eprintln!(
         "{:?}: detection {:?} ms, fence {:?} ms, first restart begun {:?} ms, all running {:?} ms",
@@ -86,11 +74,7 @@ fn sigstopped_zombie_wakes_and_does_not_run_its_vms() {
     let mut h = cluster(cfg);
     let o = run_scenario(&mut h, Scenario::Stop).expect("scenario");
     check_safe(&o);
-    let woke = o
-        .timeline
-        .iter()
-        .find(|e| e.what.starts_with("SIGCONT"))
-        .map(|e| e.at_ms);
+    let woke = o.timeline.iter().find(|e| e.what.starts_with("SIGCONT")).map(|e| e.at_ms);
     let woke = woke.expect("zombie woken");
     let restart = o.first_restart_ms.expect("restart") as i64;
     assert!(restart < woke, "restarted while the zombie slept");
@@ -98,8 +82,7 @@ fn sigstopped_zombie_wakes_and_does_not_run_its_vms() {
     // writes for its old VMs again.
     let victim = o.victim;
     let self_fenced = h.reports.iter().any(|r| {
-        r.host == victim
-            && matches!(&r.report, Report::Decision(d) if d.kind == DecisionKind::SelfFence)
+        r.host == victim && matches!(&r.report, Report::Decision(d) if d.kind == DecisionKind::SelfFence)
     });
     assert!(self_fenced, "zombie fenced itself on waking");
     let lost: Vec<_> = o.vms.iter().map(|v| v.vm).collect();
@@ -108,24 +91,16 @@ fn sigstopped_zombie_wakes_and_does_not_run_its_vms() {
         .reports
         .iter()
         .filter(|r| r.host == victim && r.unix_ms > restart_unix)
-        .filter(
-            |r| matches!(r.report, Report::SharedWrite { ok: true, vm, .. } if lost.contains(&vm)),
-        )
+        .filter(|r| matches!(r.report, Report::SharedWrite { ok: true, vm, .. } if lost.contains(&vm)))
         .count();
-    assert_eq!(
-        zombie_writes, 0,
-        "the store accepted a write from the zombie after the restart"
-    );
+    assert_eq!(zombie_writes, 0, "the store accepted a write from the zombie after the restart");
     let zombie_starts = h
         .reports
         .iter()
         .filter(|r| r.host == victim && r.unix_ms > restart_unix)
         .filter(|r| matches!(r.report, Report::Started { vm, .. } if lost.contains(&vm)))
         .count();
-    assert_eq!(
-        zombie_starts, 0,
-        "the zombie started one of its old VMs again"
-    );
+    assert_eq!(zombie_starts, 0, "the zombie started one of its old VMs again");
     assert_eq!(o.stale_writes_accepted, 0);
 }
 
@@ -142,8 +117,7 @@ fn isolated_host_fences_itself() {
 #[cfg(feature = "etcd")]
 #[test]
 fn kill9_host_agent_with_etcd() {
-    let eps = std::env::var("VINFRA_ETCD_ENDPOINTS")
-        .unwrap_or_else(|_| "http://127.0.0.1:2379".to_string());
+    let eps = std::env::var("VINFRA_ETCD_ENDPOINTS").unwrap_or_else(|_| "http://127.0.0.1:2379".to_string());
     let eps: Vec<String> = eps.split(',').map(|s| s.trim().to_string()).collect();
     if let Err(e) = vha::store::EtcdStore::connect(&eps, std::time::Duration::from_secs(2)) {
         if std::env::var("VINFRA_REQUIRE_ETCD").as_deref() == Ok("1") {
@@ -152,10 +126,7 @@ fn kill9_host_agent_with_etcd() {
         eprintln!("SKIP: no etcd at {eps:?} ({e})");
         return;
     }
-    let mut h = cluster(HarnessConfig {
-        etcd: Some(eps),
-        ..HarnessConfig::default()
-    });
+    let mut h = cluster(HarnessConfig { etcd: Some(eps), ..HarnessConfig::default() });
     let o = run_scenario(&mut h, Scenario::Kill).expect("scenario");
     check_safe(&o);
 }

@@ -12,10 +12,7 @@ use vha::restart::AdmissionPolicy;
 use vha::sim::{SimConfig, run_random, run_seeds};
 
 fn schedules(default: u64) -> u64 {
-    std::env::var("VHA_SIM_SCHEDULES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
+    std::env::var("VHA_SIM_SCHEDULES").ok().and_then(|v| v.parse().ok()).unwrap_or(default)
 }
 
 /// The schedule families of the suite; `VHA_SIM_CONFIG=<name>` selects one for `replay_seed`.
@@ -24,10 +21,7 @@ fn config(name: &str) -> SimConfig {
         "percentage_5_hosts" => SimConfig {
             hosts: 5,
             vms: 10,
-            policy: AdmissionPolicy::Percentage {
-                cpu_pct: 25,
-                mem_pct: 25,
-            },
+            policy: AdmissionPolicy::Percentage { cpu_pct: 25, mem_pct: 25 },
             ..SimConfig::default()
         },
         "dedicated_failover_3_hosts" => SimConfig {
@@ -46,12 +40,8 @@ fn config(name: &str) -> SimConfig {
     }
 }
 
-const CONFIGS: [&str; 4] = [
-    "host_failures_tolerated",
-    "percentage_5_hosts",
-    "dedicated_failover_3_hosts",
-    "no_power_fencing",
-];
+const CONFIGS: [&str; 4] =
+    ["host_failures_tolerated", "percentage_5_hosts", "dedicated_failover_3_hosts", "no_power_fencing"];
 
 fn run_part(part: usize) {
     let name = CONFIGS[part];
@@ -98,10 +88,7 @@ fn schedules_part3_no_power_fencing() {
 
 #[test]
 fn replay_seed() {
-    let Some(seed) = std::env::var("VHA_SIM_SEED")
-        .ok()
-        .and_then(|v| v.parse().ok())
-    else {
+    let Some(seed) = std::env::var("VHA_SIM_SEED").ok().and_then(|v| v.parse().ok()) else {
         return;
     };
     let name = std::env::var("VHA_SIM_CONFIG").unwrap_or_default();
@@ -127,10 +114,7 @@ fn long_run() {
     }
     let secs = t.elapsed().as_secs_f64();
     let n = per * CONFIGS.len() as u64;
-    eprintln!(
-        "{n} schedules, 0 violations, {secs:.1} s, {:.0} schedules/s",
-        n as f64 / secs
-    );
+    eprintln!("{n} schedules, 0 violations, {secs:.1} s, {:.0} schedules/s", n as f64 / secs);
 }
 
 proptest::proptest! {

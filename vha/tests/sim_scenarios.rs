@@ -4,18 +4,11 @@ use vha::sim::{Sim, SimConfig};
 use vha::{HostId, VmId};
 
 fn owners(sim: &Sim) -> Vec<(VmId, Vec<HostId>)> {
-    sim.vms()
-        .iter()
-        .map(|v| (v.id, sim.running_on(v.id)))
-        .collect()
+    sim.vms().iter().map(|v| (v.id, sim.running_on(v.id))).collect()
 }
 
 fn vms_on(sim: &Sim, h: u32) -> Vec<VmId> {
-    sim.vms()
-        .iter()
-        .filter(|v| sim.running_on(v.id) == vec![HostId(h)])
-        .map(|v| v.id)
-        .collect()
+    sim.vms().iter().filter(|v| sim.running_on(v.id) == vec![HostId(h)]).map(|v| v.id).collect()
 }
 
 #[test]
@@ -23,9 +16,8 @@ fn crashed_host_vms_restart_within_three_seconds() {
     for seed in 0..20 {
         let mut sim = Sim::new(seed, SimConfig::default()).unwrap_or_else(|v| panic!("{v}"));
         let coord = sim.coordinator().expect("a coordinator");
-        let victim = (0..4)
-            .find(|h| *h != coord.0 && !vms_on(&sim, *h).is_empty())
-            .expect("some host runs VMs");
+        let victim =
+            (0..4).find(|h| *h != coord.0 && !vms_on(&sim, *h).is_empty()).expect("some host runs VMs");
         let lost: Vec<VmId> = vms_on(&sim, victim)
             .into_iter()
             .filter(|v| sim.vms().iter().any(|s| s.id == *v && s.protected()))
@@ -39,17 +31,10 @@ fn crashed_host_vms_restart_within_three_seconds() {
                 restarted_at = Some(sim.now_ms() - t0);
             }
         }
-        let took = restarted_at
-            .unwrap_or_else(|| panic!("seed={seed}: {lost:?} not restarted: {:?}", sim.trace()));
-        assert!(
-            took < 3000,
-            "seed={seed}: restart took {took} ms\n{:?}",
-            sim.trace()
-        );
-        assert!(
-            sim.stats().fences >= 1,
-            "seed={seed}: a single dead host is power-fenced"
-        );
+        let took =
+            restarted_at.unwrap_or_else(|| panic!("seed={seed}: {lost:?} not restarted: {:?}", sim.trace()));
+        assert!(took < 3000, "seed={seed}: restart took {took} ms\n{:?}", sim.trace());
+        assert!(sim.stats().fences >= 1, "seed={seed}: a single dead host is power-fenced");
     }
 }
 
@@ -57,30 +42,19 @@ fn crashed_host_vms_restart_within_three_seconds() {
 fn isolated_host_fences_itself_and_vms_move() {
     for seed in 0..10 {
         // Its power control is behind the same partition.
-        let cfg = SimConfig {
-            fence_failure: 1.0,
-            ..SimConfig::default()
-        };
+        let cfg = SimConfig { fence_failure: 1.0, ..SimConfig::default() };
         let mut sim = Sim::new(seed, cfg).unwrap_or_else(|v| panic!("{v}"));
         let victim = (0..4).find(|h| !vms_on(&sim, *h).is_empty()).unwrap() as usize;
         let others: Vec<usize> = (0..4).filter(|h| *h != victim).collect();
         sim.partition(&[victim], &others, true);
         sim.cut_store(victim, true);
         sim.run_for(8000).unwrap_or_else(|v| panic!("{v}"));
-        assert!(
-            vms_on(&sim, victim as u32).is_empty(),
-            "seed={seed}: isolated host stopped its VMs"
-        );
+        assert!(vms_on(&sim, victim as u32).is_empty(), "seed={seed}: isolated host stopped its VMs");
         assert!(sim.stats().self_fences >= 1, "seed={seed}");
         for (vm, on) in owners(&sim) {
             let prot = sim.vms().iter().any(|s| s.id == vm && s.protected());
             if prot {
-                assert_eq!(
-                    on.len(),
-                    1,
-                    "seed={seed}: {vm} runs once: {:?}",
-                    sim.trace()
-                );
+                assert_eq!(on.len(), 1, "seed={seed}: {vm} runs once: {:?}", sim.trace());
             }
         }
     }
@@ -102,18 +76,8 @@ fn switch_blip_is_a_network_event_not_a_fence_storm() {
             }
         }
         sim.run_for(5000).unwrap_or_else(|v| panic!("{v}"));
-        assert_eq!(
-            sim.stats().fences,
-            0,
-            "seed={seed}: no host fenced: {:?}",
-            sim.trace()
-        );
-        assert_eq!(
-            owners(&sim),
-            before,
-            "seed={seed}: VMs untouched: {:#?}",
-            sim.trace()
-        );
+        assert_eq!(sim.stats().fences, 0, "seed={seed}: no host fenced: {:?}", sim.trace());
+        assert_eq!(owners(&sim), before, "seed={seed}: VMs untouched: {:#?}", sim.trace());
         sim.heal();
         sim.run_for(3000).unwrap_or_else(|v| panic!("{v}"));
         assert_eq!(owners(&sim), before, "seed={seed}: {:#?}", sim.trace());
@@ -122,10 +86,7 @@ fn switch_blip_is_a_network_event_not_a_fence_storm() {
 
 #[test]
 fn paused_host_is_reset_by_its_watchdog_before_restart() {
-    let cfg = SimConfig {
-        fence_failure: 1.0,
-        ..SimConfig::default()
-    };
+    let cfg = SimConfig { fence_failure: 1.0, ..SimConfig::default() };
     let mut sim = Sim::new(3, cfg).unwrap_or_else(|v| panic!("{v}"));
     let victim = (0..4).find(|h| !vms_on(&sim, *h).is_empty()).unwrap() as usize;
     sim.pause(victim, true);
@@ -162,42 +123,27 @@ fn checker_catches_drift_beyond_the_watchdog_bound() {
             caught += 1;
         }
     }
-    assert!(
-        caught > 0,
-        "the safety checker never fired on a broken watchdog"
-    );
+    assert!(caught > 0, "the safety checker never fired on a broken watchdog");
 }
 
 #[test]
 fn two_host_split_brain_is_not_fenced() {
     for seed in 0..10 {
-        let cfg = SimConfig {
-            hosts: 2,
-            vms: 4,
-            ..SimConfig::default()
-        };
+        let cfg = SimConfig { hosts: 2, vms: 4, ..SimConfig::default() };
         let mut sim = Sim::new(seed, cfg).unwrap_or_else(|v| panic!("{v}"));
         let before = owners(&sim);
         // The heartbeat network splits; both hosts still reach the store.
         sim.partition(&[0], &[1], true);
         sim.run_for(6000).unwrap_or_else(|v| panic!("{v}"));
         assert_eq!(sim.stats().fences, 0, "seed={seed}: {:#?}", sim.trace());
-        assert_eq!(
-            owners(&sim),
-            before,
-            "seed={seed}: VMs untouched: {:#?}",
-            sim.trace()
-        );
+        assert_eq!(owners(&sim), before, "seed={seed}: VMs untouched: {:#?}", sim.trace());
     }
 }
 
 #[test]
 fn checker_catches_a_missed_restart_bound() {
     // Promise an impossible 300 ms restart bound: the liveness check must fire after a crash.
-    let cfg = SimConfig {
-        restart_bound_ms: 300,
-        ..SimConfig::default()
-    };
+    let cfg = SimConfig { restart_bound_ms: 300, ..SimConfig::default() };
     let mut sim = Sim::new(5, cfg).unwrap_or_else(|v| panic!("{v}"));
     let victim = (0..4).find(|h| !vms_on(&sim, *h).is_empty()).unwrap() as usize;
     sim.crash(victim, None);

@@ -11,8 +11,7 @@ use vha::store::EtcdStore;
 use vha::store::conformance::{RealClock, check_store};
 
 fn etcd_or_skip() -> Option<EtcdStore> {
-    let eps = std::env::var("VINFRA_ETCD_ENDPOINTS")
-        .unwrap_or_else(|_| "http://127.0.0.1:2379".to_string());
+    let eps = std::env::var("VINFRA_ETCD_ENDPOINTS").unwrap_or_else(|_| "http://127.0.0.1:2379".to_string());
     let eps: Vec<String> = eps.split(',').map(|s| s.trim().to_string()).collect();
     match EtcdStore::connect(&eps, Duration::from_secs(2)) {
         Ok(s) => Some(s),
@@ -20,18 +19,14 @@ fn etcd_or_skip() -> Option<EtcdStore> {
             if std::env::var("VINFRA_REQUIRE_ETCD").as_deref() == Ok("1") {
                 panic!("VINFRA_REQUIRE_ETCD=1 but etcd at {eps:?} is unreachable: {e}");
             }
-            eprintln!(
-                "SKIP: no etcd at {eps:?} ({e}); run .ci/etcd.sh and set VINFRA_ETCD_ENDPOINTS"
-            );
+            eprintln!("SKIP: no etcd at {eps:?} ({e}); run .ci/etcd.sh and set VINFRA_ETCD_ENDPOINTS");
             None
         }
     }
 }
 
 fn unique_prefix() -> String {
-    let t = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos());
+    let t = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos());
     format!("/vha-test/{}-{t}/", std::process::id())
 }
 

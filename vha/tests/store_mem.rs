@@ -20,10 +20,7 @@ fn outage_refreshes_leases_like_etcd() {
     s.set_available(true);
     assert!(s.get("/h").unwrap().is_some(), "no expiry during an outage");
     s.advance_to(5999);
-    assert!(
-        s.get("/h").unwrap().is_some(),
-        "lease renewed for a full TTL at recovery"
-    );
+    assert!(s.get("/h").unwrap().is_some(), "lease renewed for a full TTL at recovery");
     s.advance_to(6000);
     assert!(s.get("/h").unwrap().is_none());
 }
@@ -54,10 +51,7 @@ fn remote_store_reports_unavailable_when_blocked_or_down() {
     blocked.store(true, Ordering::Relaxed);
     assert!(matches!(client.get("/k"), Err(StoreError::Unavailable(_))));
     blocked.store(false, Ordering::Relaxed);
-    assert_eq!(
-        client.get("/k").expect("get").map(|kv| kv.value),
-        Some(b"v".to_vec())
-    );
+    assert_eq!(client.get("/k").expect("get").map(|kv| kv.value), Some(b"v".to_vec()));
     let addr = server.addr();
     drop(server);
     std::thread::sleep(Duration::from_millis(50));

@@ -93,19 +93,13 @@ impl HaConfig {
             return bad("reconcile_interval_ms", "must be > 0");
         }
         if self.keepalive_interval_ms == 0 || self.keepalive_interval_ms * 3 > self.lease_ttl_ms {
-            return bad(
-                "keepalive_interval_ms",
-                "must be > 0 and at most a third of the lease TTL",
-            );
+            return bad("keepalive_interval_ms", "must be > 0 and at most a third of the lease TTL");
         }
         if self.isolation_timeout_ms == 0 {
             return bad("isolation_timeout_ms", "must be > 0");
         }
         if self.max_concurrent_fences == 0 && self.power_fencing {
-            return bad(
-                "max_concurrent_fences",
-                "must be >= 1 when power fencing is on",
-            );
+            return bad("max_concurrent_fences", "must be >= 1 when power fencing is on");
         }
         Ok(())
     }

@@ -33,12 +33,7 @@ impl HostAgent {
             }
             Ok(Some(_)) => {
                 if self.coordinator.take().is_some() {
-                    self.log(
-                        out,
-                        now,
-                        DecisionKind::SteppedDown,
-                        "coordinator key held by another".into(),
-                    );
+                    self.log(out, now, DecisionKind::SteppedDown, "coordinator key held by another".into());
                 }
                 return;
             }
@@ -65,13 +60,7 @@ impl HostAgent {
         };
 
         // Suspicion transitions, for every live member.
-        let members: Vec<HostId> = self
-            .view
-            .members
-            .keys()
-            .copied()
-            .filter(|h| *h != me)
-            .collect();
+        let members: Vec<HostId> = self.view.members.keys().copied().filter(|h| *h != me).collect();
         let mut silent = Vec::new();
         for h in &members {
             let s = self.silent(*h, now);
@@ -92,21 +81,12 @@ impl HostAgent {
                         self.cfg.phi.threshold,
                         last.map_or(now, |l| now.saturating_sub(l))
                     );
-                    let k = DecisionKind::Suspect {
-                        peer: *h,
-                        phi: phi.min(999.0),
-                        last_heartbeat_ms: last,
-                    };
+                    let k = DecisionKind::Suspect { peer: *h, phi: phi.min(999.0), last_heartbeat_ms: last };
                     self.log(out, now, k, why);
                 } else {
                     self.holdoff_logged.remove(h);
                     self.fence_requested.remove(h);
-                    self.log(
-                        out,
-                        now,
-                        DecisionKind::Recovered { peer: *h },
-                        "heartbeats resumed".into(),
-                    );
+                    self.log(out, now, DecisionKind::Recovered { peer: *h }, "heartbeats resumed".into());
                 }
             }
         }
@@ -146,8 +126,7 @@ impl HostAgent {
             .collect();
         for h in timed_out {
             self.pending_fences.remove(&h);
-            let why =
-                format!("no answer in {timeout} ms; waiting for its lease to expire (watchdog)");
+            let why = format!("no answer in {timeout} ms; waiting for its lease to expire (watchdog)");
             self.log(out, now, DecisionKind::FenceFailed { peer: h }, why);
         }
 
@@ -166,9 +145,10 @@ impl HostAgent {
             if self.pending_fences.contains_key(h) || self.fence_requested.contains(h) {
                 continue;
             }
-            let settled = self.peers.get(h).is_some_and(|p| {
-                now.saturating_sub(p.suspected_since_ms) >= self.cfg.fence_settle_ms
-            });
+            let settled = self
+                .peers
+                .get(h)
+                .is_some_and(|p| now.saturating_sub(p.suspected_since_ms) >= self.cfg.fence_settle_ms);
             if storm || minority || !self.cfg.power_fencing {
                 if self.holdoff_logged.insert(*h) {
                     let why = if storm {
@@ -185,17 +165,14 @@ impl HostAgent {
                             members.len()
                         )
                     } else {
-                        "power fencing disabled; waiting for its lease to expire (watchdog)"
-                            .to_string()
+                        "power fencing disabled; waiting for its lease to expire (watchdog)".to_string()
                     };
                     self.log(out, now, DecisionKind::HoldOff { peer: *h }, why);
                 }
             } else if settled && !self.holdoff_logged.contains(h) {
                 self.fence_requested.insert(*h);
                 self.pending_fences.insert(*h, (m.lease, now));
-                out.push(Action::Fence {
-                    host: m.spec.clone(),
-                });
+                out.push(Action::Fence { host: m.spec.clone() });
                 let why = format!(
                     "suspected for {} ms, {} of {} peers silent (<= {}): power fence before \
                      restarting its VMs",
@@ -225,10 +202,7 @@ impl HostAgent {
             let from = entry.record.owner;
             let Some(to) = placement.place(&spec, &hosts, true) else {
                 if self.no_capacity_logged.insert(vm) {
-                    let why = format!(
-                        "no live host has {} MHz / {} MiB free",
-                        spec.cpu_mhz, spec.mem_mib
-                    );
+                    let why = format!("no live host has {} MHz / {} MiB free", spec.cpu_mhz, spec.mem_mib);
                     self.log(out, now, DecisionKind::NoCapacity { vm }, why);
                 }
                 continue;
@@ -249,11 +223,7 @@ impl HostAgent {
                 .when(Compare::mod_rev(&key, ctoken))
                 .when(Compare::mod_rev(self.keys.vm(vm), token))
                 .when(Compare::mod_rev(self.keys.host(to), m.mod_revision))
-                .and_then(TxnOp::Put {
-                    key: self.keys.vm(vm),
-                    value,
-                    lease: None,
-                });
+                .and_then(TxnOp::Put { key: self.keys.vm(vm), value, lease: None });
             match store.txn(txn) {
                 Ok(r) if r.succeeded => {
                     self.no_capacity_logged.remove(&vm);
@@ -268,12 +238,7 @@ impl HostAgent {
                         ),
                         None => "unplaced".to_string(),
                     };
-                    let k = DecisionKind::Restart {
-                        vm,
-                        from,
-                        to,
-                        token: r.revision,
-                    };
+                    let k = DecisionKind::Restart { vm, from, to, token: r.revision };
                     self.log(out, now, k, why);
                 }
                 Ok(_) => {}

@@ -124,12 +124,7 @@ impl HostAgent {
     }
 
     fn log(&self, out: &mut Vec<Action>, now: u64, kind: DecisionKind, reason: String) {
-        out.push(Action::Log(Decision {
-            at_ms: now,
-            by: self.spec.id,
-            kind,
-            reason,
-        }));
+        out.push(Action::Log(Decision { at_ms: now, by: self.spec.id, kind, reason }));
     }
 
     /// Handles an input event.
@@ -186,12 +181,7 @@ impl HostAgent {
     fn self_fence(&mut self, now: u64, why: StopReason, reason: &str, out: &mut Vec<Action>) {
         for (vm, _) in std::mem::take(&mut self.running) {
             out.push(Action::StopVm { vm, reason: why });
-            self.log(
-                out,
-                now,
-                DecisionKind::Stopped { vm, why },
-                reason.to_string(),
-            );
+            self.log(out, now, DecisionKind::Stopped { vm, why }, reason.to_string());
         }
         self.watchdog.disarm();
         if let Some(l) = self.lease.take() {
@@ -216,16 +206,8 @@ impl HostAgent {
         self.check_watchdog(now, out);
         if now >= self.next_heartbeat_ms {
             self.next_heartbeat_ms = now + self.cfg.heartbeat_interval_ms;
-            for m in self
-                .view
-                .members
-                .values()
-                .filter(|m| m.spec.id != self.spec.id)
-            {
-                out.push(Action::SendHeartbeat {
-                    to: m.spec.id,
-                    addr: m.spec.addr.clone(),
-                });
+            for m in self.view.members.values().filter(|m| m.spec.id != self.spec.id) {
+                out.push(Action::SendHeartbeat { to: m.spec.id, addr: m.spec.addr.clone() });
             }
         }
         let mut store_down = false;
@@ -258,12 +240,7 @@ impl HostAgent {
 
     fn store_failed(&mut self, now: u64, e: &StoreError, out: &mut Vec<Action>) {
         if let StoreError::LeaseNotFound(_) = e {
-            self.self_fence(
-                now,
-                StopReason::LeaseLost,
-                "the store says our lease is gone",
-                out,
-            );
+            self.self_fence(now, StopReason::LeaseLost, "the store says our lease is gone", out);
         } else if !self.store_down_logged {
             self.store_down_logged = true;
             self.log(out, now, DecisionKind::StoreUnreachable, e.to_string());
@@ -292,12 +269,7 @@ impl HostAgent {
                 self.watchdog.renewed(now);
                 self.next_keepalive_ms = now + self.cfg.keepalive_interval_ms;
                 self.next_reconcile_ms = now;
-                self.log(
-                    out,
-                    now,
-                    DecisionKind::Joined { lease: lease.0 },
-                    "lease granted".into(),
-                );
+                self.log(out, now, DecisionKind::Joined { lease: lease.0 }, "lease granted".into());
             }
             Err(e) => {
                 let _ = store.revoke_lease(lease);
@@ -338,20 +310,14 @@ impl HostAgent {
     }
 
     fn check_isolation(&mut self, now: u64, out: &mut Vec<Action>) {
-        let has_peers =
-            self.view.members.keys().any(|h| *h != self.spec.id) || !self.peers.is_empty();
+        let has_peers = self.view.members.keys().any(|h| *h != self.spec.id) || !self.peers.is_empty();
         let isolated = self.iso.isolated(now, has_peers);
         if isolated == self.isolated {
             return;
         }
         self.isolated = isolated;
         if !isolated {
-            self.log(
-                out,
-                now,
-                DecisionKind::IsolationEnded,
-                "heard a peer or the store".into(),
-            );
+            self.log(out, now, DecisionKind::IsolationEnded, "heard a peer or the store".into());
             return;
         }
         let why = format!(
@@ -394,26 +360,16 @@ impl HostAgent {
             .iter()
             .filter(|(vm, tok)| {
                 self.view.vms.get(vm).is_none_or(|e| {
-                    e.record.owner != Some(me)
-                        || e.record.owner_lease != Some(lease)
-                        || e.token != **tok
+                    e.record.owner != Some(me) || e.record.owner_lease != Some(lease) || e.token != **tok
                 })
             })
             .map(|(vm, _)| *vm)
             .collect();
         for vm in stale {
             self.running.remove(&vm);
-            out.push(Action::StopVm {
-                vm,
-                reason: StopReason::Reassigned,
-            });
+            out.push(Action::StopVm { vm, reason: StopReason::Reassigned });
             let why = StopReason::Reassigned;
-            self.log(
-                out,
-                now,
-                DecisionKind::Stopped { vm, why },
-                "record no longer names us".into(),
-            );
+            self.log(out, now, DecisionKind::Stopped { vm, why }, "record no longer names us".into());
         }
         let mine: Vec<(VmId, Revision)> = self
             .view
@@ -431,19 +387,11 @@ impl HostAgent {
                 Ok(_) => {
                     self.running.insert(vm, token);
                     out.push(Action::StartVm { vm, token });
-                    self.log(
-                        out,
-                        now,
-                        DecisionKind::Started { vm, token },
-                        "assigned to us".into(),
-                    );
+                    self.log(out, now, DecisionKind::Started { vm, token }, "assigned to us".into());
                 }
-                Err(FenceError::StaleToken { .. }) => self.log(
-                    out,
-                    now,
-                    DecisionKind::StartRefused { vm },
-                    "token stale".into(),
-                ),
+                Err(FenceError::StaleToken { .. }) => {
+                    self.log(out, now, DecisionKind::StartRefused { vm }, "token stale".into())
+                }
                 Err(FenceError::Store { source, .. }) => {
                     return self.store_failed(now, &source, out);
                 }

@@ -90,32 +90,21 @@ impl ClusterHarness {
     ) -> Result<Self, RuntimeError> {
         // Unique per harness, even for several harnesses started in one process at once.
         static NEXT: AtomicU64 = AtomicU64::new(0);
-        let run = format!(
-            "{}-{}-{}",
-            std::process::id(),
-            unix_ms(),
-            NEXT.fetch_add(1, Ordering::Relaxed)
-        );
+        let run = format!("{}-{}-{}", std::process::id(), unix_ms(), NEXT.fetch_add(1, Ordering::Relaxed));
         let prefix = format!("/vha-demo/{run}/");
         let keys = Keys::new(prefix.clone());
         let control_dir = std::env::temp_dir().join(format!("vha-{run}"));
-        std::fs::create_dir_all(&control_dir)
-            .map_err(io(format!("creating {}", control_dir.display())))?;
+        std::fs::create_dir_all(&control_dir).map_err(io(format!("creating {}", control_dir.display())))?;
         let timeout = Duration::from_millis(cfg.store_timeout_ms);
-        let (server, store, endpoint): (_, Box<dyn ClusterStore + Send + Sync>, _) = match &cfg.etcd
-        {
+        let (server, store, endpoint): (_, Box<dyn ClusterStore + Send + Sync>, _) = match &cfg.etcd {
             None => {
                 let mem = Arc::new(MemStore::new());
                 let server = StoreServer::start("127.0.0.1:0", mem.clone())?;
-                let ep = StoreEndpoint::Embedded {
-                    addr: server.addr().to_string(),
-                };
+                let ep = StoreEndpoint::Embedded { addr: server.addr().to_string() };
                 (Some(server), Box::new(mem), ep)
             }
             Some(eps) => {
-                let ep = StoreEndpoint::Etcd {
-                    endpoints: eps.clone(),
-                };
+                let ep = StoreEndpoint::Etcd { endpoints: eps.clone() };
                 let s = connect_store(&ep, Duration::from_secs(2), Arc::default())?;
                 (None, s, ep)
             }
@@ -207,10 +196,7 @@ impl ClusterHarness {
             }
             let left = end.saturating_duration_since(Instant::now());
             if left.is_zero() {
-                return Err(RuntimeError::Timeout {
-                    what: what.to_string(),
-                    ms: timeout_ms,
-                });
+                return Err(RuntimeError::Timeout { what: what.to_string(), ms: timeout_ms });
             }
             if let Ok(r) = self.rx.recv_timeout(left.min(Duration::from_millis(50))) {
                 self.reports.push(r);
@@ -240,27 +226,14 @@ impl ClusterHarness {
         })?;
         let prios = [Priority::High, Priority::Medium, Priority::Low];
         for v in 0..self.cfg.vms_per_host * n {
-            let spec = VmSpec {
-                id: VmId(v as u32),
-                cpu_mhz: 1000,
-                mem_mib: 2048,
-                priority: prios[v % 3],
-            };
-            power_on(
-                &*self.store,
-                &self.keys,
-                &self.cfg.policy,
-                &mut WorstFit,
-                spec.clone(),
-            )?;
+            let spec = VmSpec { id: VmId(v as u32), cpu_mhz: 1000, mem_mib: 2048, priority: prios[v % 3] };
+            power_on(&*self.store, &self.keys, &self.cfg.policy, &mut WorstFit, spec.clone())?;
             self.vms.push(spec);
         }
         let ids: Vec<VmId> = self.vms.iter().map(|v| v.id).collect();
         self.wait_until(10_000, "every VM to start", |rs| {
-            ids.iter().all(|vm| {
-                rs.iter()
-                    .any(|r| matches!(r.report, Report::Started { vm: v, .. } if v == *vm))
-            })
+            ids.iter()
+                .all(|vm| rs.iter().any(|r| matches!(r.report, Report::Started { vm: v, .. } if v == *vm)))
         })
     }
 
@@ -286,10 +259,7 @@ impl ClusterHarness {
 
     /// Kills a host process with SIGKILL.
     pub fn kill(&mut self, h: HostId) -> Result<(), RuntimeError> {
-        let c = self
-            .children
-            .get_mut(h.0 as usize)
-            .ok_or(RuntimeError::Config(format!("no {h}")))?;
+        let c = self.children.get_mut(h.0 as usize).ok_or(RuntimeError::Config(format!("no {h}")))?;
         c.kill().map_err(io(format!("killing {h}")))
     }
 
@@ -316,19 +286,14 @@ impl ClusterHarness {
 
     /// Whether a host process has exited (reaping it if so).
     pub fn exited(&mut self, h: HostId) -> bool {
-        self.children
-            .get_mut(h.0 as usize)
-            .is_some_and(|c| matches!(c.try_wait(), Ok(Some(_))))
+        self.children.get_mut(h.0 as usize).is_some_and(|c| matches!(c.try_wait(), Ok(Some(_))))
     }
 }
 
 impl Drop for ClusterHarness {
     fn drop(&mut self) {
         for c in &mut self.children {
-            let _ = Command::new("kill")
-                .arg("-CONT")
-                .arg(c.id().to_string())
-                .status();
+            let _ = Command::new("kill").arg("-CONT").arg(c.id().to_string()).status();
             let _ = c.kill();
             let _ = c.wait();
         }

@@ -11,9 +11,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use super::{
-    Report, ReportLine, RuntimeError, StoreEndpoint, UnixClock, connect_store, partition_flag,
-};
+use super::{Report, ReportLine, RuntimeError, StoreEndpoint, UnixClock, connect_store, partition_flag};
 use crate::agent::{Action, Event, HaConfig, HostAgent};
 use crate::fence::{FenceAgent, FenceError};
 use crate::model::{HostId, HostSpec, Keys, VmId};
@@ -72,21 +70,12 @@ impl FenceAgent for ProcessFenceAgent {
             });
         }
         if host.pid == 0 {
-            return Err(FenceError::Unreachable {
-                host: name,
-                reason: "no process id published".into(),
-            });
+            return Err(FenceError::Unreachable { host: name, reason: "no process id published".into() });
         }
         if !process_gone(host.pid) {
-            let st = std::process::Command::new("kill")
-                .arg("-9")
-                .arg(host.pid.to_string())
-                .status();
+            let st = std::process::Command::new("kill").arg("-9").arg(host.pid.to_string()).status();
             if let Err(e) = st {
-                return Err(FenceError::Unreachable {
-                    host: name,
-                    reason: format!("kill: {e}"),
-                });
+                return Err(FenceError::Unreachable { host: name, reason: format!("kill: {e}") });
             }
         }
         for _ in 0..100 {
@@ -95,10 +84,7 @@ impl FenceAgent for ProcessFenceAgent {
             }
             std::thread::sleep(Duration::from_millis(10));
         }
-        Err(FenceError::NotConfirmed {
-            host: name,
-            reason: format!("pid {} still alive", host.pid),
-        })
+        Err(FenceError::NotConfirmed { host: name, reason: format!("pid {} still alive", host.pid) })
     }
 }
 
@@ -122,40 +108,23 @@ fn decode_hb(b: &[u8]) -> Option<HostId> {
 }
 
 fn io(what: &str) -> impl FnOnce(std::io::Error) -> RuntimeError + '_ {
-    move |source| RuntimeError::Io {
-        what: what.to_string(),
-        source,
-    }
+    move |source| RuntimeError::Io { what: what.to_string(), source }
 }
 
 /// Runs a host agent until the process is killed. Every report goes to `emit`.
 pub fn run_host(cfg: HostRunConfig, emit: &mut dyn FnMut(ReportLine)) -> Result<(), RuntimeError> {
     let clock = UnixClock::new();
     let me = cfg.spec.id;
-    let mut say = |report: Report| {
-        emit(ReportLine {
-            unix_ms: clock.now_ms(),
-            host: me,
-            report,
-        })
-    };
+    let mut say = |report: Report| emit(ReportLine { unix_ms: clock.now_ms(), host: me, report });
     let sock = UdpSocket::bind(&cfg.spec.addr).map_err(io("binding heartbeat socket"))?;
-    sock.set_nonblocking(true)
-        .map_err(io("non-blocking socket"))?;
+    sock.set_nonblocking(true).map_err(io("non-blocking socket"))?;
     let blocked = Arc::new(AtomicBool::new(false));
     let timeout = Duration::from_millis(cfg.store_timeout_ms);
     let store = connect_store(&cfg.store, timeout, blocked.clone())?;
     let mut spec = cfg.spec.clone();
     spec.pid = std::process::id();
-    let mut agent = HostAgent::new(
-        cfg.ha.clone(),
-        spec,
-        Keys::new(cfg.prefix.clone()),
-        clock.now_ms(),
-    )?;
-    say(Report::Ready {
-        pid: std::process::id(),
-    });
+    let mut agent = HostAgent::new(cfg.ha.clone(), spec, Keys::new(cfg.prefix.clone()), clock.now_ms())?;
+    say(Report::Ready { pid: std::process::id() });
     let flag = partition_flag(&cfg.control_dir, me);
     let (fence_tx, fence_rx) = mpsc::channel::<Event>();
     let mut actions = Vec::new();
@@ -195,15 +164,10 @@ pub fn run_host(cfg: HostRunConfig, emit: &mut dyn FnMut(ReportLine)) -> Result<
                 }
                 Action::Fence { host } => {
                     let tx = fence_tx.clone();
-                    let mut fa = ProcessFenceAgent {
-                        control_dir: cfg.control_dir.clone(),
-                    };
+                    let mut fa = ProcessFenceAgent { control_dir: cfg.control_dir.clone() };
                     std::thread::spawn(move || {
                         let result = fa.fence(&host).map_err(|e| e.to_string());
-                        let _ = tx.send(Event::FenceDone {
-                            host: host.id,
-                            result,
-                        });
+                        let _ = tx.send(Event::FenceDone { host: host.id, result });
                     });
                 }
                 Action::Log(d) => say(Report::Decision(d)),
@@ -216,11 +180,7 @@ pub fn run_host(cfg: HostRunConfig, emit: &mut dyn FnMut(ReportLine)) -> Result<
                 *due = now + cfg.write_interval_ms;
                 let r = agent.write_shared(now, &*store, *vm, now.to_le_bytes().to_vec());
                 let stale_token = matches!(r, Err(FenceError::StaleToken { .. }));
-                say(Report::SharedWrite {
-                    vm: *vm,
-                    ok: r.is_ok(),
-                    stale_token,
-                });
+                say(Report::SharedWrite { vm: *vm, ok: r.is_ok(), stale_token });
             }
         }
         std::thread::sleep(Duration::from_millis(cfg.tick_ms));
@@ -249,16 +209,9 @@ mod tests {
             o.insert("heartbeat_ms".into(), 5.into());
         }
         assert!(serde_json::from_value::<HaConfig>(v).is_err());
-        let partial: HaConfig =
-            serde_json::from_str(r#"{"lease_ttl_ms": 3000}"#).unwrap_or_default();
+        let partial: HaConfig = serde_json::from_str(r#"{"lease_ttl_ms": 3000}"#).unwrap_or_default();
         assert_eq!(partial.lease_ttl_ms, 3000, "missing fields take defaults");
-        let bad = HaConfig {
-            keepalive_interval_ms: 1500,
-            ..HaConfig::default()
-        };
-        assert!(
-            bad.validate().is_err(),
-            "keep-alive must fit 3 times in the TTL"
-        );
+        let bad = HaConfig { keepalive_interval_ms: 1500, ..HaConfig::default() };
+        assert!(bad.validate().is_err(), "keep-alive must fit 3 times in the TTL");
     }
 }

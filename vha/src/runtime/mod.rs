@@ -89,9 +89,7 @@ pub fn connect_store(
 ) -> Result<Box<dyn ClusterStore + Send + Sync>, RuntimeError> {
     match ep {
         StoreEndpoint::Embedded { addr } => {
-            let a = addr
-                .parse()
-                .map_err(|e| RuntimeError::Config(format!("store address {addr}: {e}")))?;
+            let a = addr.parse().map_err(|e| RuntimeError::Config(format!("store address {addr}: {e}")))?;
             Ok(Box::new(RemoteStore::new(a, timeout, blocked)))
         }
         #[cfg(feature = "etcd")]
@@ -100,9 +98,9 @@ pub fn connect_store(
             Ok(Box::new(Blockable { inner: s, blocked }))
         }
         #[cfg(not(feature = "etcd"))]
-        StoreEndpoint::Etcd { .. } => Err(RuntimeError::Unsupported(
-            "vha was built without the `etcd` feature",
-        )),
+        StoreEndpoint::Etcd { .. } => {
+            Err(RuntimeError::Unsupported("vha was built without the `etcd` feature"))
+        }
     }
 }
 
@@ -141,12 +139,7 @@ impl<S: ClusterStore> ClusterStore for Blockable<S> {
     fn get_prefix(&self, p: &str) -> Result<(Vec<crate::store::KeyValue>, Revision), StoreError> {
         self.up()?.get_prefix(p)
     }
-    fn put(
-        &self,
-        k: &str,
-        v: Vec<u8>,
-        l: Option<crate::store::LeaseId>,
-    ) -> Result<Revision, StoreError> {
+    fn put(&self, k: &str, v: Vec<u8>, l: Option<crate::store::LeaseId>) -> Result<Revision, StoreError> {
         self.up()?.put(k, v, l)
     }
     fn delete(&self, k: &str) -> Result<(Revision, bool), StoreError> {
@@ -170,10 +163,7 @@ impl<S: ClusterStore> ClusterStore for Blockable<S> {
     fn watch(&self, p: &str, from: Revision) -> Result<crate::store::WatchId, StoreError> {
         self.up()?.watch(p, from)
     }
-    fn poll_watch(
-        &self,
-        w: crate::store::WatchId,
-    ) -> Result<Vec<crate::store::WatchEvent>, StoreError> {
+    fn poll_watch(&self, w: crate::store::WatchId) -> Result<Vec<crate::store::WatchEvent>, StoreError> {
         self.up()?.poll_watch(w)
     }
     fn cancel_watch(&self, w: crate::store::WatchId) -> Result<(), StoreError> {
@@ -248,10 +238,7 @@ pub struct UnixClock {
 impl UnixClock {
     /// Starts the clock.
     pub fn new() -> Self {
-        Self {
-            base_ms: unix_ms(),
-            start: Instant::now(),
-        }
+        Self { base_ms: unix_ms(), start: Instant::now() }
     }
     /// Milliseconds since the Unix epoch (monotonic).
     pub fn now_ms(&self) -> u64 {
@@ -267,9 +254,7 @@ impl Default for UnixClock {
 
 /// Wall-clock Unix time in ms.
 pub fn unix_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
 /// Path of the flag file that partitions host `h` (heartbeats, store and power control).

@@ -29,12 +29,7 @@ fn unavailable(e: impl std::fmt::Display) -> StoreError {
 impl RemoteStore {
     /// A client for the server at `addr`.
     pub fn new(addr: SocketAddr, timeout: Duration, blocked: Arc<AtomicBool>) -> Self {
-        Self {
-            addr,
-            timeout,
-            conn: Mutex::new(None),
-            blocked,
-        }
+        Self { addr, timeout, conn: Mutex::new(None), blocked }
     }
 
     fn call(&self, req: Request) -> Result<Reply, StoreError> {
@@ -44,17 +39,14 @@ impl RemoteStore {
         let mut g = self.conn.lock().unwrap_or_else(|e| e.into_inner());
         if g.is_none() {
             let s = TcpStream::connect_timeout(&self.addr, self.timeout).map_err(unavailable)?;
-            s.set_read_timeout(Some(self.timeout))
-                .map_err(unavailable)?;
-            s.set_write_timeout(Some(self.timeout))
-                .map_err(unavailable)?;
+            s.set_read_timeout(Some(self.timeout)).map_err(unavailable)?;
+            s.set_write_timeout(Some(self.timeout)).map_err(unavailable)?;
             let _ = s.set_nodelay(true);
             *g = Some(BufReader::new(s));
         }
         let result = (|| {
             let r = g.as_mut().ok_or_else(|| unavailable("no connection"))?;
-            let mut line =
-                serde_json::to_vec(&req).map_err(|e| StoreError::Invalid(e.to_string()))?;
+            let mut line = serde_json::to_vec(&req).map_err(|e| StoreError::Invalid(e.to_string()))?;
             line.push(b'\n');
             r.get_mut().write_all(&line).map_err(unavailable)?;
             let mut resp = String::new();
@@ -64,10 +56,7 @@ impl RemoteStore {
             serde_json::from_str::<Result<Reply, StoreError>>(&resp)
                 .map_err(|e| StoreError::Backend(format!("bad reply: {e}")))?
         })();
-        if matches!(
-            result,
-            Err(StoreError::Unavailable(_)) | Err(StoreError::Backend(_))
-        ) {
+        if matches!(result, Err(StoreError::Unavailable(_)) | Err(StoreError::Backend(_))) {
             *g = None;
         }
         result
@@ -86,24 +75,13 @@ impl ClusterStore for RemoteStore {
         }
     }
     fn get_prefix(&self, prefix: &str) -> Result<(Vec<KeyValue>, Revision), StoreError> {
-        match self.call(Request::GetPrefix {
-            prefix: prefix.into(),
-        })? {
+        match self.call(Request::GetPrefix { prefix: prefix.into() })? {
             Reply::Kvs(kvs, rev) => Ok((kvs, rev)),
             r => Err(unexpected(r)),
         }
     }
-    fn put(
-        &self,
-        key: &str,
-        value: Vec<u8>,
-        lease: Option<LeaseId>,
-    ) -> Result<Revision, StoreError> {
-        match self.call(Request::Put {
-            key: key.into(),
-            value,
-            lease,
-        })? {
+    fn put(&self, key: &str, value: Vec<u8>, lease: Option<LeaseId>) -> Result<Revision, StoreError> {
+        match self.call(Request::Put { key: key.into(), value, lease })? {
             Reply::Rev(r) => Ok(r),
             r => Err(unexpected(r)),
         }
@@ -145,10 +123,7 @@ impl ClusterStore for RemoteStore {
         }
     }
     fn watch(&self, prefix: &str, from_revision: Revision) -> Result<WatchId, StoreError> {
-        match self.call(Request::Watch {
-            prefix: prefix.into(),
-            from: from_revision,
-        })? {
+        match self.call(Request::Watch { prefix: prefix.into(), from: from_revision })? {
             Reply::Watch(w) => Ok(w),
             r => Err(unexpected(r)),
         }

@@ -99,19 +99,12 @@ pub fn run_scenario(h: &mut ClusterHarness, scenario: Scenario) -> Result<Outcom
     let victim = (0..h.hosts() as u32)
         .map(HostId)
         .filter(|x| Some(*x) != coordinator)
-        .max_by_key(|x| {
-            (
-                running.values().filter(|hs| hs.contains(x)).count(),
-                std::cmp::Reverse(*x),
-            )
-        })
+        .max_by_key(|x| (running.values().filter(|hs| hs.contains(x)).count(), std::cmp::Reverse(*x)))
         .ok_or(RuntimeError::Config("no victim".into()))?;
     let prio: BTreeMap<VmId, Priority> = h.vms().iter().map(|v| (v.id, v.priority)).collect();
     let lost: Vec<VmId> = running
         .iter()
-        .filter(|(vm, hs)| {
-            hs.contains(&victim) && prio.get(vm).is_some_and(|p| *p != Priority::Disabled)
-        })
+        .filter(|(vm, hs)| hs.contains(&victim) && prio.get(vm).is_some_and(|p| *p != Priority::Disabled))
         .map(|(vm, _)| *vm)
         .collect();
     let t0 = unix_ms();
@@ -123,20 +116,21 @@ pub fn run_scenario(h: &mut ClusterHarness, scenario: Scenario) -> Result<Outcom
     let start_idx = h.reports.len();
     let restarted = |rs: &[ReportLine]| {
         lost.iter().all(|vm| {
-            rs[start_idx..].iter().any(|r| {
-                r.host != victim && matches!(r.report, Report::Started { vm: v, .. } if v == *vm)
-            })
+            rs[start_idx..]
+                .iter()
+                .any(|r| r.host != victim && matches!(r.report, Report::Started { vm: v, .. } if v == *vm))
         })
     };
-    h.wait_until(30_000, "the victim's VMs to run elsewhere", |rs| {
-        restarted(rs)
-    })?;
+    h.wait_until(30_000, "the victim's VMs to run elsewhere", |rs| restarted(rs))?;
     let mut woke_at = None;
     match scenario {
         Scenario::Kill => h.collect_for(500),
         Scenario::Partition => {
             h.wait_until(10_000, "the isolated host to fence itself", |rs| {
-                rs.iter().any(|r| r.host == victim && matches!(&r.report, Report::Decision(d) if d.kind == DecisionKind::SelfFence))
+                rs.iter().any(|r| {
+                    r.host == victim
+                        && matches!(&r.report, Report::Decision(d) if d.kind == DecisionKind::SelfFence)
+                })
             })?;
             h.collect_for(500);
         }
@@ -198,30 +192,16 @@ fn summarize(
         .map(|vm| {
             (
                 *vm,
-                VmOutcome {
-                    vm: *vm,
-                    priority: prio[vm],
-                    to: None,
-                    restart_begun_ms: None,
-                    running_ms: None,
-                },
+                VmOutcome { vm: *vm, priority: prio[vm], to: None, restart_begun_ms: None, running_ms: None },
             )
         })
         .collect();
     for r in h.reports.iter().filter(|r| r.unix_ms + 100 >= t0) {
         let t = r.unix_ms;
-        let line = |what: String| TimelineEntry {
-            at_ms: rel(t, t0),
-            host: r.host,
-            what,
-        };
+        let line = |what: String| TimelineEntry { at_ms: rel(t, t0), host: r.host, what };
         match &r.report {
             Report::Decision(d) => match &d.kind {
-                DecisionKind::Suspect {
-                    peer,
-                    last_heartbeat_ms,
-                    ..
-                } if *peer == victim => {
+                DecisionKind::Suspect { peer, last_heartbeat_ms, .. } if *peer == victim => {
                     if o.detection_ms.is_none() {
                         o.detection_ms = Some(after(t, t0));
                         o.last_heartbeat_ms = last_heartbeat_ms.map(|l| rel(l, t0));
@@ -248,14 +228,9 @@ fn summarize(
                         v.restart_begun_ms.get_or_insert(after(t, t0));
                         v.to = Some(*to);
                     }
-                    o.first_restart_ms = Some(
-                        o.first_restart_ms
-                            .map_or(after(t, t0), |f| f.min(after(t, t0))),
-                    );
-                    timeline.push(line(format!(
-                        "restart {vm} on {to} (token {token}): {}",
-                        d.reason
-                    )));
+                    o.first_restart_ms =
+                        Some(o.first_restart_ms.map_or(after(t, t0), |f| f.min(after(t, t0))));
+                    timeline.push(line(format!("restart {vm} on {to} (token {token}): {}", d.reason)));
                 }
                 DecisionKind::Fence { peer } => {
                     timeline.push(line(format!("power-fence {peer} requested: {}", d.reason)));
@@ -280,20 +255,17 @@ fn summarize(
             Report::Stopped { vm, reason } if t >= t0 => {
                 timeline.push(line(format!("stopped {vm} ({reason:?})")))
             }
-            Report::SharedWrite {
-                stale_token: true, ..
-            } if r.host == victim && t >= t0 => o.victim_writes_refused += 1,
+            Report::SharedWrite { stale_token: true, .. } if r.host == victim && t >= t0 => {
+                o.victim_writes_refused += 1
+            }
             _ => {}
         }
     }
     // Data-level split brain: once a VM's new host wrote, no write from another host may land.
     let mut last_writer: BTreeMap<VmId, HostId> = BTreeMap::new();
     let mut retired: BTreeMap<VmId, BTreeSet<HostId>> = BTreeMap::new();
-    let mut writes: Vec<&ReportLine> = h
-        .reports
-        .iter()
-        .filter(|r| matches!(r.report, Report::SharedWrite { ok: true, .. }))
-        .collect();
+    let mut writes: Vec<&ReportLine> =
+        h.reports.iter().filter(|r| matches!(r.report, Report::SharedWrite { ok: true, .. })).collect();
     writes.sort_by_key(|r| r.unix_ms);
     for r in writes {
         let Report::SharedWrite { vm, .. } = r.report else {
@@ -310,21 +282,14 @@ fn summarize(
     }
     // Double runs among live hosts (a killed host's VMs died with it).
     for (_, hs) in h.running() {
-        let live: Vec<_> = hs
-            .iter()
-            .filter(|x| !(scenario == Scenario::Kill && **x == victim))
-            .collect();
+        let live: Vec<_> = hs.iter().filter(|x| !(scenario == Scenario::Kill && **x == victim)).collect();
         if live.len() > 1 {
             o.double_runs += 1;
         }
     }
     o.vms = vmo.into_values().collect();
-    o.all_running_ms = o
-        .vms
-        .iter()
-        .map(|v| v.running_ms)
-        .collect::<Option<Vec<_>>>()
-        .and_then(|v| v.into_iter().max());
+    o.all_running_ms =
+        o.vms.iter().map(|v| v.running_ms).collect::<Option<Vec<_>>>().and_then(|v| v.into_iter().max());
     timeline.sort_by_key(|e| e.at_ms);
     o.timeline = timeline;
     o

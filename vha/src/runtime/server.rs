@@ -23,14 +23,11 @@ pub struct StoreServer {
 impl StoreServer {
     /// Binds `addr` (use port 0 for any free port) and starts serving `store`.
     pub fn start(addr: &str, store: Arc<MemStore>) -> Result<Self, RuntimeError> {
-        let listener = TcpListener::bind(addr).map_err(|source| RuntimeError::Io {
-            what: format!("binding store server {addr}"),
-            source,
-        })?;
-        let local = listener.local_addr().map_err(|source| RuntimeError::Io {
-            what: "store server address".into(),
-            source,
-        })?;
+        let listener = TcpListener::bind(addr)
+            .map_err(|source| RuntimeError::Io { what: format!("binding store server {addr}"), source })?;
+        let local = listener
+            .local_addr()
+            .map_err(|source| RuntimeError::Io { what: "store server address".into(), source })?;
         let stop = Arc::new(AtomicBool::new(false));
         let (s, st) = (store.clone(), stop.clone());
         thread::spawn(move || {
@@ -51,11 +48,7 @@ impl StoreServer {
                 thread::spawn(move || handle(conn, &s));
             }
         });
-        Ok(Self {
-            addr: local,
-            store,
-            stop,
-        })
+        Ok(Self { addr: local, store, stop })
     }
 
     /// The address clients connect to.

@@ -10,31 +10,16 @@ use crate::store::{
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[allow(missing_docs)]
 pub enum Request {
-    Get {
-        key: String,
-    },
-    GetPrefix {
-        prefix: String,
-    },
-    Put {
-        key: String,
-        value: Vec<u8>,
-        lease: Option<LeaseId>,
-    },
-    Delete {
-        key: String,
-    },
+    Get { key: String },
+    GetPrefix { prefix: String },
+    Put { key: String, value: Vec<u8>, lease: Option<LeaseId> },
+    Delete { key: String },
     Txn(Txn),
-    Grant {
-        ttl_ms: u64,
-    },
+    Grant { ttl_ms: u64 },
     KeepAlive(LeaseId),
     Revoke(LeaseId),
     LeaseAlive(LeaseId),
-    Watch {
-        prefix: String,
-        from: Revision,
-    },
+    Watch { prefix: String, from: Revision },
     PollWatch(WatchId),
     CancelWatch(WatchId),
     Revision,

@@ -33,10 +33,7 @@ impl Sim {
         if let Some(host) = self.hosts.get_mut(h) {
             if host.up() {
                 host.paused = paused;
-                self.note(format!(
-                    "{} host-{h}",
-                    if paused { "PAUSE" } else { "RESUME" }
-                ));
+                self.note(format!("{} host-{h}", if paused { "PAUSE" } else { "RESUME" }));
                 self.fault_changed();
             }
         }
@@ -64,10 +61,7 @@ impl Sim {
                 self.block(y, x, on);
             }
         }
-        self.note(format!(
-            "PARTITION {a:?} | {b:?} {}",
-            if on { "on" } else { "off" }
-        ));
+        self.note(format!("PARTITION {a:?} | {b:?} {}", if on { "on" } else { "off" }));
     }
 
     /// Cuts (`true`) or restores a host's path to the store.

@@ -233,12 +233,7 @@ impl Sim {
             cfg,
         };
         sim.run_for(500)?;
-        let prios = [
-            Priority::High,
-            Priority::Medium,
-            Priority::Low,
-            Priority::Disabled,
-        ];
+        let prios = [Priority::High, Priority::Medium, Priority::Low, Priority::Disabled];
         for v in 0..sim.cfg.vms {
             let spec = VmSpec {
                 id: VmId(v as u32),
@@ -246,13 +241,7 @@ impl Sim {
                 mem_mib: 1024 * (1 + sim.rng.below(4)),
                 priority: prios[sim.rng.below(4) as usize],
             };
-            match restart::power_on(
-                &sim.store,
-                &sim.keys,
-                &sim.cfg.policy,
-                &mut WorstFit,
-                spec.clone(),
-            ) {
+            match restart::power_on(&sim.store, &sim.keys, &sim.cfg.policy, &mut WorstFit, spec.clone()) {
                 Ok((h, t)) => {
                     sim.note(format!("power on {} on {h} token {t}", spec.id));
                     sim.vms.push(spec);
@@ -288,19 +277,11 @@ impl Sim {
     }
     /// Hosts currently running `vm` (including hosts that do not know they were fenced).
     pub fn running_on(&self, vm: VmId) -> Vec<HostId> {
-        self.hosts
-            .iter()
-            .filter(|h| h.up() && h.running.contains(&vm))
-            .map(|h| h.spec.id)
-            .collect()
+        self.hosts.iter().filter(|h| h.up() && h.running.contains(&vm)).map(|h| h.spec.id).collect()
     }
     /// The host that believes it is the coordinator (the first, if several do).
     pub fn coordinator(&self) -> Option<HostId> {
-        self.hosts
-            .iter()
-            .filter_map(|h| h.agent.as_ref())
-            .find(|a| a.is_coordinator())
-            .map(|a| a.id())
+        self.hosts.iter().filter_map(|h| h.agent.as_ref()).find(|a| a.is_coordinator()).map(|a| a.id())
     }
     /// Whether a host is up (not crashed).
     pub fn host_up(&self, h: HostId) -> bool {
@@ -320,12 +301,7 @@ impl Sim {
     }
 
     fn violation(&self, what: String) -> Violation {
-        Violation {
-            seed: self.seed,
-            at_ms: self.now,
-            what,
-            trace: self.trace(),
-        }
+        Violation { seed: self.seed, at_ms: self.now, what, trace: self.trace() }
     }
 
     fn fault_changed(&mut self) {
@@ -365,10 +341,7 @@ impl Sim {
         for i in 0..self.hosts.len() {
             let h = &self.hosts[i];
             let due = h.paused
-                && h.agent
-                    .as_ref()
-                    .and_then(|a| a.watchdog_deadline_ms())
-                    .is_some_and(|d| h.local(now) >= d);
+                && h.agent.as_ref().and_then(|a| a.watchdog_deadline_ms()).is_some_and(|d| h.local(now) >= d);
             if due {
                 self.stats.hw_resets += 1;
                 self.note(format!("HW-WATCHDOG resets paused host-{i}"));
@@ -428,10 +401,7 @@ impl Sim {
         let Some(agent) = h.agent.as_mut() else {
             return;
         };
-        let hs = HostStore {
-            store: &self.store,
-            cut: h.cut > 0,
-        };
+        let hs = HostStore { store: &self.store, cut: h.cut > 0 };
         let mut out = std::mem::take(&mut self.out);
         agent.tick(local, &hs, &mut WorstFit, &mut out);
         for a in out.drain(..) {
@@ -454,13 +424,7 @@ impl Sim {
                 }
                 let max_delay = self.delays.iter().copied().max().unwrap_or(2);
                 let at = now + 1 + self.rng.below(max_delay + 1);
-                self.inflight.push(Msg {
-                    at,
-                    to,
-                    ev: Event::Heartbeat {
-                        from: HostId(i as u32),
-                    },
-                });
+                self.inflight.push(Msg { at, to, ev: Event::Heartbeat { from: HostId(i as u32) } });
             }
             Action::StartVm { vm, token } => {
                 self.hosts[i].running.insert(vm);
@@ -483,20 +447,9 @@ impl Sim {
                 } else {
                     self.note(format!("host-{i} FENCE {} failed", host.id));
                 }
-                let result = if ok {
-                    Ok(())
-                } else {
-                    Err("power control unreachable".into())
-                };
+                let result = if ok { Ok(()) } else { Err("power control unreachable".into()) };
                 let at = now + self.rng.range(10, 200);
-                self.inflight.push(Msg {
-                    at,
-                    to: i,
-                    ev: Event::FenceDone {
-                        host: host.id,
-                        result,
-                    },
-                });
+                self.inflight.push(Msg { at, to: i, ev: Event::FenceDone { host: host.id, result } });
             }
             Action::Log(d) => {
                 match &d.kind {
@@ -555,12 +508,7 @@ impl Sim {
         }
         let view = ClusterView::read(&self.store, &self.keys)
             .map_err(|e| self.violation(format!("store unreadable while healthy: {e}")))?;
-        let alive: Vec<HostId> = self
-            .hosts
-            .iter()
-            .filter(|h| h.up())
-            .map(|h| h.spec.id)
-            .collect();
+        let alive: Vec<HostId> = self.hosts.iter().filter(|h| h.up()).map(|h| h.spec.id).collect();
         for (vm, d) in overdue {
             let owned_by_live = view.vms.get(&vm).is_some_and(|e| view.owner_alive(e));
             if owned_by_live || restart::capacity_exists(&view, &alive) {

@@ -1,8 +1,7 @@
 //! A host's view of the shared store in the simulator: unavailable while the host is cut off.
 
 use crate::store::{
-    ClusterStore, KeyValue, LeaseId, MemStore, Revision, StoreError, Txn, TxnResponse, WatchEvent,
-    WatchId,
+    ClusterStore, KeyValue, LeaseId, MemStore, Revision, StoreError, Txn, TxnResponse, WatchEvent, WatchId,
 };
 
 /// The shared [`MemStore`] as one host reaches it; every call fails while `cut` is set.
@@ -31,12 +30,7 @@ impl ClusterStore for HostStore<'_> {
     fn get_prefix(&self, prefix: &str) -> Result<(Vec<KeyValue>, Revision), StoreError> {
         self.up()?.get_prefix(prefix)
     }
-    fn put(
-        &self,
-        key: &str,
-        value: Vec<u8>,
-        lease: Option<LeaseId>,
-    ) -> Result<Revision, StoreError> {
+    fn put(&self, key: &str, value: Vec<u8>, lease: Option<LeaseId>) -> Result<Revision, StoreError> {
         self.up()?.put(key, value, lease)
     }
     fn delete(&self, key: &str) -> Result<(Revision, bool), StoreError> {

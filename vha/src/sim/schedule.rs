@@ -88,11 +88,7 @@ impl Schedule {
             let f = match rng.below(9) {
                 0 | 1 => Fault::Crash {
                     host,
-                    reboot_after_ms: if rng.chance(0.5) {
-                        Some(rng.range(500, 6000))
-                    } else {
-                        None
-                    },
+                    reboot_after_ms: if rng.chance(0.5) { Some(rng.range(500, 6000)) } else { None },
                 },
                 2 => Fault::Pause { host, ms },
                 3 => {
@@ -107,27 +103,15 @@ impl Schedule {
                     Fault::OneWay { from: host, to, ms }
                 }
                 5 => Fault::StoreCut { host, ms },
-                6 => Fault::StoreOutage {
-                    ms: rng.range(200, 4000),
-                },
-                7 => Fault::Loss {
-                    p: rng.range(10, 90) as f64 / 100.0,
-                    ms,
-                },
-                _ => Fault::Delay {
-                    max_ms: rng.range(50, 1500),
-                    ms,
-                },
+                6 => Fault::StoreOutage { ms: rng.range(200, 4000) },
+                7 => Fault::Loss { p: rng.range(10, 90) as f64 / 100.0, ms },
+                _ => Fault::Delay { max_ms: rng.range(50, 1500), ms },
             };
             faults.push((at, f));
         }
         faults.sort_by_key(|(t, _)| *t);
         let heal = 9000;
-        Self {
-            faults,
-            heal_at_ms: heal,
-            end_at_ms: heal + cfg.restart_bound_ms + 1000,
-        }
+        Self { faults, heal_at_ms: heal, end_at_ms: heal + cfg.restart_bound_ms + 1000 }
     }
 }
 
@@ -180,10 +164,7 @@ pub fn run_random(seed: u64, cfg: &SimConfig) -> Result<SimStats, Violation> {
 
 fn apply(sim: &mut Sim, f: &Fault, on: bool, n: usize) {
     match f {
-        Fault::Crash {
-            host,
-            reboot_after_ms,
-        } => sim.crash(*host, *reboot_after_ms),
+        Fault::Crash { host, reboot_after_ms } => sim.crash(*host, *reboot_after_ms),
         Fault::Pause { host, .. } => sim.pause(*host, on),
         Fault::Partition { side, .. } => {
             let rest: Vec<usize> = (0..n).filter(|h| !side.contains(h)).collect();

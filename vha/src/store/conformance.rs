@@ -72,21 +72,14 @@ pub fn check_kv<S: ClusterStore>(s: &S, p: &str) {
     let r2 = s.put(&k, b"2".to_vec(), None).unwrap();
     assert!(r2 > r1, "revisions increase");
     let kv = s.get(&k).unwrap().unwrap();
-    assert_eq!(
-        (kv.create_revision, kv.mod_revision, kv.version),
-        (r1, r2, 2)
-    );
+    assert_eq!((kv.create_revision, kv.mod_revision, kv.version), (r1, r2, 2));
     assert!(s.revision().unwrap() >= r2);
 
     s.put(&format!("{p}kv/b"), b"b".to_vec(), None).unwrap();
     s.put(&format!("{p}kx"), b"x".to_vec(), None).unwrap();
     let (kvs, rev) = s.get_prefix(&format!("{p}kv/")).unwrap();
     let keys: Vec<_> = kvs.iter().map(|kv| kv.key.clone()).collect();
-    assert_eq!(
-        keys,
-        vec![format!("{p}kv/a"), format!("{p}kv/b")],
-        "prefix read is sorted, exact"
-    );
+    assert_eq!(keys, vec![format!("{p}kv/a"), format!("{p}kv/b")], "prefix read is sorted, exact");
     assert!(rev >= r2);
 
     let (r3, existed) = s.delete(&k).unwrap();
@@ -96,15 +89,8 @@ pub fn check_kv<S: ClusterStore>(s: &S, p: &str) {
     assert!(!existed, "deleting an absent key reports it");
     let r4 = s.put(&k, b"3".to_vec(), None).unwrap();
     let kv = s.get(&k).unwrap().unwrap();
-    assert_eq!(
-        (kv.create_revision, kv.version),
-        (r4, 1),
-        "re-created key starts over"
-    );
-    assert!(
-        matches!(s.put("", vec![], None), Err(StoreError::Invalid(_))),
-        "empty key rejected"
-    );
+    assert_eq!((kv.create_revision, kv.version), (r4, 1), "re-created key starts over");
+    assert!(matches!(s.put("", vec![], None), Err(StoreError::Invalid(_))), "empty key rejected");
 }
 
 /// Compare-and-swap transactions.
@@ -113,38 +99,24 @@ pub fn check_txn<S: ClusterStore>(s: &S, p: &str) {
     let create = |v: &[u8]| {
         Txn::new()
             .when(Compare::absent(&k))
-            .and_then(TxnOp::Put {
-                key: k.clone(),
-                value: v.to_vec(),
-                lease: None,
-            })
+            .and_then(TxnOp::Put { key: k.clone(), value: v.to_vec(), lease: None })
             .or_else(TxnOp::Get { key: k.clone() })
     };
     let r = s.txn(create(b"a")).unwrap();
     assert!(r.succeeded, "create-if-absent succeeds on an absent key");
     let token = r.revision;
-    assert_eq!(
-        s.get(&k).unwrap().unwrap().mod_revision,
-        token,
-        "txn revision is the key's"
-    );
+    assert_eq!(s.get(&k).unwrap().unwrap().mod_revision, token, "txn revision is the key's");
     let r = s.txn(create(b"b")).unwrap();
     assert!(!r.succeeded, "second create-if-absent fails");
     assert_eq!(r.gets.len(), 1);
-    assert_eq!(
-        r.gets[0].as_ref().unwrap().value,
-        b"a",
-        "failure branch reads the winner"
-    );
+    assert_eq!(r.gets[0].as_ref().unwrap().value, b"a", "failure branch reads the winner");
 
     let cas = |rev, v: &[u8]| {
-        Txn::new()
-            .when(Compare::mod_rev(&k, rev))
-            .and_then(TxnOp::Put {
-                key: k.clone(),
-                value: v.to_vec(),
-                lease: None,
-            })
+        Txn::new().when(Compare::mod_rev(&k, rev)).and_then(TxnOp::Put {
+            key: k.clone(),
+            value: v.to_vec(),
+            lease: None,
+        })
     };
     let r = s.txn(cas(token, b"c")).unwrap();
     assert!(r.succeeded, "CAS with the current token succeeds");
@@ -158,46 +130,23 @@ pub fn check_txn<S: ClusterStore>(s: &S, p: &str) {
     let r3 = s
         .txn(
             Txn::new()
-                .when(Compare::Value {
-                    key: k.clone(),
-                    value: b"c".to_vec(),
-                })
-                .and_then(TxnOp::Put {
-                    key: k2.clone(),
-                    value: b"o".to_vec(),
-                    lease: None,
-                })
+                .when(Compare::Value { key: k.clone(), value: b"c".to_vec() })
+                .and_then(TxnOp::Put { key: k2.clone(), value: b"o".to_vec(), lease: None })
                 .and_then(TxnOp::Delete { key: k.clone() })
                 .and_then(TxnOp::Get { key: k2.clone() }),
         )
         .unwrap();
     assert!(r3.succeeded);
-    assert_eq!(
-        r3.gets[0].as_ref().unwrap().mod_revision,
-        r3.revision,
-        "one revision per txn"
-    );
+    assert_eq!(r3.gets[0].as_ref().unwrap().mod_revision, r3.revision, "one revision per txn");
     assert_eq!(s.get(&k).unwrap(), None);
-    let r4 = s
-        .txn(Txn::new().when(Compare::Value {
-            key: k.clone(),
-            value: b"c".to_vec(),
-        }))
-        .unwrap();
+    let r4 = s.txn(Txn::new().when(Compare::Value { key: k.clone(), value: b"c".to_vec() })).unwrap();
     assert!(!r4.succeeded, "value compare on an absent key fails");
-    assert_eq!(
-        r4.revision,
-        s.revision().unwrap(),
-        "a read-only txn does not bump the revision"
-    );
+    assert_eq!(r4.revision, s.revision().unwrap(), "a read-only txn does not bump the revision");
 }
 
 /// Leases: TTL, keep-alive, revoke, expiry deletes attached keys.
 pub fn check_leases<S: ClusterStore>(s: &S, p: &str, clock: &mut dyn StoreClock) {
-    assert!(
-        matches!(s.grant_lease(0), Err(StoreError::Invalid(_))),
-        "zero TTL rejected"
-    );
+    assert!(matches!(s.grant_lease(0), Err(StoreError::Invalid(_))), "zero TTL rejected");
     let ttl = 1000;
     let l = s.grant_lease(ttl).unwrap();
     assert!(s.lease_alive(l).unwrap());
@@ -211,10 +160,7 @@ pub fn check_leases<S: ClusterStore>(s: &S, p: &str, clock: &mut dyn StoreClock)
         let granted = s.keep_alive(l).unwrap();
         assert!(granted >= ttl, "keep-alive grants at least the TTL");
     }
-    assert!(
-        s.get(&k).unwrap().is_some(),
-        "kept-alive lease keeps its key"
-    );
+    assert!(s.get(&k).unwrap().is_some(), "kept-alive lease keeps its key");
 
     // Expiry: without keep-alive the key disappears after the TTL (etcd may round up a second).
     let mut waited = 0;
@@ -222,14 +168,8 @@ pub fn check_leases<S: ClusterStore>(s: &S, p: &str, clock: &mut dyn StoreClock)
         clock.sleep_ms(100);
         waited += 100;
     }
-    assert!(
-        s.get(&k).unwrap().is_none(),
-        "expired lease deletes its keys"
-    );
-    assert!(
-        waited >= ttl / 2,
-        "key lived for about its TTL (gone after {waited} ms)"
-    );
+    assert!(s.get(&k).unwrap().is_none(), "expired lease deletes its keys");
+    assert!(waited >= ttl / 2, "key lived for about its TTL (gone after {waited} ms)");
     assert!(!s.lease_alive(l).unwrap());
     assert!(
         matches!(s.keep_alive(l), Err(StoreError::LeaseNotFound(_))),
@@ -237,10 +177,7 @@ pub fn check_leases<S: ClusterStore>(s: &S, p: &str, clock: &mut dyn StoreClock)
         s.keep_alive(l)
     );
     assert!(
-        matches!(
-            s.put(&k, vec![], Some(l)),
-            Err(StoreError::LeaseNotFound(_))
-        ),
+        matches!(s.put(&k, vec![], Some(l)), Err(StoreError::LeaseNotFound(_))),
         "put with a dead lease fails"
     );
 
@@ -257,14 +194,8 @@ pub fn check_leases<S: ClusterStore>(s: &S, p: &str, clock: &mut dyn StoreClock)
     assert_eq!(s.get(&k).unwrap().unwrap().lease, Some(l2));
     s.revoke_lease(l2).unwrap();
     assert!(s.get(&k).unwrap().is_none(), "revoke deletes attached keys");
-    assert!(matches!(
-        s.keep_alive(l2),
-        Err(StoreError::LeaseNotFound(_))
-    ));
-    assert!(matches!(
-        s.revoke_lease(LeaseId(l2.0 ^ 0x5a5a_0000)),
-        Err(StoreError::LeaseNotFound(_))
-    ));
+    assert!(matches!(s.keep_alive(l2), Err(StoreError::LeaseNotFound(_))));
+    assert!(matches!(s.revoke_lease(LeaseId(l2.0 ^ 0x5a5a_0000)), Err(StoreError::LeaseNotFound(_))));
 }
 
 /// Watches: ordered puts and deletes, lease expiry shows up as deletes, replay from a revision.
@@ -272,8 +203,7 @@ pub fn check_watch<S: ClusterStore>(s: &S, p: &str, clock: &mut dyn StoreClock) 
     let base = format!("{p}watch/");
     let w = s.watch(&base, 0).unwrap();
     let r1 = s.put(&format!("{base}a"), b"1".to_vec(), None).unwrap();
-    s.put(&format!("{p}unwatched"), b"x".to_vec(), None)
-        .unwrap();
+    s.put(&format!("{p}unwatched"), b"x".to_vec(), None).unwrap();
     let r2 = s.put(&format!("{base}a"), b"2".to_vec(), None).unwrap();
     let (r3, _) = s.delete(&format!("{base}a")).unwrap();
     let evs = drain_until(s, w, 3, clock);
@@ -285,8 +215,7 @@ pub fn check_watch<S: ClusterStore>(s: &S, p: &str, clock: &mut dyn StoreClock) 
     );
 
     let l = s.grant_lease(1000).unwrap();
-    s.put(&format!("{base}leased"), b"l".to_vec(), Some(l))
-        .unwrap();
+    s.put(&format!("{base}leased"), b"l".to_vec(), Some(l)).unwrap();
     let mut evs = drain_until(s, w, 1, clock);
     let mut waited = 0;
     while !evs.iter().any(|e| matches!(e, WatchEvent::Delete { .. })) && waited < 6000 {
@@ -295,8 +224,7 @@ pub fn check_watch<S: ClusterStore>(s: &S, p: &str, clock: &mut dyn StoreClock) 
         evs.extend(s.poll_watch(w).unwrap());
     }
     assert!(
-        evs.iter()
-            .any(|e| matches!(e, WatchEvent::Delete { key, .. } if key.ends_with("leased"))),
+        evs.iter().any(|e| matches!(e, WatchEvent::Delete { key, .. } if key.ends_with("leased"))),
         "lease expiry is observed as a delete: {evs:?}"
     );
     s.cancel_watch(w).unwrap();
@@ -307,9 +235,6 @@ pub fn check_watch<S: ClusterStore>(s: &S, p: &str, clock: &mut dyn StoreClock) 
     let evs = drain_until(s, w2, 3, clock);
     assert!(evs.len() >= 3, "replay from revision {r1}: {evs:?}");
     assert_eq!(evs[0].revision(), r1);
-    assert!(
-        evs.windows(2).all(|p| p[0].revision() <= p[1].revision()),
-        "in revision order"
-    );
+    assert!(evs.windows(2).all(|p| p[0].revision() <= p[1].revision()), "in revision order");
     s.cancel_watch(w2).unwrap();
 }

@@ -13,13 +13,13 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use etcd_client::{
-    Client, Compare as ECompare, CompareOp, ConnectOptions, DeleteOptions, EventType, GetOptions,
-    PutOptions, Txn as ETxn, TxnOp as ETxnOp, TxnOpResponse, WatchOptions,
+    Client, Compare as ECompare, CompareOp, ConnectOptions, DeleteOptions, EventType, GetOptions, PutOptions,
+    Txn as ETxn, TxnOp as ETxnOp, TxnOpResponse, WatchOptions,
 };
 
 use super::{
-    ClusterStore, Compare, KeyValue, LeaseId, Revision, StoreError, Txn, TxnOp, TxnResponse,
-    WatchEvent, WatchId,
+    ClusterStore, Compare, KeyValue, LeaseId, Revision, StoreError, Txn, TxnOp, TxnResponse, WatchEvent,
+    WatchId,
 };
 
 #[derive(Debug)]
@@ -39,9 +39,7 @@ pub struct EtcdStore {
 
 impl std::fmt::Debug for EtcdStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("EtcdStore")
-            .field("timeout", &self.timeout)
-            .finish_non_exhaustive()
+        f.debug_struct("EtcdStore").field("timeout", &self.timeout).finish_non_exhaustive()
     }
 }
 
@@ -100,22 +98,15 @@ impl EtcdStore {
             .enable_all()
             .build()
             .map_err(|e| StoreError::Backend(format!("tokio runtime: {e}")))?;
-        let opts = ConnectOptions::new()
-            .with_timeout(timeout)
-            .with_connect_timeout(timeout);
+        let opts = ConnectOptions::new().with_timeout(timeout).with_connect_timeout(timeout);
         let client = rt
             .block_on(async {
                 tokio::time::timeout(timeout * 2, Client::connect(endpoints, Some(opts))).await
             })
             .map_err(|_| StoreError::Unavailable("connect timed out".into()))?
             .map_err(|e| map_err(e, None))?;
-        let store = Self {
-            rt,
-            client,
-            timeout,
-            watches: Mutex::new(BTreeMap::new()),
-            next_watch: Mutex::new(0),
-        };
+        let store =
+            Self { rt, client, timeout, watches: Mutex::new(BTreeMap::new()), next_watch: Mutex::new(0) };
         store.revision()?;
         Ok(store)
     }
@@ -144,19 +135,15 @@ fn conv_cmp(c: &Compare) -> ECompare {
         Compare::CreateRevision { key, revision } => {
             ECompare::create_revision(key.as_str(), CompareOp::Equal, *revision as i64)
         }
-        Compare::Value { key, value } => {
-            ECompare::value(key.as_str(), CompareOp::Equal, value.clone())
-        }
+        Compare::Value { key, value } => ECompare::value(key.as_str(), CompareOp::Equal, value.clone()),
     }
 }
 
 fn conv_op(op: &TxnOp) -> ETxnOp {
     match op {
-        TxnOp::Put { key, value, lease } => ETxnOp::put(
-            key.as_str(),
-            value.clone(),
-            lease.map(|l| PutOptions::new().with_lease(l.0)),
-        ),
+        TxnOp::Put { key, value, lease } => {
+            ETxnOp::put(key.as_str(), value.clone(), lease.map(|l| PutOptions::new().with_lease(l.0)))
+        }
         TxnOp::Delete { key } => ETxnOp::delete(key.as_str(), None),
         TxnOp::Get { key } => ETxnOp::get(key.as_str(), None),
     }
@@ -172,19 +159,12 @@ impl ClusterStore for EtcdStore {
 
     fn get_prefix(&self, prefix: &str) -> Result<(Vec<KeyValue>, Revision), StoreError> {
         let mut c = self.client();
-        let r = self.run(None, async move {
-            c.get(prefix, Some(GetOptions::new().with_prefix())).await
-        })?;
+        let r = self.run(None, async move { c.get(prefix, Some(GetOptions::new().with_prefix())).await })?;
         let revision = r.header().map_or(0, |h| rev(h.revision()));
         Ok((r.kvs().iter().map(conv_kv).collect(), revision))
     }
 
-    fn put(
-        &self,
-        key: &str,
-        value: Vec<u8>,
-        lease: Option<LeaseId>,
-    ) -> Result<Revision, StoreError> {
+    fn put(&self, key: &str, value: Vec<u8>, lease: Option<LeaseId>) -> Result<Revision, StoreError> {
         check_key(key)?;
         let mut c = self.client();
         let opts = lease.map(|l| PutOptions::new().with_lease(l.0));
@@ -195,9 +175,7 @@ impl ClusterStore for EtcdStore {
     fn delete(&self, key: &str) -> Result<(Revision, bool), StoreError> {
         check_key(key)?;
         let mut c = self.client();
-        let r = self.run(None, async move {
-            c.delete(key, Some(DeleteOptions::new())).await
-        })?;
+        let r = self.run(None, async move { c.delete(key, Some(DeleteOptions::new())).await })?;
         Ok((r.header().map_or(0, |h| rev(h.revision())), r.deleted() > 0))
     }
 
@@ -208,14 +186,10 @@ impl ClusterStore for EtcdStore {
             | Compare::Value { key, .. }) = c;
             check_key(key)?;
         }
-        let lease = txn
-            .success
-            .iter()
-            .chain(&txn.failure)
-            .find_map(|op| match op {
-                TxnOp::Put { lease, .. } => *lease,
-                _ => None,
-            });
+        let lease = txn.success.iter().chain(&txn.failure).find_map(|op| match op {
+            TxnOp::Put { lease, .. } => *lease,
+            _ => None,
+        });
         let etxn = ETxn::new()
             .when(txn.compares.iter().map(conv_cmp).collect::<Vec<_>>())
             .and_then(txn.success.iter().map(conv_op).collect::<Vec<_>>())
@@ -268,9 +242,7 @@ impl ClusterStore for EtcdStore {
 
     fn lease_alive(&self, lease: LeaseId) -> Result<bool, StoreError> {
         let mut c = self.client();
-        let r = self.run(Some(lease), async move {
-            c.lease_time_to_live(lease.0, None).await
-        })?;
+        let r = self.run(Some(lease), async move { c.lease_time_to_live(lease.0, None).await })?;
         // etcd reports the remaining TTL in whole seconds (0 in the last second), -1 if gone.
         Ok(r.ttl() >= 0)
     }
@@ -302,10 +274,7 @@ impl ClusterStore for EtcdStore {
         let mut next = self.next_watch.lock().unwrap_or_else(|e| e.into_inner());
         *next += 1;
         let id = *next;
-        self.watches
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(id, WatchSlot { events, task });
+        self.watches.lock().unwrap_or_else(|e| e.into_inner()).insert(id, WatchSlot { events, task });
         Ok(WatchId(id))
     }
 
@@ -329,9 +298,7 @@ impl ClusterStore for EtcdStore {
 
     fn revision(&self) -> Result<Revision, StoreError> {
         let mut c = self.client();
-        let r = self.run(None, async move {
-            c.get("/", Some(GetOptions::new().with_count_only())).await
-        })?;
+        let r = self.run(None, async move { c.get("/", Some(GetOptions::new().with_count_only())).await })?;
         Ok(r.header().map_or(0, |h| rev(h.revision())))
     }
 }

@@ -4,8 +4,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Mutex, MutexGuard};
 
 use super::{
-    ClusterStore, Compare, KeyValue, LeaseId, Revision, StoreError, Txn, TxnOp, TxnResponse,
-    WatchEvent, WatchId,
+    ClusterStore, Compare, KeyValue, LeaseId, Revision, StoreError, Txn, TxnOp, TxnResponse, WatchEvent,
+    WatchId,
 };
 
 /// How many past events are kept for watches that start at an older revision.
@@ -82,12 +82,8 @@ impl MemStore {
             return Vec::new();
         }
         let now = g.now_ms;
-        let due: Vec<i64> = g
-            .leases
-            .iter()
-            .filter(|(_, l)| l.expires_at_ms <= now)
-            .map(|(id, _)| *id)
-            .collect();
+        let due: Vec<i64> =
+            g.leases.iter().filter(|(_, l)| l.expires_at_ms <= now).map(|(id, _)| *id).collect();
         for id in &due {
             g.remove_lease(*id);
         }
@@ -140,14 +136,7 @@ impl Inner {
                 l.keys.insert(key.to_string());
             }
         }
-        let kv = KeyValue {
-            key: key.to_string(),
-            value,
-            create_revision,
-            mod_revision: rev,
-            version,
-            lease,
-        };
+        let kv = KeyValue { key: key.to_string(), value, create_revision, mod_revision: rev, version, lease };
         self.kv.insert(key.to_string(), kv.clone());
         self.emit(WatchEvent::Put(kv));
     }
@@ -158,10 +147,7 @@ impl Inner {
                 if let Some(l) = kv.lease.and_then(|l| self.leases.get_mut(&l.0)) {
                     l.keys.remove(key);
                 }
-                self.emit(WatchEvent::Delete {
-                    key: key.to_string(),
-                    mod_revision: rev,
-                });
+                self.emit(WatchEvent::Delete { key: key.to_string(), mod_revision: rev });
                 true
             }
             None => false,
@@ -176,10 +162,7 @@ impl Inner {
                 for k in l.keys {
                     if let Some(kv) = self.kv.remove(&k) {
                         debug_assert_eq!(kv.lease, Some(LeaseId(id)));
-                        self.emit(WatchEvent::Delete {
-                            key: k,
-                            mod_revision: rev,
-                        });
+                        self.emit(WatchEvent::Delete { key: k, mod_revision: rev });
                     }
                 }
             }
@@ -229,12 +212,7 @@ impl ClusterStore for MemStore {
         Ok((kvs, g.revision))
     }
 
-    fn put(
-        &self,
-        key: &str,
-        value: Vec<u8>,
-        lease: Option<LeaseId>,
-    ) -> Result<Revision, StoreError> {
+    fn put(&self, key: &str, value: Vec<u8>, lease: Option<LeaseId>) -> Result<Revision, StoreError> {
         check_key(key)?;
         let mut g = self.live()?;
         g.check_lease(lease)?;
@@ -296,11 +274,7 @@ impl ClusterStore for MemStore {
                 TxnOp::Get { key } => gets.push(g.kv.get(&key).cloned()),
             }
         }
-        Ok(TxnResponse {
-            succeeded,
-            revision: rev,
-            gets,
-        })
+        Ok(TxnResponse { succeeded, revision: rev, gets })
     }
 
     fn grant_lease(&self, ttl_ms: u64) -> Result<LeaseId, StoreError> {
@@ -311,24 +285,14 @@ impl ClusterStore for MemStore {
         g.next_lease += 1;
         let id = g.next_lease;
         let expires_at_ms = g.now_ms + ttl_ms;
-        g.leases.insert(
-            id,
-            Lease {
-                ttl_ms,
-                expires_at_ms,
-                keys: BTreeSet::new(),
-            },
-        );
+        g.leases.insert(id, Lease { ttl_ms, expires_at_ms, keys: BTreeSet::new() });
         Ok(LeaseId(id))
     }
 
     fn keep_alive(&self, lease: LeaseId) -> Result<u64, StoreError> {
         let mut g = self.live()?;
         let now = g.now_ms;
-        let l = g
-            .leases
-            .get_mut(&lease.0)
-            .ok_or(StoreError::LeaseNotFound(lease))?;
+        let l = g.leases.get_mut(&lease.0).ok_or(StoreError::LeaseNotFound(lease))?;
         l.expires_at_ms = now + l.ttl_ms;
         Ok(l.ttl_ms)
     }
@@ -352,10 +316,7 @@ impl ClusterStore for MemStore {
         if from_revision != 0 && from_revision <= g.revision {
             let oldest = g.history.front().map_or(g.revision + 1, |e| e.revision());
             if from_revision < oldest {
-                return Err(StoreError::Compacted {
-                    requested: from_revision,
-                    oldest,
-                });
+                return Err(StoreError::Compacted { requested: from_revision, oldest });
             }
             pending.extend(
                 g.history
@@ -366,31 +327,19 @@ impl ClusterStore for MemStore {
         }
         g.next_watch += 1;
         let id = g.next_watch;
-        g.watches.insert(
-            id,
-            Watch {
-                prefix: prefix.to_string(),
-                pending,
-            },
-        );
+        g.watches.insert(id, Watch { prefix: prefix.to_string(), pending });
         Ok(WatchId(id))
     }
 
     fn poll_watch(&self, watch: WatchId) -> Result<Vec<WatchEvent>, StoreError> {
         let mut g = self.live()?;
-        let w = g
-            .watches
-            .get_mut(&watch.0)
-            .ok_or(StoreError::WatchNotFound(watch))?;
+        let w = g.watches.get_mut(&watch.0).ok_or(StoreError::WatchNotFound(watch))?;
         Ok(std::mem::take(&mut w.pending))
     }
 
     fn cancel_watch(&self, watch: WatchId) -> Result<(), StoreError> {
         let mut g = self.live()?;
-        g.watches
-            .remove(&watch.0)
-            .map(|_| ())
-            .ok_or(StoreError::WatchNotFound(watch))
+        g.watches.remove(&watch.0).map(|_| ()).ok_or(StoreError::WatchNotFound(watch))
     }
 
     fn revision(&self) -> Result<Revision, StoreError> {

@@ -73,18 +73,12 @@ pub enum Compare {
 impl Compare {
     /// The condition "key does not exist".
     pub fn absent(key: impl Into<String>) -> Self {
-        Compare::CreateRevision {
-            key: key.into(),
-            revision: 0,
-        }
+        Compare::CreateRevision { key: key.into(), revision: 0 }
     }
 
     /// The condition "key was last modified at `revision`" (a fencing-token check).
     pub fn mod_rev(key: impl Into<String>, revision: Revision) -> Self {
-        Compare::ModRevision {
-            key: key.into(),
-            revision,
-        }
+        Compare::ModRevision { key: key.into(), revision }
     }
 }
 
@@ -231,12 +225,7 @@ pub trait ClusterStore: std::fmt::Debug {
     /// Reads every key starting with `prefix`, sorted by key, with the revision of the read.
     fn get_prefix(&self, prefix: &str) -> Result<(Vec<KeyValue>, Revision), StoreError>;
     /// Writes a key, optionally attached to a lease; returns the new revision.
-    fn put(
-        &self,
-        key: &str,
-        value: Vec<u8>,
-        lease: Option<LeaseId>,
-    ) -> Result<Revision, StoreError>;
+    fn put(&self, key: &str, value: Vec<u8>, lease: Option<LeaseId>) -> Result<Revision, StoreError>;
     /// Deletes a key; returns the store revision afterwards and whether the key existed.
     fn delete(&self, key: &str) -> Result<(Revision, bool), StoreError>;
     /// Runs a compare-and-swap transaction atomically.
@@ -267,12 +256,7 @@ impl<S: ClusterStore + ?Sized> ClusterStore for &S {
     fn get_prefix(&self, prefix: &str) -> Result<(Vec<KeyValue>, Revision), StoreError> {
         (**self).get_prefix(prefix)
     }
-    fn put(
-        &self,
-        key: &str,
-        value: Vec<u8>,
-        lease: Option<LeaseId>,
-    ) -> Result<Revision, StoreError> {
+    fn put(&self, key: &str, value: Vec<u8>, lease: Option<LeaseId>) -> Result<Revision, StoreError> {
         (**self).put(key, value, lease)
     }
     fn delete(&self, key: &str) -> Result<(Revision, bool), StoreError> {
@@ -314,12 +298,7 @@ impl<S: ClusterStore + ?Sized> ClusterStore for std::sync::Arc<S> {
     fn get_prefix(&self, prefix: &str) -> Result<(Vec<KeyValue>, Revision), StoreError> {
         (**self).get_prefix(prefix)
     }
-    fn put(
-        &self,
-        key: &str,
-        value: Vec<u8>,
-        lease: Option<LeaseId>,
-    ) -> Result<Revision, StoreError> {
+    fn put(&self, key: &str, value: Vec<u8>, lease: Option<LeaseId>) -> Result<Revision, StoreError> {
         (**self).put(key, value, lease)
     }
     fn delete(&self, key: &str) -> Result<(Revision, bool), StoreError> {
