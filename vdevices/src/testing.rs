@@ -91,16 +91,34 @@ pub struct Driver {
     transport: MmioTransport,
     queues: Vec<DriverQueue>,
     next_buf: u64,
+    buf_start: u64,
+    buf_end: u64,
+    queue_area: u64,
+    base: u64,
     done: HashMap<(usize, u16), u32>,
     epoll: Epoll,
     interrupts: u64,
 }
 
 impl Driver {
-    /// A driver for `transport` over `mem` (which must hold [`BUFFER_AREA`] and more).
+    /// A driver for `transport` over `mem` (which must hold [`BUFFER_AREA`] and more), with the
+    /// whole memory above `BUFFER_AREA` for its buffers.
     pub fn new(mem: GuestMemory, transport: MmioTransport) -> Result<Self, HarnessError> {
+        Self::new_in(mem, transport, 0, u64::MAX)
+    }
+
+    /// A driver for one of several devices sharing `mem`: device `slot` sits at
+    /// `BASE + slot * 0x1000`, its rings at `QUEUE_AREA + slot * 64 KiB` (up to 4 queues, 16 slots) and its buffers in
+    /// `[BUFFER_AREA + slot * span, BUFFER_AREA + (slot + 1) * span)`.
+    pub fn new_in(
+        mem: GuestMemory,
+        transport: MmioTransport,
+        slot: u64,
+        span: u64,
+    ) -> Result<Self, HarnessError> {
+        let base = BASE + slot * crate::virtio::mmio::MMIO_SIZE;
         let bus = Bus::new();
-        bus.insert(BASE, crate::virtio::mmio::MMIO_SIZE, Arc::new(transport.clone()))
+        bus.insert(base, crate::virtio::mmio::MMIO_SIZE, Arc::new(transport.clone()))
             .map_err(|e| std::io::Error::other(e.to_string()))?;
         let epoll = Epoll::new()?;
         epoll.ctl(
@@ -113,7 +131,11 @@ impl Driver {
             mem,
             transport,
             queues: Vec::new(),
-            next_buf: BUFFER_AREA,
+            next_buf: BUFFER_AREA + slot.saturating_mul(span),
+            buf_start: BUFFER_AREA + slot.saturating_mul(span),
+            buf_end: (BUFFER_AREA + slot.saturating_mul(span)).saturating_add(span),
+            queue_area: QUEUE_AREA + slot * 0x1_0000,
+            base,
             done: HashMap::new(),
             epoll,
             interrupts: 0,
@@ -125,6 +147,14 @@ impl Driver {
     /// save and restore.
     pub fn reattach(self, mem: GuestMemory, transport: MmioTransport) -> Result<Self, HarnessError> {
         let mut d = Driver::new(mem, transport)?;
+        d.bus = Bus::new();
+        d.bus
+            .insert(self.base, crate::virtio::mmio::MMIO_SIZE, Arc::new(d.transport.clone()))
+            .map_err(|e| std::io::Error::other(e.to_string()))?;
+        d.base = self.base;
+        d.buf_start = self.buf_start;
+        d.buf_end = self.buf_end;
+        d.queue_area = self.queue_area;
         d.queues = self.queues;
         d.next_buf = self.next_buf;
         d.done = self.done;
@@ -149,19 +179,19 @@ impl Driver {
     /// Reads a 32-bit register through the bus.
     pub fn read_reg(&self, offset: u64) -> u32 {
         let mut b = [0u8; 4];
-        self.bus.read(BASE + offset, &mut b);
+        self.bus.read(self.base + offset, &mut b);
         u32::from_le_bytes(b)
     }
 
     /// Writes a 32-bit register through the bus.
     pub fn write_reg(&self, offset: u64, v: u32) {
-        self.bus.write(BASE + offset, &v.to_le_bytes());
+        self.bus.write(self.base + offset, &v.to_le_bytes());
     }
 
     /// Reads `len` bytes of device config space.
     pub fn read_config(&self, offset: u64, len: usize) -> Vec<u8> {
         let mut b = vec![0u8; len];
-        self.bus.read(BASE + reg::CONFIG + offset, &mut b);
+        self.bus.read(self.base + reg::CONFIG + offset, &mut b);
         b
     }
 
@@ -198,7 +228,7 @@ impl Driver {
                 break;
             }
             let size = queue_size.min(max);
-            let base = QUEUE_AREA + 0x4000 * u64::from(q);
+            let base = self.queue_area + 0x4000 * u64::from(q);
             let dq = DriverQueue {
                 size,
                 desc: base,
@@ -234,7 +264,7 @@ impl Driver {
     pub fn alloc(&mut self, len: u64) -> Result<u64, HarnessError> {
         let addr = self.next_buf;
         let end = addr.checked_add(len.max(1)).ok_or(HarnessError::Exhausted("buffer memory"))?;
-        if !self.mem.address_in_range(GuestAddress(end - 1)) {
+        if end > self.buf_end || !self.mem.address_in_range(GuestAddress(end - 1)) {
             return Err(HarnessError::Exhausted("buffer memory"));
         }
         self.next_buf = (end + 15) & !15;
@@ -243,7 +273,7 @@ impl Driver {
 
     /// Forgets every buffer allocation (only when nothing is in flight).
     pub fn reset_buffers(&mut self) {
-        self.next_buf = BUFFER_AREA;
+        self.next_buf = self.buf_start;
     }
 
     /// Writes descriptor `i` of queue `q` verbatim (for bad-guest tests).
@@ -364,6 +394,8 @@ impl Driver {
             dq.last_used = dq.last_used.wrapping_add(1);
             n += 1;
         }
+        // With VIRTIO_F_RING_EVENT_IDX: interrupt me on the next used entry (used_event).
+        self.mem.write_obj(dq.last_used, GuestAddress(dq.avail + 4 + 2 * u64::from(dq.size)))?;
         Ok(n)
     }
 

@@ -462,7 +462,8 @@ impl EventSubscriber for MmioTransport {
             for evt in &self.shared.queue_evts {
                 let _ = evt.write(1);
             }
-            for i in 0..self.lock().device.backend_fds().len() {
+            let backends = self.lock().device.backend_fds().len();
+            for i in 0..backends {
                 self.process_backend(i);
             }
         }
