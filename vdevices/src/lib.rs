@@ -11,6 +11,7 @@
 #![deny(missing_docs, missing_debug_implementations)]
 
 pub mod event;
+pub mod guest;
 pub mod legacy;
 mod sys;
 #[cfg(feature = "test-utils")]

@@ -30,3 +30,18 @@ pub(crate) fn punch_hole(file: &File, offset: u64, len: u64) -> io::Result<()> {
     check(unsafe { libc::fallocate(file.as_raw_fd(), mode, off, l) })?;
     Ok(())
 }
+
+/// Machine code of the built-in `virtio_rng` guest (see `guest`).
+pub(crate) fn virtio_rng_code() -> &'static [u8] {
+    unsafe extern "C" {
+        static vinfra_guest_virtio_rng_start: u8;
+        static vinfra_guest_virtio_rng_end: u8;
+    }
+    let start = &raw const vinfra_guest_virtio_rng_start;
+    let end = &raw const vinfra_guest_virtio_rng_end;
+    let len = end as usize - start as usize;
+    // SAFETY: both symbols are labels of the one `global_asm!` block in `guest.rs`, in a read-only
+    // section, with the end label after the start label; the bytes between them are initialized
+    // machine code that is never written.
+    unsafe { std::slice::from_raw_parts(start, len) }
+}
