@@ -45,3 +45,13 @@ pub(crate) fn virtio_rng_code() -> &'static [u8] {
     // machine code that is never written.
     unsafe { std::slice::from_raw_parts(start, len) }
 }
+
+/// Gives `len` bytes of anonymous memory at `addr` back to the kernel (`MADV_DONTNEED`): they
+/// read as zeros afterwards.
+pub(crate) fn discard(addr: *mut u8, len: usize) -> io::Result<()> {
+    // SAFETY: the caller passes a range inside a guest memory mapping (checked with
+    // `check_range` and obtained from `get_slice`); MADV_DONTNEED on private anonymous memory only
+    // replaces its contents with zeros, which every reader of guest memory must expect anyway.
+    check(unsafe { libc::madvise(addr.cast(), len, libc::MADV_DONTNEED) })?;
+    Ok(())
+}

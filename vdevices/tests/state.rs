@@ -10,6 +10,7 @@ use std::time::Duration;
 use common::{Sink, blk_hdr, temp_image};
 use vcore::Snapshot;
 use vdevices::testing::{Driver, copy_memory, guest_memory};
+use vdevices::virtio::balloon::Balloon;
 use vdevices::virtio::block::{Block, BlockConfig, req, req_status};
 use vdevices::virtio::console::{Console, ConsoleIo};
 use vdevices::virtio::mmio::INT_VRING;
@@ -107,6 +108,7 @@ fn save_mid_io_restore_and_complete() {
         let device: Box<dyn vdevices::VirtioDevice> = match &s.device {
             DeviceState::Block(b) => Box::new(Block::restore((), b).unwrap()),
             DeviceState::Rng(r) => Box::new(Rng::restore((), r).unwrap()),
+            DeviceState::Balloon(b) => Box::new(Balloon::restore((), b).unwrap()),
             DeviceState::Console(c) => Box::new(
                 Console::restore(
                     ConsoleIo {

@@ -226,6 +226,13 @@ impl MmioTransport {
         r
     }
 
+    /// Tells the guest the config space changed, if the device says it did (bumps the config
+    /// generation and raises a configuration-change interrupt).
+    pub fn config_changed(&self) {
+        let mut inner = self.lock();
+        self.after_work(&mut inner, 0);
+    }
+
     /// Serves queue `q` now, on the calling thread (what the event loop does on a notification).
     pub fn process_queue(&self, q: usize) {
         let mut inner = self.lock();

@@ -8,6 +8,7 @@
 //! driver resets it. A request that is well formed but fails (an I/O error, a sector past the end)
 //! is completed with an error status instead.
 
+pub mod balloon;
 pub mod block;
 mod chain;
 pub mod console;
@@ -78,6 +79,8 @@ pub enum DeviceState {
     Rng(rng::RngState),
     /// virtio-console.
     Console(console::ConsoleState),
+    /// virtio-balloon.
+    Balloon(balloon::BalloonState),
 }
 
 /// A virtio device behind a transport: its identity, features, config space and queue work.
