@@ -108,6 +108,7 @@ fn save_mid_io_restore_and_complete() {
         let device: Box<dyn vdevices::VirtioDevice> = match &s.device {
             DeviceState::Block(b) => Box::new(Block::restore((), b).unwrap()),
             DeviceState::Rng(r) => Box::new(Rng::restore((), r).unwrap()),
+            DeviceState::Net(_) => unreachable!("no net device in this test"),
             DeviceState::Balloon(b) => Box::new(Balloon::restore((), b).unwrap()),
             DeviceState::Console(c) => Box::new(
                 Console::restore(

@@ -13,6 +13,7 @@ pub mod block;
 mod chain;
 pub mod console;
 pub mod mmio;
+pub mod net;
 pub mod rng;
 
 use std::os::fd::RawFd;
@@ -79,6 +80,8 @@ pub enum DeviceState {
     Rng(rng::RngState),
     /// virtio-console.
     Console(console::ConsoleState),
+    /// virtio-net.
+    Net(net::NetState),
     /// virtio-balloon.
     Balloon(balloon::BalloonState),
 }
