@@ -10,6 +10,7 @@
 //! no Linux guest can run.
 #![deny(missing_docs, missing_debug_implementations)]
 
+pub mod acpi;
 pub mod event;
 pub mod guest;
 pub mod legacy;
