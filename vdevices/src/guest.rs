@@ -1,11 +1,11 @@
 //! `virtio_rng`: a built-in CPL-3 guest that drives a virtio-rng device by itself.
 //!
-//! vCPU 0 brings the device at [`VirtioRng::mmio_base`] up through its virtio-mmio registers
+//! vCPU 0 prints a line to COM1 (`0x3f8`), brings the device at [`VirtioRng::mmio_base`] up through its virtio-mmio registers
 //! (reset, `VIRTIO_F_VERSION_1`, one queue of 8 entries at [`DESC_ADDR`], `DRIVER_OK`), then
 //! `iterations` times: posts one device-writable descriptor of `buf_len` bytes at [`BUF_ADDR`],
 //! publishes it in the available ring, reads the TSC, writes `QueueNotify` (an ioeventfd in KVM,
 //! or an MMIO exit to the transport), polls the used ring until the device has answered, reads
-//! the TSC again. It records the cycles of each round trip (total, min, max) and the first random
+//! the TSC again, then prints `done` to COM1. It records the cycles of each round trip (total, min, max) and the first random
 //! bytes in its result area, and writes the number of completed requests to
 //! [`vcore::guest::EXIT_PORT`] (`0xdead` if the device refused the features). Interrupts stay
 //! disabled (CPL 3, IF 0): the guest polls; the device still raises its irqfd.
@@ -38,6 +38,8 @@ core::arch::global_asm!(
     // Entry at CPL 3, IOPL 3, IF 0; RDI = vCPU index. Other vCPUs just spin.
     "    test rdi, rdi",
     "    jnz .Lvr_ap",
+    "    lea rsi, [rip + .Lvr_hello]",
+    "    call .Lvr_print",
     "    mov rbx, qword ptr [0x6008]",          // MMIO base of the device
     "    mov r12, qword ptr [0x6000]",          // iterations
     // Reset, ACKNOWLEDGE, DRIVER.
@@ -111,6 +113,8 @@ core::arch::global_asm!(
     "    mov qword ptr [0x6120], rax",
     "    mov eax, dword ptr [0x202008]",        // used.ring[0].len
     "    mov dword ptr [0x6128], eax",
+    "    lea rsi, [rip + .Lvr_bye]",
+    "    call .Lvr_print",
     "    mov eax, r13d",
     "    mov dx, 0xf4",                         // EXIT_PORT: done, code = requests
     "    out dx, eax",
@@ -125,6 +129,21 @@ core::arch::global_asm!(
     ".Lvr_ap:",
     "    pause",
     "    jmp .Lvr_ap",
+    // Prints the NUL-terminated string at RSI to COM1 (0x3f8); clobbers RAX, RDX, RSI.
+    ".Lvr_print:",
+    "    mov dx, 0x3f8",
+    ".Lvr_print_loop:",
+    "    lodsb",
+    "    test al, al",
+    "    jz .Lvr_print_end",
+    "    out dx, al",
+    "    jmp .Lvr_print_loop",
+    ".Lvr_print_end:",
+    "    ret",
+    ".Lvr_hello:",
+    "    .asciz \"virtio_rng guest: driving virtio-rng over virtio-mmio\\n\"",
+    ".Lvr_bye:",
+    "    .asciz \"virtio_rng guest: done\\n\"",
     ".globl vinfra_guest_virtio_rng_end",
     ".hidden vinfra_guest_virtio_rng_end",
     "vinfra_guest_virtio_rng_end:",

@@ -14,6 +14,7 @@ pub mod acpi;
 pub mod event;
 pub mod guest;
 pub mod legacy;
+pub mod machine;
 mod sys;
 #[cfg(feature = "test-utils")]
 pub mod testing;

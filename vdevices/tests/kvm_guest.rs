@@ -3,7 +3,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use vcore::guest::{EXIT_PORT, ExitPort};
+use vcore::guest::{CONSOLE_PORT, Console, EXIT_PORT, ExitPort};
 use vcore::{VmBuilder, VmConfig};
 use vdevices::guest::{VirtioRng, VirtioRngResult};
 use vdevices::virtio::rng::Rng;
@@ -19,6 +19,8 @@ fn run(cfg: VirtioRng) -> Option<(VirtioRngResult, vdevices::virtio::mmio::Trans
         .unwrap();
     let exit = Arc::new(ExitPort::new());
     vm.pio_bus().insert(EXIT_PORT.into(), 4, exit.clone()).unwrap();
+    let console = Arc::new(Console::new());
+    vm.pio_bus().insert(CONSOLE_PORT.into(), 1, console.clone()).unwrap();
     let rng = MmioTransport::new(vm.memory().clone(), Box::new(Rng::new())).unwrap();
     rng.attach(&vm, cfg.mmio_base, 5).unwrap();
     let events = EventLoop::start().unwrap();
@@ -29,6 +31,8 @@ fn run(cfg: VirtioRng) -> Option<(VirtioRngResult, vdevices::virtio::mmio::Trans
     let mmio_exits = vm.vcpu_stats(0).unwrap().mmio.load(std::sync::atomic::Ordering::Relaxed);
     assert_eq!(u64::from(code), cfg.iterations, "guest exit code (0xdead = features refused)");
     let result = VirtioRng::read_result(vm.memory()).unwrap();
+    let out = String::from_utf8_lossy(&console.output()).into_owned();
+    assert!(out.starts_with("virtio_rng guest: driving") && out.ends_with("done\n"), "{out:?}");
     Some((result, rng.stats(), mmio_exits))
 }
 
@@ -40,9 +44,11 @@ fn cpl3_guest_drives_virtio_rng() {
     assert_eq!(r.used_len, 64);
     assert!(r.min_cycles <= r.max_cycles && r.total_cycles >= r.max_cycles);
     assert_ne!(r.first_bytes, 0);
-    // Each notify is served (an eventfd coalesces the one written at DRIVER_OK with the first).
-    assert!((50..=51).contains(&stats.notifications), "{stats:?}");
-    assert!(stats.interrupts >= 50, "an interrupt per completion through the irqfd");
+    // Notifications were served (a serve pass takes every chain available, so one eventfd
+    // wake-up can cover a request the guest published while the device was still working), and
+    // each pass that used buffers raised the irqfd.
+    assert!((1..=51).contains(&stats.notifications), "{stats:?}");
+    assert!(stats.interrupts >= 1 && stats.interrupts <= stats.notifications, "{stats:?}");
     eprintln!(
         "virtio_rng guest: {} requests, mean {} cycles notify-to-used, min {}, max {}; {mmio_exits} MMIO exits",
         r.completed,
