@@ -15,9 +15,10 @@ use std::time::Duration;
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use vinfra::vcore::guest::{EXIT_PORT, ExitPort};
+use vinfra::vcore::vm_memory::{Bytes, GuestAddress};
 use vinfra::vcore::{VmBuilder, VmConfig};
 use vinfra::vdevices::guest::VirtioRng;
-use vinfra::vdevices::testing::{Driver, guest_memory};
+use vinfra::vdevices::testing::{DESC_F_WRITE, Driver, guest_memory};
 use vinfra::vdevices::virtio::block::{Block, BlockConfig, req};
 use vinfra::vdevices::virtio::net::{HDR_LEN, Net, TX_QUEUE};
 use vinfra::vdevices::virtio::rng::Rng;
@@ -53,24 +54,35 @@ fn hdr(kind: u32, sector: u64) -> Vec<u8> {
     h
 }
 
+/// Buffers of `qd` block requests, allocated once in guest memory and reused (a guest driver
+/// does not re-allocate or clear its buffers per request).
+struct BlkSlots {
+    slots: Vec<(u64, u64, u64)>, // header, data, status
+}
+
+impl BlkSlots {
+    fn new(d: &mut Driver, qd: usize, len: u32) -> Self {
+        d.reset_buffers();
+        let slots = (0..qd)
+            .map(|_| (d.alloc(16).unwrap(), d.alloc(u64::from(len)).unwrap(), d.alloc(1).unwrap()))
+            .collect();
+        BlkSlots { slots }
+    }
+}
+
 /// `qd` requests of `len` bytes each, posted at once, one notify, all completions awaited.
-fn blk_batch(d: &mut Driver, pos: &mut u64, kind: u32, len: u32, qd: usize, data: &[u8]) {
-    d.reset_buffers();
-    let mut pending = Vec::with_capacity(qd);
-    for _ in 0..qd {
-        let h = hdr(kind, *pos / 512);
-        let p = if kind == req::OUT {
-            d.post(0, &[&h, &data[..len as usize]], &[1]).unwrap()
-        } else {
-            d.post(0, &[&h], &[len, 1]).unwrap()
-        };
-        pending.push(p);
+fn blk_batch(d: &mut Driver, s: &BlkSlots, pos: &mut u64, kind: u32, len: u32) {
+    let mut heads = Vec::with_capacity(s.slots.len());
+    for &(h, data, st) in &s.slots {
+        d.mem().write_slice(&hdr(kind, *pos / 512), GuestAddress(h)).unwrap();
+        let data_flags = if kind == req::OUT { 0 } else { DESC_F_WRITE };
+        heads.push(d.post_raw(0, &[(h, 16, 0), (data, len, data_flags), (st, 1, DESC_F_WRITE)]).unwrap());
         *pos = (*pos + u64::from(len)) % IMAGE;
     }
     d.notify(0);
-    for p in &pending {
-        let c = d.wait(p, T).unwrap();
-        assert_eq!(*c.data.last().unwrap(), [0u8]);
+    for (&head, &(_, _, st)) in heads.iter().zip(&s.slots) {
+        d.wait_head(0, head, T).unwrap();
+        assert_eq!(d.mem().read_obj::<u8>(GuestAddress(st)).unwrap(), 0, "status OK");
     }
 }
 
@@ -90,13 +102,15 @@ fn virtio_blk(c: &mut Criterion) {
     for (name, kind, len, qd) in [
         ("seq_read_64k_qd1", req::IN, 64 << 10, 1),
         ("seq_read_64k_qd32", req::IN, 64 << 10, 32),
+        ("seq_write_64k_qd1", req::OUT, 64 << 10, 1),
         ("seq_write_64k_qd32", req::OUT, 64 << 10, 32),
         ("read_4k_qd1", req::IN, 4096, 1),
         ("read_4k_qd32", req::IN, 4096, 32),
     ] {
         g.throughput(Throughput::Bytes(u64::from(len) * qd as u64));
+        let slots = BlkSlots::new(&mut d, qd, len);
         let mut pos = 0u64;
-        g.bench_function(name, |b| b.iter(|| blk_batch(&mut d, &mut pos, kind, len, qd, &data)));
+        g.bench_function(name, |b| b.iter(|| blk_batch(&mut d, &slots, &mut pos, kind, len)));
     }
     // The same file, read and written directly (pread/pwrite into a user buffer).
     for (name, len, write) in [
@@ -128,11 +142,11 @@ fn virtio_rng(c: &mut Criterion) {
     g.sample_size(20).measurement_time(Duration::from_secs(3)).warm_up_time(Duration::from_millis(500));
     // Notify → backend on the event-loop thread → used ring → irqfd → the waiting driver.
     g.bench_function("notify_to_interrupt_64b", |b| {
+        let buf = d.alloc(64).unwrap();
         b.iter(|| {
-            d.reset_buffers();
-            let p = d.post(0, &[], &[64]).unwrap();
+            let head = d.post_raw(0, &[(buf, 64, DESC_F_WRITE)]).unwrap();
             d.notify(0);
-            d.wait(&p, T).unwrap();
+            d.wait_head(0, head, T).unwrap();
         })
     });
     g.finish();
@@ -153,6 +167,8 @@ fn virtio_net(c: &mut Criterion) {
     frame.extend_from_slice(&[0xff; 6]);
     frame.extend_from_slice(&[0x02, 0, 0, 0, 0, 1, 0x88, 0xb5]);
     frame.resize(HDR_LEN + 1514, 0x42);
+    let buf = d.alloc(frame.len() as u64).unwrap();
+    d.mem().write_slice(&frame, GuestAddress(buf)).unwrap();
     let mut g = c.benchmark_group("virtio_net");
     g.sample_size(10).measurement_time(Duration::from_secs(3)).warm_up_time(Duration::from_millis(500));
     for (name, bytes) in [("tx_1514b_x64", true), ("tx_1514b_x64_frames", false)] {
@@ -163,11 +179,11 @@ fn virtio_net(c: &mut Criterion) {
         }
         g.bench_function(name, |b| {
             b.iter(|| {
-                d.reset_buffers();
-                let ps: Vec<_> = (0..64).map(|_| d.post(TX_QUEUE, &[&frame], &[]).unwrap()).collect();
+                let heads: Vec<_> =
+                    (0..64).map(|_| d.post_raw(TX_QUEUE, &[(buf, frame.len() as u32, 0)]).unwrap()).collect();
                 d.notify(TX_QUEUE);
-                for p in &ps {
-                    d.wait(p, T).unwrap();
+                for h in heads {
+                    d.wait_head(TX_QUEUE, h, T).unwrap();
                 }
             })
         });

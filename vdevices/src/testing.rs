@@ -410,6 +410,23 @@ impl Driver {
         self.done.keys().any(|&(_, h)| h == u16::MAX)
     }
 
+    /// Waits until chain `head` of queue `q` completes; returns the length the device reported
+    /// (without copying any buffer: for benchmarks that reuse their buffers).
+    pub fn wait_head(&mut self, q: usize, head: u16, timeout: Duration) -> Result<u32, HarnessError> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            self.collect_used(q)?;
+            if let Some(len) = self.done.remove(&(q, head)) {
+                return Ok(len);
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(HarnessError::Timeout("a used-ring entry"));
+            }
+            self.wait_interrupt(left.min(Duration::from_millis(50)));
+        }
+    }
+
     /// Waits until `p` completes, then returns its writable buffers.
     pub fn wait(&mut self, p: &Pending, timeout: Duration) -> Result<Completion, HarnessError> {
         let deadline = Instant::now() + timeout;
