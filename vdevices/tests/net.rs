@@ -162,3 +162,66 @@ fn frames_cross_the_tap_both_ways_with_honest_checksum_offload() {
     }
     assert!(r.driver.transport().broken().is_none());
 }
+
+#[test]
+fn pending_frames_survive_save_and_restore() {
+    use vcore::Snapshot;
+    use vdevices::testing::{Driver, copy_memory, guest_memory};
+    use vdevices::virtio::mmio::TransportArgs;
+    use vdevices::{DeviceState, EventLoop, MmioTransport};
+
+    if !usable() {
+        return;
+    }
+    let ns = NetNs::create(&format!("vdst{}", std::process::id())).unwrap();
+    let (tap, sock) = ns.tap_and_socket("vdtap1", false).unwrap();
+    let tap_again = tap.try_clone().unwrap();
+    let wire = wire(sock);
+    let mem = guest_memory(16);
+    let t = MmioTransport::new(mem.clone(), Box::new(Net::new(tap, MAC))).unwrap();
+    let events = EventLoop::start().unwrap();
+    let id = events.add(std::sync::Arc::new(t.clone())).unwrap();
+    let mut d = Driver::new(mem.clone(), t.clone()).unwrap();
+    d.init(VIRTIO_F_VERSION_1 | F_MAC, 64).unwrap();
+
+    // A frame arrives while the guest has no receive buffer: the device holds it.
+    let inbound = raw_frame(0x88b5, b"arrived before the save");
+    wire.send(&inbound).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while !matches!(&t.save().device, DeviceState::Net(n) if n.rx_pending.is_some()) {
+        assert!(std::time::Instant::now() < deadline, "frame never read from the tap");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    // The VM pauses; a transmit is posted and notified but not served yet.
+    events.remove(id).unwrap();
+    drop(events);
+    let outbound = raw_frame(0x88b5, b"sent across the save");
+    let tx = d.post(TX_QUEUE, &[&[0u8; HDR_LEN], &outbound], &[]).unwrap();
+    d.notify(TX_QUEUE);
+    let state = t.save();
+    drop(t);
+
+    let mem2 = guest_memory(16);
+    copy_memory(&mem, &mem2).unwrap();
+    let DeviceState::Net(ns_state) = &state.device else { panic!("not net") };
+    let dev = Net::restore(tap_again, ns_state).unwrap();
+    let t2 =
+        MmioTransport::restore(TransportArgs { mem: mem2.clone(), device: Box::new(dev) }, &state).unwrap();
+    let mut d = d.reattach(mem2, t2.clone()).unwrap();
+    let events = EventLoop::start().unwrap();
+    events.add(std::sync::Arc::new(t2.clone())).unwrap();
+
+    d.wait(&tx, Duration::from_secs(5)).unwrap();
+    let mut buf = vec![0u8; 2048];
+    let got = loop {
+        let n = wire.recv(&mut buf).expect("the in-flight frame reaches the wire");
+        if buf[12..14] == [0x88, 0xb5] {
+            break buf[..n].to_vec();
+        }
+    };
+    assert_eq!(got, outbound);
+    let c = d.request(RX_QUEUE, &[], &[HDR_LEN as u32 + 1514]).unwrap();
+    assert_eq!(&c.data[0][HDR_LEN..c.len as usize], &inbound[..], "the held frame is delivered");
+    let DeviceState::Net(n) = t2.save().device else { panic!("not net") };
+    assert_eq!((n.stats.tx_frames, n.stats.rx_frames), (1, 1), "each frame moved exactly once");
+}

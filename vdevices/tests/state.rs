@@ -44,15 +44,21 @@ fn save_mid_io_restore_and_complete() {
         ),
     )
     .unwrap();
+    let (balloon, _handle) = Balloon::new();
+    let bal = MmioTransport::new(mem.clone(), Box::new(balloon)).unwrap();
     let events = EventLoop::start().unwrap();
     let ids: Vec<_> =
-        [&blk, &rng, &con].iter().map(|t| events.add(Arc::new((*t).clone())).unwrap()).collect();
+        [&blk, &rng, &con, &bal].iter().map(|t| events.add(Arc::new((*t).clone())).unwrap()).collect();
     let mut db = Driver::new_in(mem.clone(), blk.clone(), 0, SPAN).unwrap();
     let mut dr = Driver::new_in(mem.clone(), rng.clone(), 1, SPAN).unwrap();
     let mut dc = Driver::new_in(mem.clone(), con.clone(), 2, SPAN).unwrap();
     db.init(u64::MAX, 64).unwrap();
     dr.init(u64::MAX, 16).unwrap();
     dc.init(u64::MAX, 16).unwrap();
+    let mut dbal = Driver::new_in(mem.clone(), bal.clone(), 3, SPAN).unwrap();
+    dbal.init(u64::MAX, 16).unwrap();
+    let pfns = |p: &[u32]| p.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
+    dbal.request(0, &[&pfns(&[0x3000, 0x3001])], &[]).unwrap();
 
     // Some I/O completes before the save.
     let c = db.request(0, &[&blk_hdr(req::OUT, 1), &sector_data(1)], &[1]).unwrap();
@@ -85,9 +91,13 @@ fn save_mid_io_restore_and_complete() {
     dc.notify(1);
     dc.notify(0);
     (&host).write_all(b"typed").unwrap();
+    let inflate = dbal.post(0, &[&pfns(&[0x3002, 0x3003, 0x3004])], &[]).unwrap();
+    dbal.notify(0);
+    let deflate = dbal.post(1, &[&pfns(&[0x3000])], &[]).unwrap();
+    dbal.notify(1);
 
     // Save, through bytes.
-    let states: Vec<TransportState> = [&blk, &rng, &con]
+    let states: Vec<TransportState> = [&blk, &rng, &con, &bal]
         .iter()
         .map(|t| {
             let bytes = postcard::to_allocvec(&t.save()).unwrap();
@@ -98,7 +108,7 @@ fn save_mid_io_restore_and_complete() {
     assert_eq!(states[0].queues[0].next_used, 2);
     let file_at_save = std::fs::read(&path).unwrap();
     assert_eq!(file_at_save[20 * 512..21 * 512], temp_image_sector(20)[..], "in-flight write not yet done");
-    drop((blk, rng, con));
+    drop((blk, rng, con, bal));
 
     // Restore into a new VM: new memory with the old contents, new devices and transports.
     let mem2 = guest_memory(64);
@@ -127,16 +137,18 @@ fn save_mid_io_restore_and_complete() {
     let blk2 = restore(&states[0]);
     let rng2 = restore(&states[1]);
     let con2 = restore(&states[2]);
+    let bal2 = restore(&states[3]);
     let mut db = db.reattach(mem2.clone(), blk2.clone()).unwrap();
     let mut dr = dr.reattach(mem2.clone(), rng2.clone()).unwrap();
     let mut dc = dc.reattach(mem2.clone(), con2.clone()).unwrap();
+    let mut dbal = dbal.reattach(mem2.clone(), bal2.clone()).unwrap();
 
     // The interrupt pending at save time is raised on the new VM before any new work.
     assert_eq!(db.wait_interrupt(T) & INT_VRING, INT_VRING);
     db.wait(&done_unseen, T).unwrap();
 
     let events = EventLoop::start().unwrap();
-    for t in [&blk2, &rng2, &con2] {
+    for t in [&blk2, &rng2, &con2, &bal2] {
         events.add(Arc::new(t.clone())).unwrap();
     }
     for w in &writes {
@@ -164,6 +176,11 @@ fn save_mid_io_restore_and_complete() {
     let DeviceState::Rng(r) = rng2.save().device else { panic!("not rng") };
     assert_eq!(r.bytes_served, 48);
     assert_eq!(sink.bytes(), b"before after");
+    dbal.wait(&inflate, T).unwrap();
+    dbal.wait(&deflate, T).unwrap();
+    assert!(!dbal.saw_double_completion());
+    let DeviceState::Balloon(b) = bal2.save().device else { panic!("not a balloon") };
+    assert_eq!(b.inflated, vec![0x3001, 0x3002, 0x3003, 0x3004], "inflate and deflate each applied once");
     let _ = std::fs::remove_file(path);
 }
 
