@@ -83,3 +83,33 @@ fn inflate_deflate_stats_and_target() {
     assert_eq!(restored.inflated_pages(), 1);
     assert_eq!(restored.handle().target(), 3);
 }
+
+#[test]
+fn free_page_reporting_discards_reported_ranges() {
+    use vdevices::virtio::balloon::{F_PAGE_REPORTING, REPORTING_QUEUE};
+    let (balloon, _handle) = Balloon::new();
+    let mut r = rig(Box::new(balloon));
+    let acked = r.driver.init(u64::MAX, 16).unwrap();
+    assert!(acked & F_PAGE_REPORTING != 0);
+    let mem = r.driver.mem().clone();
+    // Two free ranges (2 MiB and one page), written with data first.
+    let (a, b) = (0x40_0000u64, 0x70_0000u64);
+    mem.write_slice(&vec![0x77; 2 << 20], GuestAddress(a)).unwrap();
+    mem.write_slice(&[0x77; 4096], GuestAddress(b)).unwrap();
+    mem.write_slice(&[0x77; 4096], GuestAddress(b + 4096)).unwrap(); // not reported: keeps data
+    let head = r.driver.post_raw(REPORTING_QUEUE, &[(a, 2 << 20, 2), (b, 4096, 2)]).unwrap();
+    r.driver.notify(REPORTING_QUEUE);
+    r.driver.wait_head(REPORTING_QUEUE, head, Duration::from_secs(5)).unwrap();
+    let mut buf = vec![0u8; 2 << 20];
+    mem.read_slice(&mut buf, GuestAddress(a)).unwrap();
+    assert!(buf.iter().all(|&x| x == 0), "reported range reads as zeros");
+    assert_eq!(mem.read_obj::<u64>(GuestAddress(b)).unwrap(), 0);
+    assert_eq!(mem.read_obj::<u8>(GuestAddress(b + 4096)).unwrap(), 0x77);
+    let vdevices::DeviceState::Balloon(s) = r.driver.transport().save().device else {
+        panic!("not a balloon")
+    };
+    assert_eq!(s.reported_bytes, (2 << 20) + 4096);
+    // Restored, the device still knows which queue reports.
+    let restored = Balloon::restore((), &s).unwrap();
+    assert_eq!(restored.reported_bytes(), (2 << 20) + 4096);
+}

@@ -1,5 +1,7 @@
 //! virtio-balloon (traditional): inflate returns guest pages to the host (`MADV_DONTNEED`),
-//! deflate gives them back, the stats queue reports the guest's memory statistics.
+//! deflate gives them back, the stats queue reports the guest's memory statistics, and free page
+//! reporting (`VIRTIO_BALLOON_F_PAGE_REPORTING`) lets the guest hand back free memory as it
+//! frees it, so those pages read as zeros (which a migration sends as zero pages).
 //!
 //! The embedder steers it through a [`BalloonHandle`]: set the target, ask for fresh statistics.
 //! After `set_target`, call [`crate::MmioTransport::config_changed`] so the guest is told; after
@@ -22,6 +24,10 @@ pub const DEFLATE_QUEUE: usize = 1;
 pub const STATS_QUEUE: usize = 2;
 /// `VIRTIO_BALLOON_F_STATS_VQ`.
 pub const F_STATS_VQ: u64 = 1 << 1;
+/// `VIRTIO_BALLOON_F_PAGE_REPORTING`.
+pub const F_PAGE_REPORTING: u64 = 1 << 5;
+/// Free page reporting queue when `VIRTIO_BALLOON_F_STATS_VQ` is also negotiated (else 2).
+pub const REPORTING_QUEUE: usize = 3;
 /// Balloon page size (always 4 KiB).
 pub const PAGE_SIZE: u64 = 4096;
 const MAX_PFNS_PER_CHAIN: usize = 4096;
@@ -82,6 +88,12 @@ pub struct BalloonState {
     pub stats: Vec<(u16, u64)>,
     /// PFNs the guest gave that were outside its memory (ignored).
     pub bad_pfns: u64,
+    /// Features the guest acknowledged (they number the optional queues).
+    #[serde(default)]
+    pub acked: u64,
+    /// Bytes of free memory reported.
+    #[serde(default)]
+    pub reported_bytes: u64,
 }
 
 /// The balloon device.
@@ -92,6 +104,10 @@ pub struct Balloon {
     inflated: BTreeSet<u32>,
     stats_head: Option<u16>,
     bad_pfns: u64,
+    stats_q: Option<usize>,
+    report_q: Option<usize>,
+    reported_bytes: u64,
+    acked: u64,
 }
 
 impl Balloon {
@@ -104,8 +120,17 @@ impl Balloon {
             inflated: BTreeSet::new(),
             stats_head: None,
             bad_pfns: 0,
+            stats_q: Some(STATS_QUEUE),
+            report_q: None,
+            reported_bytes: 0,
+            acked: 0,
         };
         (b, handle)
+    }
+
+    /// Bytes of free memory the guest reported (and the host discarded).
+    pub fn reported_bytes(&self) -> u64 {
+        self.reported_bytes
     }
 
     /// Pages currently in the balloon.
@@ -126,14 +151,32 @@ impl Balloon {
 
 /// Gives the host page behind guest page `pfn` back to the kernel; false if it is not guest RAM.
 fn discard_page(mem: &GuestMemory, pfn: u32) -> bool {
-    let addr = GuestAddress(u64::from(pfn) * PAGE_SIZE);
-    if !mem.check_range(addr, PAGE_SIZE as usize) {
+    discard_range(mem, u64::from(pfn) * PAGE_SIZE, PAGE_SIZE)
+}
+
+/// Discards the whole pages inside `[addr, addr + len)`; false if the range is not guest RAM.
+fn discard_range(mem: &GuestMemory, addr: u64, len: u64) -> bool {
+    let start = addr.div_ceil(PAGE_SIZE) * PAGE_SIZE;
+    let Some(end) = addr.checked_add(len).map(|e| e / PAGE_SIZE * PAGE_SIZE) else { return false };
+    if !mem.check_range(GuestAddress(addr), len as usize) {
         return false;
     }
-    match mem.get_slice(addr, PAGE_SIZE as usize) {
-        Ok(slice) => crate::sys::discard(slice.ptr_guard_mut().as_ptr(), PAGE_SIZE as usize).is_ok(),
-        Err(_) => false,
+    let mut a = start;
+    while a < end {
+        // One region at a time: a range may span regions (a slice may not).
+        let chunk = match mem.get_slice(GuestAddress(a), (end - a) as usize) {
+            Ok(s) => s,
+            Err(_) => match mem.get_slice(GuestAddress(a), PAGE_SIZE as usize) {
+                Ok(s) => s,
+                Err(_) => return false,
+            },
+        };
+        if crate::sys::discard(chunk.ptr_guard_mut().as_ptr(), chunk.len()).is_err() {
+            return false;
+        }
+        a += chunk.len() as u64;
     }
+    true
 }
 
 impl VirtioDevice for Balloon {
@@ -141,10 +184,18 @@ impl VirtioDevice for Balloon {
         TYPE_BALLOON
     }
     fn queue_max_sizes(&self) -> &[u16] {
-        &[256, 256, 16]
+        &[256, 256, 16, 32]
     }
     fn features(&self) -> u64 {
-        VIRTIO_F_VERSION_1 | F_STATS_VQ
+        VIRTIO_F_VERSION_1 | F_STATS_VQ | F_PAGE_REPORTING
+    }
+    fn activate(&mut self, features: u64) -> Result<(), DeviceError> {
+        // Optional queues are numbered after the ones present: stats, then reporting.
+        self.acked = features;
+        self.stats_q = (features & F_STATS_VQ != 0).then_some(STATS_QUEUE);
+        let next = if self.stats_q.is_some() { STATS_QUEUE + 1 } else { STATS_QUEUE };
+        self.report_q = (features & F_PAGE_REPORTING != 0).then_some(next);
+        Ok(())
     }
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         let mut c = [0u8; 8];
@@ -162,6 +213,7 @@ impl VirtioDevice for Balloon {
         self.inflated.clear();
         self.actual_pages = 0;
         self.stats_head = None;
+        self.acked = 0;
     }
     fn process_queue(&mut self, queue: usize, ctx: &mut QueueCtx<'_>) -> Result<(), DeviceError> {
         match queue {
@@ -181,7 +233,18 @@ impl VirtioDevice for Balloon {
                     ctx.add_used(queue, head, 0).map_err(DeviceError::chain(queue))?;
                 }
             }
-            STATS_QUEUE => {
+            q if Some(q) == self.report_q => {
+                // Each device-writable buffer is a range of free guest memory.
+                while let Some(chain) = ctx.pop(q).map_err(DeviceError::chain(q))? {
+                    for d in &chain.descs {
+                        if discard_range(ctx.mem(), d.addr, u64::from(d.len)) {
+                            self.reported_bytes += u64::from(d.len);
+                        }
+                    }
+                    ctx.add_used(q, chain.head, 0).map_err(DeviceError::chain(q))?;
+                }
+            }
+            q if Some(q) == self.stats_q => {
                 let want = std::mem::take(&mut self.handle.lock().want_stats);
                 if want {
                     if let Some(head) = self.stats_head.take() {
@@ -235,6 +298,8 @@ impl Snapshot for Balloon {
             stats_head: self.stats_head,
             stats: h.stats.clone(),
             bad_pfns: self.bad_pfns,
+            acked: self.acked,
+            reported_bytes: self.reported_bytes,
         }
     }
     /// Restores the device; get a new handle with [`Balloon::handle`].
@@ -249,6 +314,11 @@ impl Snapshot for Balloon {
         b.inflated = s.inflated.iter().copied().collect();
         b.stats_head = s.stats_head;
         b.bad_pfns = s.bad_pfns;
+        b.reported_bytes = s.reported_bytes;
+        if s.acked != 0 {
+            b.activate(s.acked)
+                .map_err(|e| StateError::Device { device: "virtio-balloon".into(), reason: e.to_string() })?;
+        }
         Ok(b)
     }
 }
