@@ -1,0 +1,552 @@
+//! A virtio driver that plays the guest through the real transport (feature `test-utils`).
+//!
+//! [`Driver`] talks to an [`MmioTransport`] only through a `vcore` [`Bus`] (the path a vCPU's
+//! MMIO exit takes): it negotiates features through the registers, lays out split queues in guest
+//! memory, writes descriptor chains and the available ring, notifies through `QueueNotify`, and
+//! waits for the interrupt on the transport's irqfd and for the used ring. It can also write any
+//! garbage into the queues, to test that bad guests only break their own device.
+
+use std::collections::HashMap;
+use std::os::fd::AsRawFd;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use vcore::{Bus, GuestMemory};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend};
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+
+use crate::virtio::mmio::{INT_CONFIG, INT_VRING, MmioTransport, reg, status};
+
+/// Where the harness maps the transport on its bus.
+pub const BASE: u64 = 0xd000_0000;
+/// Where queue rings start in guest memory (0x4000 per queue).
+pub const QUEUE_AREA: u64 = 0x10_0000;
+/// Where data buffers start in guest memory.
+pub const BUFFER_AREA: u64 = 0x20_0000;
+/// Descriptor flag: another descriptor follows.
+pub const DESC_F_NEXT: u16 = 1;
+/// Descriptor flag: device-writable buffer.
+pub const DESC_F_WRITE: u16 = 2;
+
+/// Errors the harness reports.
+#[derive(Debug, thiserror::Error)]
+pub enum HarnessError {
+    /// The device refused the features or the setup.
+    #[error("device status {0:#x} after negotiation")]
+    Negotiation(u32),
+    /// The device has no such queue, or it is too small.
+    #[error("queue {0} is missing or too small")]
+    Queue(usize),
+    /// No completion in time.
+    #[error("timed out waiting for {0}")]
+    Timeout(&'static str),
+    /// Out of descriptors or buffer memory.
+    #[error("out of {0}")]
+    Exhausted(&'static str),
+    /// Guest memory access failed.
+    #[error("guest memory: {0}")]
+    Memory(#[from] vm_memory::GuestMemoryError),
+    /// An OS call failed.
+    #[error("os: {0}")]
+    Os(#[from] std::io::Error),
+}
+
+#[derive(Debug, Clone)]
+struct DriverQueue {
+    size: u16,
+    desc: u64,
+    avail: u64,
+    used: u64,
+    free: Vec<u16>,
+    avail_idx: u16,
+    last_used: u16,
+    chains: HashMap<u16, Vec<u16>>,
+}
+
+/// A request posted by [`Driver::post`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pending {
+    /// Queue.
+    pub queue: usize,
+    /// Chain head.
+    pub head: u16,
+    /// The device-writable buffers, to read back on completion.
+    pub in_bufs: Vec<(u64, u32)>,
+}
+
+/// A completed request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Completion {
+    /// Bytes the device reported written.
+    pub len: u32,
+    /// Contents of each device-writable buffer.
+    pub data: Vec<Vec<u8>>,
+}
+
+/// The guest-side driver.
+#[derive(Debug)]
+pub struct Driver {
+    bus: Bus,
+    mem: GuestMemory,
+    transport: MmioTransport,
+    queues: Vec<DriverQueue>,
+    next_buf: u64,
+    buf_start: u64,
+    buf_end: u64,
+    queue_area: u64,
+    base: u64,
+    done: HashMap<(usize, u16), u32>,
+    epoll: Epoll,
+    interrupts: u64,
+}
+
+impl Driver {
+    /// A driver for `transport` over `mem` (which must hold [`BUFFER_AREA`] and more), with the
+    /// whole memory above `BUFFER_AREA` for its buffers.
+    pub fn new(mem: GuestMemory, transport: MmioTransport) -> Result<Self, HarnessError> {
+        Self::new_in(mem, transport, 0, u64::MAX)
+    }
+
+    /// A driver for one of several devices sharing `mem`: device `slot` sits at
+    /// `BASE + slot * 0x1000`, its rings at `QUEUE_AREA + slot * 64 KiB` (up to 4 queues, 16 slots) and its buffers in
+    /// `[BUFFER_AREA + slot * span, BUFFER_AREA + (slot + 1) * span)`.
+    pub fn new_in(
+        mem: GuestMemory,
+        transport: MmioTransport,
+        slot: u64,
+        span: u64,
+    ) -> Result<Self, HarnessError> {
+        let base = BASE + slot * crate::virtio::mmio::MMIO_SIZE;
+        let bus = Bus::new();
+        bus.insert(base, crate::virtio::mmio::MMIO_SIZE, Arc::new(transport.clone()))
+            .map_err(|e| std::io::Error::other(e.to_string()))?;
+        let epoll = Epoll::new()?;
+        epoll.ctl(
+            ControlOperation::Add,
+            transport.irq_evt().as_raw_fd(),
+            EpollEvent::new(EventSet::IN, 0),
+        )?;
+        Ok(Driver {
+            bus,
+            mem,
+            transport,
+            queues: Vec::new(),
+            next_buf: BUFFER_AREA + slot.saturating_mul(span),
+            buf_start: BUFFER_AREA + slot.saturating_mul(span),
+            buf_end: (BUFFER_AREA + slot.saturating_mul(span)).saturating_add(span),
+            queue_area: QUEUE_AREA + slot * 0x1_0000,
+            base,
+            done: HashMap::new(),
+            epoll,
+            interrupts: 0,
+        })
+    }
+
+    /// Keeps the driver's bookkeeping (rings, free descriptors, pending requests) but talks to a
+    /// restored `transport` over restored `mem` from now on: what a guest experiences across a
+    /// save and restore.
+    pub fn reattach(self, mem: GuestMemory, transport: MmioTransport) -> Result<Self, HarnessError> {
+        let mut d = Driver::new(mem, transport)?;
+        d.bus = Bus::new();
+        d.bus
+            .insert(self.base, crate::virtio::mmio::MMIO_SIZE, Arc::new(d.transport.clone()))
+            .map_err(|e| std::io::Error::other(e.to_string()))?;
+        d.base = self.base;
+        d.buf_start = self.buf_start;
+        d.buf_end = self.buf_end;
+        d.queue_area = self.queue_area;
+        d.queues = self.queues;
+        d.next_buf = self.next_buf;
+        d.done = self.done;
+        Ok(d)
+    }
+
+    /// The transport under test.
+    pub fn transport(&self) -> &MmioTransport {
+        &self.transport
+    }
+
+    /// Guest memory.
+    pub fn mem(&self) -> &GuestMemory {
+        &self.mem
+    }
+
+    /// Interrupts seen so far.
+    pub fn interrupts(&self) -> u64 {
+        self.interrupts
+    }
+
+    /// Reads a 32-bit register through the bus.
+    pub fn read_reg(&self, offset: u64) -> u32 {
+        let mut b = [0u8; 4];
+        self.bus.read(self.base + offset, &mut b);
+        u32::from_le_bytes(b)
+    }
+
+    /// Writes a 32-bit register through the bus.
+    pub fn write_reg(&self, offset: u64, v: u32) {
+        self.bus.write(self.base + offset, &v.to_le_bytes());
+    }
+
+    /// Reads `len` bytes of device config space.
+    pub fn read_config(&self, offset: u64, len: usize) -> Vec<u8> {
+        let mut b = vec![0u8; len];
+        self.bus.read(self.base + reg::CONFIG + offset, &mut b);
+        b
+    }
+
+    /// The device features offered.
+    pub fn device_features(&self) -> u64 {
+        self.write_reg(reg::DEVICE_FEATURES_SEL, 0);
+        let lo = self.read_reg(reg::DEVICE_FEATURES);
+        self.write_reg(reg::DEVICE_FEATURES_SEL, 1);
+        let hi = self.read_reg(reg::DEVICE_FEATURES);
+        u64::from(lo) | (u64::from(hi) << 32)
+    }
+
+    /// Resets the device and brings it up: acknowledges `offered & wanted` features, sets up
+    /// every queue with `queue_size` entries, sets `DRIVER_OK`. Returns the features acked.
+    pub fn init(&mut self, wanted: u64, queue_size: u16) -> Result<u64, HarnessError> {
+        self.write_reg(reg::STATUS, 0);
+        self.write_reg(reg::STATUS, status::ACKNOWLEDGE);
+        self.write_reg(reg::STATUS, status::ACKNOWLEDGE | status::DRIVER);
+        let features = self.device_features() & wanted;
+        self.write_reg(reg::DRIVER_FEATURES_SEL, 0);
+        self.write_reg(reg::DRIVER_FEATURES, features as u32);
+        self.write_reg(reg::DRIVER_FEATURES_SEL, 1);
+        self.write_reg(reg::DRIVER_FEATURES, (features >> 32) as u32);
+        let st = status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK;
+        self.write_reg(reg::STATUS, st);
+        if self.read_reg(reg::STATUS) & status::FEATURES_OK == 0 {
+            return Err(HarnessError::Negotiation(self.read_reg(reg::STATUS)));
+        }
+        self.queues.clear();
+        for q in 0.. {
+            self.write_reg(reg::QUEUE_SEL, q);
+            let max = self.read_reg(reg::QUEUE_NUM_MAX) as u16;
+            if max == 0 {
+                break;
+            }
+            let size = queue_size.min(max);
+            let base = self.queue_area + 0x4000 * u64::from(q);
+            let dq = DriverQueue {
+                size,
+                desc: base,
+                avail: base + 0x1000,
+                used: base + 0x2000,
+                free: (0..size).rev().collect(),
+                avail_idx: 0,
+                last_used: 0,
+                chains: HashMap::new(),
+            };
+            self.mem.write_slice(&[0u8; 0x4000], GuestAddress(base))?;
+            self.write_reg(reg::QUEUE_NUM, u32::from(size));
+            for (lo, hi, addr) in [
+                (reg::QUEUE_DESC_LOW, reg::QUEUE_DESC_HIGH, dq.desc),
+                (reg::QUEUE_DRIVER_LOW, reg::QUEUE_DRIVER_HIGH, dq.avail),
+                (reg::QUEUE_DEVICE_LOW, reg::QUEUE_DEVICE_HIGH, dq.used),
+            ] {
+                self.write_reg(lo, addr as u32);
+                self.write_reg(hi, (addr >> 32) as u32);
+            }
+            self.write_reg(reg::QUEUE_READY, 1);
+            self.queues.push(dq);
+        }
+        self.write_reg(reg::STATUS, st | status::DRIVER_OK);
+        let s = self.read_reg(reg::STATUS);
+        if s & status::DRIVER_OK == 0 || s & status::DEVICE_NEEDS_RESET != 0 {
+            return Err(HarnessError::Negotiation(s));
+        }
+        Ok(features)
+    }
+
+    /// Allocates `len` bytes of buffer memory (16-byte aligned).
+    pub fn alloc(&mut self, len: u64) -> Result<u64, HarnessError> {
+        let addr = self.next_buf;
+        let end = addr.checked_add(len.max(1)).ok_or(HarnessError::Exhausted("buffer memory"))?;
+        if end > self.buf_end || !self.mem.address_in_range(GuestAddress(end - 1)) {
+            return Err(HarnessError::Exhausted("buffer memory"));
+        }
+        self.next_buf = (end + 15) & !15;
+        Ok(addr)
+    }
+
+    /// Forgets every buffer allocation (only when nothing is in flight).
+    pub fn reset_buffers(&mut self) {
+        self.next_buf = self.buf_start;
+    }
+
+    /// Writes descriptor `i` of queue `q` verbatim (for bad-guest tests).
+    pub fn write_desc(
+        &self,
+        q: usize,
+        i: u16,
+        addr: u64,
+        len: u32,
+        flags: u16,
+        next: u16,
+    ) -> Result<(), HarnessError> {
+        let dq = self.queues.get(q).ok_or(HarnessError::Queue(q))?;
+        let a = GuestAddress(dq.desc + 16 * u64::from(i));
+        self.mem.write_obj(addr, a)?;
+        self.mem.write_obj(len, a.unchecked_add(8))?;
+        self.mem.write_obj(flags, a.unchecked_add(12))?;
+        self.mem.write_obj(next, a.unchecked_add(14))?;
+        Ok(())
+    }
+
+    /// Writes `head` into the next available slot and publishes it (for bad-guest tests).
+    pub fn publish(&mut self, q: usize, head: u16) -> Result<(), HarnessError> {
+        let dq = self.queues.get_mut(q).ok_or(HarnessError::Queue(q))?;
+        let slot = dq.avail_idx % dq.size;
+        self.mem.write_obj(head, GuestAddress(dq.avail + 4 + 2 * u64::from(slot)))?;
+        dq.avail_idx = dq.avail_idx.wrapping_add(1);
+        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+        self.mem.write_obj(dq.avail_idx, GuestAddress(dq.avail + 2))?;
+        Ok(())
+    }
+
+    /// Sets the available index to any value (for bad-guest tests).
+    pub fn set_avail_idx(&mut self, q: usize, idx: u16) -> Result<(), HarnessError> {
+        let dq = self.queues.get_mut(q).ok_or(HarnessError::Queue(q))?;
+        dq.avail_idx = idx;
+        self.mem.write_obj(idx, GuestAddress(dq.avail + 2))?;
+        Ok(())
+    }
+
+    /// Posts a chain of device-readable buffers with `out` contents followed by device-writable
+    /// buffers of `in_lens` bytes; publishes it in the available ring (no notification).
+    pub fn post(&mut self, q: usize, out: &[&[u8]], in_lens: &[u32]) -> Result<Pending, HarnessError> {
+        let mut bufs = Vec::new();
+        for o in out {
+            let a = self.alloc(o.len() as u64)?;
+            self.mem.write_slice(o, GuestAddress(a))?;
+            bufs.push((a, o.len() as u32, 0u16));
+        }
+        let mut in_bufs = Vec::new();
+        for &l in in_lens {
+            let a = self.alloc(u64::from(l))?;
+            self.mem.write_slice(&vec![0xaa; l as usize], GuestAddress(a))?;
+            bufs.push((a, l, DESC_F_WRITE));
+            in_bufs.push((a, l));
+        }
+        let head = self.post_raw(q, &bufs)?;
+        Ok(Pending { queue: q, head, in_bufs })
+    }
+
+    /// Posts a chain of `(addr, len, flags)` buffers already in memory; returns its head.
+    pub fn post_raw(&mut self, q: usize, bufs: &[(u64, u32, u16)]) -> Result<u16, HarnessError> {
+        let dq = self.queues.get_mut(q).ok_or(HarnessError::Queue(q))?;
+        if bufs.is_empty() || dq.free.len() < bufs.len() {
+            return Err(HarnessError::Exhausted("descriptors"));
+        }
+        let idx: Vec<u16> = (0..bufs.len()).filter_map(|_| dq.free.pop()).collect();
+        let head = idx[0];
+        dq.chains.insert(head, idx.clone());
+        for (k, &(addr, len, flags)) in bufs.iter().enumerate() {
+            let last = k + 1 == bufs.len();
+            let flags = if last { flags } else { flags | DESC_F_NEXT };
+            let next = if last { 0 } else { idx[k + 1] };
+            self.write_desc(q, idx[k], addr, len, flags, next)?;
+        }
+        self.publish(q, head)?;
+        Ok(head)
+    }
+
+    /// Notifies queue `q` through the `QueueNotify` register.
+    pub fn notify(&self, q: usize) {
+        self.write_reg(reg::QUEUE_NOTIFY, q as u32);
+    }
+
+    /// Waits up to `timeout` for an interrupt; reads and acknowledges `InterruptStatus`.
+    /// Returns the status bits (0 on timeout).
+    pub fn wait_interrupt(&mut self, timeout: Duration) -> u32 {
+        let mut ev = [EpollEvent::default()];
+        let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
+        if matches!(self.epoll.wait(ms, &mut ev), Ok(n) if n > 0) {
+            let _ = self.transport.irq_evt().read();
+            self.interrupts += 1;
+        }
+        let st = self.read_reg(reg::INTERRUPT_STATUS);
+        if st != 0 {
+            self.write_reg(reg::INTERRUPT_ACK, st & (INT_VRING | INT_CONFIG));
+        }
+        st
+    }
+
+    /// Moves new used-ring entries of queue `q` into the completion table; returns how many.
+    pub fn collect_used(&mut self, q: usize) -> Result<usize, HarnessError> {
+        let dq = self.queues.get_mut(q).ok_or(HarnessError::Queue(q))?;
+        let used_idx: u16 = self.mem.read_obj(GuestAddress(dq.used + 2))?;
+        let mut n = 0;
+        while dq.last_used != used_idx {
+            let slot = u64::from(dq.last_used % dq.size);
+            let id: u32 = self.mem.read_obj(GuestAddress(dq.used + 4 + 8 * slot))?;
+            let len: u32 = self.mem.read_obj(GuestAddress(dq.used + 8 + 8 * slot))?;
+            let head = id as u16;
+            if let Some(descs) = dq.chains.remove(&head) {
+                dq.free.extend(descs);
+            }
+            // A head completed twice would be a device bug: the test sees the second insert.
+            if self.done.insert((q, head), len).is_some() {
+                self.done.insert((q, u16::MAX), len);
+            }
+            dq.last_used = dq.last_used.wrapping_add(1);
+            n += 1;
+        }
+        // With VIRTIO_F_RING_EVENT_IDX: interrupt me on the next used entry (used_event).
+        self.mem.write_obj(dq.last_used, GuestAddress(dq.avail + 4 + 2 * u64::from(dq.size)))?;
+        Ok(n)
+    }
+
+    /// The used index the device has published for queue `q`.
+    pub fn used_idx(&self, q: usize) -> Result<u16, HarnessError> {
+        let dq = self.queues.get(q).ok_or(HarnessError::Queue(q))?;
+        Ok(self.mem.read_obj(GuestAddress(dq.used + 2))?)
+    }
+
+    /// Whether some chain was completed twice (a device bug).
+    pub fn saw_double_completion(&self) -> bool {
+        self.done.keys().any(|&(_, h)| h == u16::MAX)
+    }
+
+    /// Waits until chain `head` of queue `q` completes; returns the length the device reported
+    /// (without copying any buffer: for benchmarks that reuse their buffers).
+    pub fn wait_head(&mut self, q: usize, head: u16, timeout: Duration) -> Result<u32, HarnessError> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            self.collect_used(q)?;
+            if let Some(len) = self.done.remove(&(q, head)) {
+                return Ok(len);
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(HarnessError::Timeout("a used-ring entry"));
+            }
+            self.wait_interrupt(left.min(Duration::from_millis(50)));
+        }
+    }
+
+    /// Waits until `p` completes, then returns its writable buffers.
+    pub fn wait(&mut self, p: &Pending, timeout: Duration) -> Result<Completion, HarnessError> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            self.collect_used(p.queue)?;
+            if let Some(len) = self.done.remove(&(p.queue, p.head)) {
+                let mut data = Vec::new();
+                for &(a, l) in &p.in_bufs {
+                    let mut b = vec![0u8; l as usize];
+                    self.mem.read_slice(&mut b, GuestAddress(a))?;
+                    data.push(b);
+                }
+                return Ok(Completion { len, data });
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(HarnessError::Timeout("a used-ring entry"));
+            }
+            self.wait_interrupt(left.min(Duration::from_millis(50)));
+        }
+    }
+
+    /// Posts, notifies and waits: one whole request.
+    pub fn request(&mut self, q: usize, out: &[&[u8]], in_lens: &[u32]) -> Result<Completion, HarnessError> {
+        let p = self.post(q, out, in_lens)?;
+        self.notify(q);
+        self.wait(&p, Duration::from_secs(5))
+    }
+
+    /// Waits until the device reports `DEVICE_NEEDS_RESET`.
+    pub fn wait_broken(&mut self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if self.read_reg(reg::STATUS) & status::DEVICE_NEEDS_RESET != 0 {
+                return true;
+            }
+            self.wait_interrupt(Duration::from_millis(20));
+        }
+        self.read_reg(reg::STATUS) & status::DEVICE_NEEDS_RESET != 0
+    }
+}
+
+/// Guest memory for harness tests: `mib` MiB from address 0.
+pub fn guest_memory(mib: usize) -> GuestMemory {
+    GuestMemory::from_ranges(&[(GuestAddress(0), mib << 20)])
+        .unwrap_or_else(|e| panic!("{mib} MiB of memory: {e}"))
+}
+
+/// Copies every byte of `from` into `to` (same layout): moving guest RAM to a "new VM".
+pub fn copy_memory(from: &GuestMemory, to: &GuestMemory) -> Result<(), HarnessError> {
+    use vm_memory::GuestMemoryRegion;
+    for r in from.iter() {
+        let mut buf = vec![0u8; r.len() as usize];
+        from.read_slice(&mut buf, r.start_addr())?;
+        to.write_slice(&buf, r.start_addr())?;
+    }
+    Ok(())
+}
+
+/// Network namespaces for net tests (needs root and the `ip` tool).
+pub mod netns {
+    use std::os::fd::OwnedFd;
+    use std::process::Command;
+
+    use crate::virtio::net::{NetError, Tap};
+
+    /// A network namespace this test created; deleted on drop.
+    #[derive(Debug)]
+    pub struct NetNs {
+        name: String,
+    }
+
+    fn ip(args: &[&str]) -> std::io::Result<()> {
+        let out = Command::new("ip").args(args).output()?;
+        if out.status.success() {
+            Ok(())
+        } else {
+            Err(std::io::Error::other(format!(
+                "ip {}: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr)
+            )))
+        }
+    }
+
+    impl NetNs {
+        /// Creates namespace `name` with IPv6 off (so no link-local address ever appears).
+        pub fn create(name: &str) -> std::io::Result<NetNs> {
+            let _ = ip(&["netns", "del", name]);
+            ip(&["netns", "add", name])?;
+            let ns = NetNs { name: name.to_string() };
+            for key in ["net.ipv6.conf.all.disable_ipv6=1", "net.ipv6.conf.default.disable_ipv6=1"] {
+                let _ = Command::new("ip").args(["netns", "exec", name, "sysctl", "-qw", key]).status();
+            }
+            Ok(ns)
+        }
+
+        /// Creates tap `tap` inside the namespace (up, no address) and a raw packet socket bound
+        /// to it there: the tap is the device's side, the socket is the wire's other end.
+        /// With `vnet_hdr` the socket sends and receives a 10-byte virtio-net header per frame.
+        pub fn tap_and_socket(&self, tap: &str, vnet_hdr: bool) -> std::io::Result<(Tap, OwnedFd)> {
+            let path = std::path::PathBuf::from("/run/netns").join(&self.name);
+            let name = tap.to_string();
+            let ns = self.name.clone();
+            std::thread::spawn(move || -> std::io::Result<(Tap, OwnedFd)> {
+                crate::sys::enter_netns(&path)?;
+                let t = Tap::open(&name).map_err(|e: NetError| std::io::Error::other(e.to_string()))?;
+                // Up before the socket binds: a socket bound to a down link reports ENETDOWN.
+                ip(&["-n", &ns, "link", "set", &name, "up"])?;
+                let s = crate::sys::packet_socket(&name, vnet_hdr)?;
+                Ok((t, s))
+            })
+            .join()
+            .map_err(|_| std::io::Error::other("netns thread panicked"))?
+        }
+    }
+
+    impl Drop for NetNs {
+        fn drop(&mut self) {
+            let _ = ip(&["netns", "del", &self.name]);
+        }
+    }
+}

@@ -1,0 +1,307 @@
+//! virtio-blk over a raw image file: read, write, flush, get-id, discard; optionally read-only.
+
+use std::fs::{File, OpenOptions};
+use std::io::{Seek, SeekFrom};
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+use vcore::{GuestMemory, Snapshot, StateError};
+
+use super::{
+    Chain, ChainError, DeviceError, DeviceState, QueueCtx, Segs, TYPE_BLOCK, VIRTIO_F_RING_EVENT_IDX,
+    VIRTIO_F_VERSION_1, VirtioDevice,
+};
+
+/// Sector size of the virtio-blk protocol.
+pub const SECTOR_SIZE: u64 = 512;
+/// Length of the device id returned by `GET_ID`.
+pub const ID_BYTES: usize = 20;
+
+/// `VIRTIO_BLK_F_SEG_MAX`.
+pub const F_SEG_MAX: u64 = 1 << 2;
+/// `VIRTIO_BLK_F_RO`.
+pub const F_RO: u64 = 1 << 5;
+/// `VIRTIO_BLK_F_BLK_SIZE`.
+pub const F_BLK_SIZE: u64 = 1 << 6;
+/// `VIRTIO_BLK_F_FLUSH`.
+pub const F_FLUSH: u64 = 1 << 9;
+/// `VIRTIO_BLK_F_DISCARD`.
+pub const F_DISCARD: u64 = 1 << 13;
+
+/// Request types.
+#[allow(missing_docs)]
+pub mod req {
+    pub const IN: u32 = 0;
+    pub const OUT: u32 = 1;
+    pub const FLUSH: u32 = 4;
+    pub const GET_ID: u32 = 8;
+    pub const DISCARD: u32 = 11;
+}
+
+/// Request status byte values.
+#[allow(missing_docs)]
+pub mod req_status {
+    pub const OK: u8 = 0;
+    pub const IOERR: u8 = 1;
+    pub const UNSUPP: u8 = 2;
+}
+
+const QUEUE_SIZE: u16 = 256;
+const SEG_MAX: u32 = 128;
+const MAX_DISCARD_SEG: u32 = 32;
+
+/// Errors of opening a block backend.
+#[derive(Debug, thiserror::Error)]
+pub enum BlockError {
+    /// The image could not be opened.
+    #[error("opening disk image {path}")]
+    Open {
+        /// The image.
+        path: PathBuf,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The id is longer than [`ID_BYTES`].
+    #[error("block device id {0:?} is longer than {ID_BYTES} bytes")]
+    IdTooLong(String),
+}
+
+/// What a block device serves.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BlockConfig {
+    /// Raw disk image.
+    pub path: PathBuf,
+    /// Refuse writes and discards (and tell the guest with `VIRTIO_BLK_F_RO`).
+    #[serde(default)]
+    pub read_only: bool,
+    /// Device id returned by `GET_ID` (at most 20 bytes).
+    #[serde(default)]
+    pub id: String,
+}
+
+/// Request counters.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BlockStats {
+    /// Read requests completed.
+    pub reads: u64,
+    /// Write requests completed.
+    pub writes: u64,
+    /// Flushes completed.
+    pub flushes: u64,
+    /// Discard requests completed.
+    pub discards: u64,
+    /// Requests completed with an error status.
+    pub errors: u64,
+    /// Bytes read from the image.
+    pub bytes_read: u64,
+    /// Bytes written to the image.
+    pub bytes_written: u64,
+}
+
+/// Saved state of [`Block`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BlockState {
+    /// The backend configuration.
+    pub config: BlockConfig,
+    /// Capacity in sectors seen by the guest.
+    pub capacity_sectors: u64,
+    /// Counters.
+    pub stats: BlockStats,
+}
+
+/// A virtio block device.
+#[derive(Debug)]
+pub struct Block {
+    config: BlockConfig,
+    file: File,
+    capacity_sectors: u64,
+    stats: BlockStats,
+}
+
+impl Block {
+    /// Opens the image of `config`.
+    pub fn new(config: BlockConfig) -> Result<Self, BlockError> {
+        if config.id.len() > ID_BYTES {
+            return Err(BlockError::IdTooLong(config.id.clone()));
+        }
+        let open_err = |source| BlockError::Open { path: config.path.clone(), source };
+        let file =
+            OpenOptions::new().read(true).write(!config.read_only).open(&config.path).map_err(open_err)?;
+        let len = file.metadata().map_err(open_err)?.len();
+        Ok(Block { capacity_sectors: len / SECTOR_SIZE, config, file, stats: BlockStats::default() })
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> BlockStats {
+        self.stats
+    }
+
+    fn config_space(&self) -> [u8; 48] {
+        let mut c = [0u8; 48];
+        c[0..8].copy_from_slice(&self.capacity_sectors.to_le_bytes());
+        c[12..16].copy_from_slice(&SEG_MAX.to_le_bytes());
+        c[20..24].copy_from_slice(&(SECTOR_SIZE as u32).to_le_bytes());
+        c[36..40].copy_from_slice(&u32::MAX.to_le_bytes()); // max_discard_sectors
+        c[40..44].copy_from_slice(&MAX_DISCARD_SEG.to_le_bytes());
+        c[44..48].copy_from_slice(&1u32.to_le_bytes()); // discard_sector_alignment
+        c
+    }
+
+    /// Whether `[sector, sector + len bytes)` lies inside the disk.
+    fn in_bounds(&self, sector: u64, len: u64) -> bool {
+        sector
+            .checked_mul(SECTOR_SIZE)
+            .and_then(|start| start.checked_add(len))
+            .is_some_and(|end| end <= self.capacity_sectors * SECTOR_SIZE)
+    }
+
+    /// Executes one request; returns (status, data bytes written to the guest).
+    fn execute(&mut self, mem: &GuestMemory, hdr: &[u8], rdata: &Segs, wdata: &Segs) -> (u8, u32) {
+        use req_status::*;
+        let kind = u32::from_le_bytes([hdr[0], hdr[1], hdr[2], hdr[3]]);
+        let sector = u64::from_le_bytes(hdr[8..16].try_into().unwrap_or_default());
+        let ro = self.config.read_only;
+        match kind {
+            req::IN => {
+                let len = wdata.len();
+                if !self.in_bounds(sector, len) {
+                    return (IOERR, 0);
+                }
+                let done = self
+                    .file
+                    .seek(SeekFrom::Start(sector * SECTOR_SIZE))
+                    .and_then(|_| wdata.fill_from(mem, &mut self.file));
+                match done {
+                    Ok(n) if n as u64 == len => {
+                        self.stats.reads += 1;
+                        self.stats.bytes_read += len;
+                        (OK, len as u32)
+                    }
+                    _ => (IOERR, 0),
+                }
+            }
+            req::OUT if !ro => {
+                let len = rdata.len();
+                if !self.in_bounds(sector, len) {
+                    return (IOERR, 0);
+                }
+                let done = self
+                    .file
+                    .seek(SeekFrom::Start(sector * SECTOR_SIZE))
+                    .and_then(|_| rdata.drain_to(mem, &mut self.file));
+                match done {
+                    Ok(n) if n as u64 == len => {
+                        self.stats.writes += 1;
+                        self.stats.bytes_written += len;
+                        (OK, 0)
+                    }
+                    _ => (IOERR, 0),
+                }
+            }
+            req::FLUSH => match self.file.sync_data() {
+                Ok(()) => {
+                    self.stats.flushes += 1;
+                    (OK, 0)
+                }
+                Err(_) => (IOERR, 0),
+            },
+            req::GET_ID => {
+                let mut id = [0u8; ID_BYTES];
+                id[..self.config.id.len()].copy_from_slice(self.config.id.as_bytes());
+                match wdata.write(mem, &id) {
+                    Ok(n) => (OK, n as u32),
+                    Err(_) => (IOERR, 0),
+                }
+            }
+            req::DISCARD if !ro => {
+                let Ok(segs) = rdata.read(mem, 16 * MAX_DISCARD_SEG as usize) else { return (IOERR, 0) };
+                if segs.len() % 16 != 0 || segs.is_empty() || rdata.len() > segs.len() as u64 {
+                    return (IOERR, 0);
+                }
+                for s in segs.chunks_exact(16) {
+                    let start = u64::from_le_bytes(s[0..8].try_into().unwrap_or_default());
+                    let num = u64::from(u32::from_le_bytes(s[8..12].try_into().unwrap_or_default()));
+                    let len = num * SECTOR_SIZE;
+                    if !self.in_bounds(start, len)
+                        || crate::sys::punch_hole(&self.file, start * SECTOR_SIZE, len).is_err()
+                    {
+                        return (IOERR, 0);
+                    }
+                }
+                self.stats.discards += 1;
+                (OK, 0)
+            }
+            req::OUT | req::DISCARD => (IOERR, 0), // read-only device
+            _ => (UNSUPP, 0),
+        }
+    }
+
+    fn serve(&mut self, mem: &GuestMemory, chain: &Chain) -> Result<u32, ChainError> {
+        let (wdata, status) = chain.writable().split_last(1);
+        if status.len() != 1 {
+            return Err(ChainError::Malformed("virtio-blk request without a status byte"));
+        }
+        let readable = chain.readable();
+        let (st, n) = match readable.read(mem, 16) {
+            Ok(hdr) if hdr.len() == 16 => {
+                let (_, rdata) = readable.split_at(16);
+                self.execute(mem, &hdr, &rdata, &wdata)
+            }
+            _ => (req_status::IOERR, 0),
+        };
+        if st != req_status::OK {
+            self.stats.errors += 1;
+        }
+        status.write(mem, &[st]).map_err(|e| ChainError::Memory(e.to_string()))?;
+        Ok(n + 1)
+    }
+}
+
+impl VirtioDevice for Block {
+    fn device_type(&self) -> u32 {
+        TYPE_BLOCK
+    }
+    fn queue_max_sizes(&self) -> &[u16] {
+        &[QUEUE_SIZE]
+    }
+    fn features(&self) -> u64 {
+        let ro = if self.config.read_only { F_RO } else { F_DISCARD };
+        VIRTIO_F_VERSION_1 | VIRTIO_F_RING_EVENT_IDX | F_SEG_MAX | F_BLK_SIZE | F_FLUSH | ro
+    }
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        super::read_config_bytes(&self.config_space(), offset, data);
+    }
+    fn process_queue(&mut self, queue: usize, ctx: &mut QueueCtx<'_>) -> Result<(), DeviceError> {
+        while let Some(chain) = ctx.pop(queue).map_err(DeviceError::chain(queue))? {
+            let len = self.serve(ctx.mem(), &chain).map_err(DeviceError::chain(queue))?;
+            ctx.add_used(queue, chain.head, len).map_err(DeviceError::chain(queue))?;
+        }
+        Ok(())
+    }
+    fn state(&self) -> DeviceState {
+        DeviceState::Block(self.save())
+    }
+}
+
+impl Snapshot for Block {
+    type State = BlockState;
+    type Args = ();
+    fn save(&self) -> BlockState {
+        BlockState { config: self.config.clone(), capacity_sectors: self.capacity_sectors, stats: self.stats }
+    }
+    /// Reopens the image named in the state; its size must not have changed.
+    fn restore(_args: (), s: &BlockState) -> Result<Self, StateError> {
+        let bad = |reason: String| StateError::Device { device: "virtio-blk".into(), reason };
+        let mut b = Block::new(s.config.clone()).map_err(|e| bad(e.to_string()))?;
+        if b.capacity_sectors != s.capacity_sectors {
+            return Err(bad(format!(
+                "image has {} sectors, saved {}",
+                b.capacity_sectors, s.capacity_sectors
+            )));
+        }
+        b.stats = s.stats;
+        Ok(b)
+    }
+}

@@ -1,0 +1,402 @@
+//! Descriptor chains, validated before any device touches them.
+
+use std::num::Wrapping;
+use std::sync::atomic::Ordering;
+
+use vcore::GuestMemory;
+use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, ReadVolatile, WriteVolatile};
+
+/// How the guest broke the split-queue protocol.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ChainError {
+    /// The available index moved more than a queue size past the device's position.
+    #[error("available index {avail} is {pending} entries ahead of {next_avail} (queue size {size})")]
+    AvailJump {
+        /// The guest's available index.
+        avail: u16,
+        /// The device's next available position.
+        next_avail: u16,
+        /// How far ahead.
+        pending: u16,
+        /// Queue size.
+        size: u16,
+    },
+    /// A ring or descriptor table could not be read (its address is outside guest memory).
+    #[error("queue ring access failed: {0}")]
+    Ring(String),
+    /// The head index in the available ring is out of range.
+    #[error("bad descriptor chain head")]
+    BadHead,
+    /// The chain does not end: a loop, an out-of-range `next`, or an unreadable descriptor.
+    #[error("descriptor chain from head {head} does not terminate within the queue size")]
+    Unterminated {
+        /// The chain's head.
+        head: u16,
+    },
+    /// A buffer lies (partly) outside guest memory.
+    #[error("descriptor buffer {addr:#x}+{len:#x} is outside guest memory")]
+    OutOfMemory {
+        /// Buffer address.
+        addr: u64,
+        /// Buffer length.
+        len: u32,
+    },
+    /// A device-readable buffer follows a device-writable one.
+    #[error("readable descriptor after a writable one in the chain from head {head}")]
+    Order {
+        /// The chain's head.
+        head: u16,
+    },
+    /// The chain's buffers do not have the shape the device type requires.
+    #[error("malformed request: {0}")]
+    Malformed(&'static str),
+    /// Guest memory access failed inside a validated buffer (should not happen).
+    #[error("guest memory access: {0}")]
+    Memory(String),
+    /// The used ring could not be written.
+    #[error("writing the used ring: {0}")]
+    Used(String),
+}
+
+/// One buffer of a chain.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Desc {
+    /// Guest-physical address.
+    pub addr: u64,
+    /// Length in bytes.
+    pub len: u32,
+    /// Device-writable (else device-readable).
+    pub write: bool,
+}
+
+/// A validated descriptor chain: every buffer lies inside guest memory, readable ones first.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Chain {
+    /// Head index (what goes into the used ring).
+    pub head: u16,
+    /// The buffers in chain order.
+    pub descs: Vec<Desc>,
+}
+
+/// A list of guest buffers `(address, length)` with byte-granular splitting.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Segs(pub Vec<(u64, u32)>);
+
+impl Segs {
+    /// Total length in bytes.
+    pub fn len(&self) -> u64 {
+        self.0.iter().map(|&(_, l)| u64::from(l)).sum()
+    }
+    /// Whether there are no bytes.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// Splits after `n` bytes: `(first n bytes, rest)`.
+    pub fn split_at(&self, n: u64) -> (Segs, Segs) {
+        let (mut a, mut b) = (Vec::new(), Vec::new());
+        let mut left = n;
+        for &(addr, len) in &self.0 {
+            let l = u64::from(len);
+            if left >= l {
+                a.push((addr, len));
+                left -= l;
+            } else if left > 0 {
+                a.push((addr, left as u32));
+                b.push((addr + left, len - left as u32));
+                left = 0;
+            } else {
+                b.push((addr, len));
+            }
+        }
+        (Segs(a), Segs(b))
+    }
+    /// Splits off the last `n` bytes: `(rest, last n bytes)`.
+    pub fn split_last(&self, n: u64) -> (Segs, Segs) {
+        self.split_at(self.len().saturating_sub(n))
+    }
+    /// Reads up to `max` bytes from the buffers.
+    pub fn read(&self, mem: &GuestMemory, max: usize) -> Result<Vec<u8>, vm_memory::GuestMemoryError> {
+        let mut out = Vec::new();
+        for &(addr, len) in &self.0 {
+            let n = (len as usize).min(max - out.len());
+            let start = out.len();
+            out.resize(start + n, 0);
+            mem.read_slice(&mut out[start..], GuestAddress(addr))?;
+            if out.len() == max {
+                break;
+            }
+        }
+        Ok(out)
+    }
+    /// Writes `data` into the buffers; returns how many bytes fit.
+    pub fn write(&self, mem: &GuestMemory, data: &[u8]) -> Result<usize, vm_memory::GuestMemoryError> {
+        let mut done = 0;
+        for &(addr, len) in &self.0 {
+            if done == data.len() {
+                break;
+            }
+            let n = (len as usize).min(data.len() - done);
+            mem.write_slice(&data[done..done + n], GuestAddress(addr))?;
+            done += n;
+        }
+        Ok(done)
+    }
+    /// Fills the buffers from `src` (a file or socket), straight into guest memory; stops early at
+    /// end of input. Returns the bytes transferred.
+    pub fn fill_from<F: ReadVolatile>(&self, mem: &GuestMemory, src: &mut F) -> std::io::Result<usize> {
+        let mut total = 0;
+        for &(addr, len) in &self.0 {
+            let mut off = 0usize;
+            while off < len as usize {
+                let n = mem
+                    .read_volatile_from(GuestAddress(addr + off as u64), src, len as usize - off)
+                    .map_err(std::io::Error::other)?;
+                if n == 0 {
+                    return Ok(total);
+                }
+                off += n;
+                total += n;
+            }
+        }
+        Ok(total)
+    }
+    /// Drains the buffers into `dst` (a file or socket), straight from guest memory.
+    pub fn drain_to<F: WriteVolatile>(&self, mem: &GuestMemory, dst: &mut F) -> std::io::Result<usize> {
+        let mut total = 0;
+        for &(addr, len) in &self.0 {
+            let mut off = 0usize;
+            while off < len as usize {
+                let n = mem
+                    .write_volatile_to(GuestAddress(addr + off as u64), dst, len as usize - off)
+                    .map_err(std::io::Error::other)?;
+                if n == 0 {
+                    return Err(std::io::ErrorKind::WriteZero.into());
+                }
+                off += n;
+                total += n;
+            }
+        }
+        Ok(total)
+    }
+}
+
+impl Chain {
+    /// The device-readable buffers.
+    pub fn readable(&self) -> Segs {
+        Segs(self.descs.iter().filter(|d| !d.write).map(|d| (d.addr, d.len)).collect())
+    }
+    /// The device-writable buffers.
+    pub fn writable(&self) -> Segs {
+        Segs(self.descs.iter().filter(|d| d.write).map(|d| (d.addr, d.len)).collect())
+    }
+}
+
+/// Validates the chain at the next available position of `queue` and advances past it.
+///
+/// `Ok(None)` when the ring is empty (or the queue not ready).
+pub fn pop_chain(queue: &mut Queue, mem: &GuestMemory) -> Result<Option<Chain>, ChainError> {
+    if !queue.ready() {
+        return Ok(None);
+    }
+    let avail = queue.avail_idx(mem, Ordering::Acquire).map_err(|e| ChainError::Ring(e.to_string()))?;
+    let pending = (avail - Wrapping(queue.next_avail())).0;
+    if pending == 0 {
+        return Ok(None);
+    }
+    if pending > queue.size() {
+        return Err(ChainError::AvailJump {
+            avail: avail.0,
+            next_avail: queue.next_avail(),
+            pending,
+            size: queue.size(),
+        });
+    }
+    let mut iter = queue.iter(mem).map_err(|e| ChainError::Ring(e.to_string()))?;
+    let dc = iter.next().ok_or(ChainError::BadHead)?;
+    let head = dc.head_index();
+    let mut descs = Vec::new();
+    let mut open = true;
+    for d in dc {
+        let desc = Desc { addr: d.addr().0, len: d.len(), write: d.is_write_only() };
+        if !mem.check_range(GuestAddress(desc.addr), desc.len as usize) {
+            return Err(ChainError::OutOfMemory { addr: desc.addr, len: desc.len });
+        }
+        if !desc.write && descs.iter().any(|p: &Desc| p.write) {
+            return Err(ChainError::Order { head });
+        }
+        open = d.has_next();
+        descs.push(desc);
+    }
+    if open || descs.is_empty() {
+        return Err(ChainError::Unterminated { head });
+    }
+    Ok(Some(Chain { head, descs }))
+}
+
+/// What a device sees of its queues while serving them.
+#[derive(Debug)]
+pub struct QueueCtx<'a> {
+    mem: &'a GuestMemory,
+    queues: &'a mut [Queue],
+    used: u64,
+}
+
+impl<'a> QueueCtx<'a> {
+    /// A context over `queues` in `mem`.
+    pub(crate) fn new(mem: &'a GuestMemory, queues: &'a mut [Queue]) -> Self {
+        QueueCtx { mem, queues, used: 0 }
+    }
+    /// Guest memory.
+    pub fn mem(&self) -> &GuestMemory {
+        self.mem
+    }
+    /// The next chain of queue `q`, validated; `Ok(None)` when there is none.
+    pub fn pop(&mut self, q: usize) -> Result<Option<Chain>, ChainError> {
+        match self.queues.get_mut(q) {
+            Some(queue) => pop_chain(queue, self.mem),
+            None => Ok(None),
+        }
+    }
+    /// Puts the last popped chain of queue `q` back (it will be popped again).
+    pub fn unpop(&mut self, q: usize) {
+        if let Some(queue) = self.queues.get_mut(q) {
+            queue.go_to_previous_position();
+        }
+    }
+    /// Returns chain `head` to the driver with `len` bytes written.
+    pub fn add_used(&mut self, q: usize, head: u16, len: u32) -> Result<(), ChainError> {
+        let queue = self.queues.get_mut(q).ok_or(ChainError::BadHead)?;
+        queue.add_used(self.mem, head, len).map_err(|e| ChainError::Used(e.to_string()))?;
+        self.used |= 1 << q;
+        Ok(())
+    }
+    /// Bitmask of queues that got used entries.
+    pub(crate) fn used_mask(&self) -> u64 {
+        self.used
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    const DESC: u64 = 0x1000;
+    const AVAIL: u64 = 0x2000;
+    const USED: u64 = 0x3000;
+    const MEM: u64 = 0x10_0000;
+
+    fn setup(size: u16) -> (GuestMemory, Queue) {
+        let mem = GuestMemory::from_ranges(&[(GuestAddress(0), MEM as usize)]).unwrap();
+        let mut q = Queue::new(size).unwrap();
+        q.set_size(size);
+        q.set_desc_table_address(Some(DESC as u32), Some(0));
+        q.set_avail_ring_address(Some(AVAIL as u32), Some(0));
+        q.set_used_ring_address(Some(USED as u32), Some(0));
+        q.set_ready(true);
+        (mem, q)
+    }
+
+    fn put_desc(mem: &GuestMemory, i: u16, addr: u64, len: u32, flags: u16, next: u16) {
+        let a = DESC + 16 * u64::from(i);
+        mem.write_obj(addr, GuestAddress(a)).unwrap();
+        mem.write_obj(len, GuestAddress(a + 8)).unwrap();
+        mem.write_obj(flags, GuestAddress(a + 12)).unwrap();
+        mem.write_obj(next, GuestAddress(a + 14)).unwrap();
+    }
+
+    fn publish(mem: &GuestMemory, slot: u16, head: u16, idx: u16) {
+        mem.write_obj(head, GuestAddress(AVAIL + 4 + 2 * u64::from(slot))).unwrap();
+        mem.write_obj(idx, GuestAddress(AVAIL + 2)).unwrap();
+    }
+
+    #[test]
+    fn good_chain_parses() {
+        let (mem, mut q) = setup(8);
+        put_desc(&mem, 0, 0x8000, 16, 1, 1);
+        put_desc(&mem, 1, 0x9000, 512, 2, 0);
+        publish(&mem, 0, 0, 1);
+        let c = pop_chain(&mut q, &mem).unwrap().unwrap();
+        assert_eq!(c.head, 0);
+        assert_eq!(c.readable(), Segs(vec![(0x8000, 16)]));
+        assert_eq!(c.writable().len(), 512);
+        assert_eq!(pop_chain(&mut q, &mem).unwrap(), None);
+    }
+
+    #[test]
+    fn bad_chains_are_errors() {
+        let (mem, mut q) = setup(8);
+        put_desc(&mem, 0, 0, 16, 1, 0); // loops onto itself
+        publish(&mem, 0, 0, 1);
+        assert_eq!(pop_chain(&mut q, &mem), Err(ChainError::Unterminated { head: 0 }));
+        let (mem, mut q) = setup(8);
+        put_desc(&mem, 0, MEM - 8, 16, 0, 0); // runs past the end of memory
+        publish(&mem, 0, 0, 1);
+        assert!(matches!(pop_chain(&mut q, &mem), Err(ChainError::OutOfMemory { .. })));
+        let (mem, mut q) = setup(8);
+        put_desc(&mem, 0, 0x8000, 16, 0, 0);
+        publish(&mem, 0, 0, 9); // 9 entries in a ring of 8
+        assert!(matches!(pop_chain(&mut q, &mem), Err(ChainError::AvailJump { pending: 9, .. })));
+        let (mem, mut q) = setup(8);
+        put_desc(&mem, 0, 0x8000, 16, 2 | 1, 1);
+        put_desc(&mem, 1, 0x9000, 16, 0, 0); // readable after writable
+        publish(&mem, 0, 0, 1);
+        assert_eq!(pop_chain(&mut q, &mem), Err(ChainError::Order { head: 0 }));
+    }
+
+    #[test]
+    fn segs_split() {
+        let s = Segs(vec![(0x100, 10), (0x200, 6)]);
+        let (a, b) = s.split_at(12);
+        assert_eq!(a, Segs(vec![(0x100, 10), (0x200, 2)]));
+        assert_eq!(b, Segs(vec![(0x202, 4)]));
+        let (r, last) = s.split_last(1);
+        assert_eq!(last, Segs(vec![(0x205, 1)]));
+        assert_eq!(r.len(), 15);
+    }
+
+    proptest! {
+        /// Whatever the guest writes into the descriptor table and ring, parsing never panics,
+        /// and an accepted chain is short, inside memory, terminated and ordered.
+        #[test]
+        fn any_table_parses_safely(
+            descs in proptest::collection::vec((any::<u64>(), any::<u32>(), 0u16..8, 0u16..20), 8),
+            heads in proptest::collection::vec(0u16..12, 1..4),
+            avail in any::<u16>(),
+            small in any::<bool>(),
+        ) {
+            let (mem, mut q) = setup(8);
+            for (i, &(addr, len, flags, next)) in descs.iter().enumerate() {
+                let (addr, len) = if small { (addr % (MEM + 0x1000), len % 0x2000) } else { (addr, len) };
+                put_desc(&mem, i as u16, addr, len, flags, next);
+            }
+            for (slot, &h) in heads.iter().enumerate() {
+                publish(&mem, slot as u16, h, avail);
+            }
+            for _ in 0..10 {
+                match pop_chain(&mut q, &mem) {
+                    Ok(Some(c)) => {
+                        prop_assert!(!c.descs.is_empty() && c.descs.len() <= 8);
+                        for d in &c.descs {
+                            prop_assert!(mem.check_range(GuestAddress(d.addr), d.len as usize));
+                        }
+                        let first_w = c.descs.iter().position(|d| d.write).unwrap_or(c.descs.len());
+                        prop_assert!(c.descs[first_w..].iter().all(|d| d.write));
+                    }
+                    Ok(None) | Err(_) => break,
+                }
+            }
+        }
+
+        /// Splitting keeps every byte exactly once, in order.
+        #[test]
+        fn split_keeps_bytes(lens in proptest::collection::vec(0u32..50, 0..6), at in 0u64..300) {
+            let mut addr = 0u64;
+            let segs = Segs(lens.iter().map(|&l| { let s = (addr, l); addr += 1000; s }).collect());
+            let (a, b) = segs.split_at(at);
+            prop_assert_eq!(a.len(), at.min(segs.len()));
+            prop_assert_eq!(a.len() + b.len(), segs.len());
+        }
+    }
+}

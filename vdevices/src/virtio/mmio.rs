@@ -1,0 +1,639 @@
+//! The virtio-mmio transport (virtio 1.x, MMIO version 2) as a `vcore` [`BusDevice`].
+//!
+//! Register accesses come from vCPU threads (or the test harness); queue notifications arrive on
+//! one [`EventFd`] per queue — written by KVM through an ioeventfd on `QueueNotify`, or by the
+//! transport itself when the write reaches the bus — and are served by the transport's
+//! `event-manager` subscriber on the event loop thread. Interrupts go out through one `EventFd`
+//! that is an irqfd in a KVM VM and a plain event the harness waits on otherwise.
+
+use std::os::fd::AsRawFd;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use event_manager::{EventOps, EventSet, EventSubscriber, Events};
+use kvm_ioctls::IoEventAddress;
+use serde::{Deserialize, Serialize};
+use vcore::{BusDevice, GuestMemory, Snapshot, StateError};
+use virtio_queue::{Queue, QueueState, QueueT};
+use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
+
+use super::{DeviceError, DeviceState, QueueCtx, VIRTIO_F_VERSION_1, VirtioDevice};
+
+/// Size of one virtio-mmio device's register window.
+pub const MMIO_SIZE: u64 = 0x1000;
+/// "virt" in little endian.
+pub const MMIO_MAGIC: u32 = 0x7472_6976;
+/// The MMIO transport version implemented (virtio 1.x).
+pub const MMIO_VERSION: u32 = 2;
+/// Vendor id reported to the guest ("VINF").
+pub const VENDOR_ID: u32 = 0x464e_4956;
+
+/// Register offsets.
+#[allow(missing_docs)]
+pub mod reg {
+    pub const MAGIC: u64 = 0x000;
+    pub const VERSION: u64 = 0x004;
+    pub const DEVICE_ID: u64 = 0x008;
+    pub const VENDOR_ID: u64 = 0x00c;
+    pub const DEVICE_FEATURES: u64 = 0x010;
+    pub const DEVICE_FEATURES_SEL: u64 = 0x014;
+    pub const DRIVER_FEATURES: u64 = 0x020;
+    pub const DRIVER_FEATURES_SEL: u64 = 0x024;
+    pub const QUEUE_SEL: u64 = 0x030;
+    pub const QUEUE_NUM_MAX: u64 = 0x034;
+    pub const QUEUE_NUM: u64 = 0x038;
+    pub const QUEUE_READY: u64 = 0x044;
+    pub const QUEUE_NOTIFY: u64 = 0x050;
+    pub const INTERRUPT_STATUS: u64 = 0x060;
+    pub const INTERRUPT_ACK: u64 = 0x064;
+    pub const STATUS: u64 = 0x070;
+    pub const QUEUE_DESC_LOW: u64 = 0x080;
+    pub const QUEUE_DESC_HIGH: u64 = 0x084;
+    pub const QUEUE_DRIVER_LOW: u64 = 0x090;
+    pub const QUEUE_DRIVER_HIGH: u64 = 0x094;
+    pub const QUEUE_DEVICE_LOW: u64 = 0x0a0;
+    pub const QUEUE_DEVICE_HIGH: u64 = 0x0a4;
+    pub const CONFIG_GENERATION: u64 = 0x0fc;
+    pub const CONFIG: u64 = 0x100;
+}
+
+/// Device status bits.
+#[allow(missing_docs)]
+pub mod status {
+    pub const ACKNOWLEDGE: u32 = 1;
+    pub const DRIVER: u32 = 2;
+    pub const DRIVER_OK: u32 = 4;
+    pub const FEATURES_OK: u32 = 8;
+    pub const DEVICE_NEEDS_RESET: u32 = 64;
+    pub const FAILED: u32 = 128;
+}
+
+/// `InterruptStatus` bit: a used buffer was added.
+pub const INT_VRING: u32 = 1;
+/// `InterruptStatus` bit: the configuration changed (or the device broke).
+pub const INT_CONFIG: u32 = 2;
+
+/// Event data of backend fds starts here (queue events use the queue index).
+const BACKEND_DATA: u32 = 0x1_0000;
+
+/// Errors of creating, attaching and restoring a transport.
+#[derive(Debug, thiserror::Error)]
+pub enum TransportError {
+    /// An event fd could not be created.
+    #[error("creating an eventfd")]
+    EventFd(#[source] std::io::Error),
+    /// The device could not be placed on the MMIO bus.
+    #[error("placing the device on the MMIO bus")]
+    Bus(#[from] vcore::BusError),
+    /// Registering the ioeventfd or irqfd with KVM failed.
+    #[error("registering {what} with KVM")]
+    Kvm {
+        /// Which registration.
+        what: &'static str,
+        /// KVM's error.
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+}
+
+/// Counters of one transport.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TransportStats {
+    /// Queue notifications served.
+    pub notifications: u64,
+    /// Interrupts raised.
+    pub interrupts: u64,
+}
+
+#[derive(Debug)]
+struct Inner {
+    device: Box<dyn VirtioDevice>,
+    mem: GuestMemory,
+    queues: Vec<Queue>,
+    status: u32,
+    device_features_sel: u32,
+    driver_features_sel: u32,
+    driver_features: u64,
+    queue_sel: u32,
+    interrupt_status: u32,
+    config_generation: u32,
+    activated: bool,
+    broken: Option<String>,
+    stats: TransportStats,
+}
+
+#[derive(Debug)]
+struct Shared {
+    inner: Mutex<Inner>,
+    queue_evts: Vec<EventFd>,
+    irq_evt: EventFd,
+}
+
+/// A virtio device behind virtio-mmio registers. Cheap to clone (all clones are one device).
+#[derive(Debug, Clone)]
+pub struct MmioTransport {
+    shared: Arc<Shared>,
+}
+
+fn eventfd() -> Result<EventFd, TransportError> {
+    EventFd::new(EFD_NONBLOCK).map_err(TransportError::EventFd)
+}
+
+impl MmioTransport {
+    /// Puts `device` behind a new transport over guest memory `mem`.
+    pub fn new(mem: GuestMemory, device: Box<dyn VirtioDevice>) -> Result<Self, TransportError> {
+        let queues = super::new_queues(device.queue_max_sizes());
+        let queue_evts = queues.iter().map(|_| eventfd()).collect::<Result<Vec<_>, _>>()?;
+        let inner = Inner {
+            device,
+            mem,
+            queues,
+            status: 0,
+            device_features_sel: 0,
+            driver_features_sel: 0,
+            driver_features: 0,
+            queue_sel: 0,
+            interrupt_status: 0,
+            config_generation: 0,
+            activated: false,
+            broken: None,
+            stats: TransportStats::default(),
+        };
+        Ok(MmioTransport {
+            shared: Arc::new(Shared { inner: Mutex::new(inner), queue_evts, irq_evt: eventfd()? }),
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.shared.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The event fd of queue `q`'s notifications (the ioeventfd), if the queue exists.
+    pub fn queue_evt(&self, q: usize) -> Option<&EventFd> {
+        self.shared.queue_evts.get(q)
+    }
+
+    /// The interrupt event fd (the irqfd).
+    pub fn irq_evt(&self) -> &EventFd {
+        &self.shared.irq_evt
+    }
+
+    /// Places the transport on `vm`'s MMIO bus at `base`, notifications through ioeventfds and
+    /// interrupts through an irqfd on `gsi`.
+    pub fn attach(&self, vm: &vcore::Vm, base: u64, gsi: u32) -> Result<(), TransportError> {
+        for (q, evt) in self.shared.queue_evts.iter().enumerate() {
+            let addr = IoEventAddress::Mmio(base + reg::QUEUE_NOTIFY);
+            vm.vm_fd()
+                .register_ioevent(evt, &addr, q as u32)
+                .map_err(|source| TransportError::Kvm { what: "the QueueNotify ioeventfd", source })?;
+        }
+        vm.vm_fd()
+            .register_irqfd(&self.shared.irq_evt, gsi)
+            .map_err(|source| TransportError::Kvm { what: "the irqfd", source })?;
+        vm.mmio_bus().insert(base, MMIO_SIZE, Arc::new(self.clone()))?;
+        Ok(())
+    }
+
+    /// The device status register.
+    pub fn status(&self) -> u32 {
+        self.lock().status
+    }
+
+    /// Why the device is broken (a guest protocol violation), if it is.
+    pub fn broken(&self) -> Option<String> {
+        self.lock().broken.clone()
+    }
+
+    /// Whether the driver has set `DRIVER_OK` and the device is serving its queues.
+    pub fn activated(&self) -> bool {
+        self.lock().activated
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> TransportStats {
+        self.lock().stats
+    }
+
+    /// The virtio device type behind the transport.
+    pub fn device_type(&self) -> u32 {
+        self.lock().device.device_type()
+    }
+
+    /// Runs `f` on the device (for embedder-side controls such as the balloon target).
+    pub fn with_device<R>(&self, f: impl FnOnce(&mut dyn VirtioDevice) -> R) -> R {
+        let mut inner = self.lock();
+        let r = f(inner.device.as_mut());
+        self.after_work(&mut inner, 0);
+        r
+    }
+
+    /// Tells the guest the config space changed, if the device says it did (bumps the config
+    /// generation and raises a configuration-change interrupt).
+    pub fn config_changed(&self) {
+        let mut inner = self.lock();
+        self.after_work(&mut inner, 0);
+    }
+
+    /// Serves queue `q` now, on the calling thread (what the event loop does on a notification).
+    pub fn process_queue(&self, q: usize) {
+        let mut inner = self.lock();
+        inner.stats.notifications += 1;
+        self.serve(&mut inner, |dev, ctx| dev.process_queue(q, ctx));
+    }
+
+    /// Serves the device's backend fd number `index` now.
+    pub fn process_backend(&self, index: usize) {
+        let mut inner = self.lock();
+        self.serve(&mut inner, |dev, ctx| dev.process_backend(index, ctx));
+    }
+
+    fn serve(
+        &self,
+        inner: &mut Inner,
+        work: impl FnOnce(&mut dyn VirtioDevice, &mut QueueCtx<'_>) -> Result<(), DeviceError>,
+    ) {
+        if !inner.activated || inner.broken.is_some() {
+            return;
+        }
+        let Inner { device, mem, queues, .. } = inner;
+        let mut ctx = QueueCtx::new(mem, queues);
+        let res = work(device.as_mut(), &mut ctx);
+        let used = ctx.used_mask();
+        if let Err(e) = res {
+            let mut msg = e.to_string();
+            let mut src = std::error::Error::source(&e);
+            while let Some(s) = src {
+                msg.push_str(": ");
+                msg.push_str(&s.to_string());
+                src = s.source();
+            }
+            inner.broken = Some(msg);
+            inner.status |= status::DEVICE_NEEDS_RESET;
+            inner.interrupt_status |= INT_CONFIG;
+            self.raise(inner);
+        }
+        self.after_work(inner, used);
+    }
+
+    fn after_work(&self, inner: &mut Inner, used: u64) {
+        if inner.device.take_config_changed() {
+            inner.config_generation = inner.config_generation.wrapping_add(1);
+            inner.interrupt_status |= INT_CONFIG;
+            self.raise(inner);
+        }
+        let mut notify = false;
+        for (q, queue) in inner.queues.iter_mut().enumerate() {
+            if used & (1 << q) != 0 {
+                // A ring the guest moved out of memory: interrupt anyway, the driver resyncs.
+                notify |= queue.needs_notification(&inner.mem).unwrap_or(true);
+            }
+        }
+        if notify {
+            inner.interrupt_status |= INT_VRING;
+            self.raise(inner);
+        }
+    }
+
+    fn raise(&self, inner: &mut Inner) {
+        inner.stats.interrupts += 1;
+        // A full eventfd counter only means the interrupt is already pending.
+        let _ = self.shared.irq_evt.write(1);
+    }
+
+    fn reset(inner: &mut Inner) {
+        inner.device.reset();
+        for q in &mut inner.queues {
+            q.reset();
+        }
+        inner.status = 0;
+        inner.driver_features = 0;
+        inner.device_features_sel = 0;
+        inner.driver_features_sel = 0;
+        inner.queue_sel = 0;
+        inner.interrupt_status = 0;
+        inner.activated = false;
+        inner.broken = None;
+    }
+
+    fn write_status(&self, inner: &mut Inner, value: u32) {
+        if value == 0 {
+            Self::reset(inner);
+            return;
+        }
+        let mut value = value & !status::DEVICE_NEEDS_RESET;
+        if value & status::FEATURES_OK != 0 && inner.status & status::FEATURES_OK == 0 {
+            let offered = inner.device.features();
+            let ok = inner.driver_features & !offered == 0 && inner.driver_features & VIRTIO_F_VERSION_1 != 0;
+            if !ok {
+                value &= !status::FEATURES_OK;
+            } else {
+                let event_idx = inner.driver_features & super::VIRTIO_F_RING_EVENT_IDX != 0;
+                for q in &mut inner.queues {
+                    q.set_event_idx(event_idx);
+                }
+            }
+        }
+        let was_active = inner.activated;
+        if value & status::DRIVER_OK != 0 && !inner.activated {
+            let queues_ok = inner.queues.iter().all(|q| !q.ready() || q.is_valid(&inner.mem));
+            let features_ok = value & status::FEATURES_OK != 0;
+            let res = if queues_ok && features_ok {
+                inner.device.activate(inner.driver_features).map_err(|e| e.to_string())
+            } else {
+                Err("DRIVER_OK without FEATURES_OK or with an invalid queue".to_string())
+            };
+            match res {
+                Ok(()) => inner.activated = true,
+                Err(e) => {
+                    inner.broken = Some(e);
+                    value |= status::DEVICE_NEEDS_RESET;
+                }
+            }
+        }
+        inner.status = value | (inner.status & status::DEVICE_NEEDS_RESET);
+        if inner.activated && !was_active {
+            // Buffers made available before DRIVER_OK are served now.
+            for evt in &self.shared.queue_evts {
+                let _ = evt.write(1);
+            }
+        }
+    }
+
+    fn queue_write(inner: &mut Inner, offset: u64, v: u32) {
+        let setup_allowed = inner.status & status::DRIVER_OK == 0;
+        let Some(q) = inner.queues.get_mut(inner.queue_sel as usize) else { return };
+        if !setup_allowed && offset != reg::QUEUE_READY {
+            return;
+        }
+        match offset {
+            reg::QUEUE_NUM => q.set_size(v as u16),
+            reg::QUEUE_READY => q.set_ready(v == 1),
+            reg::QUEUE_DESC_LOW => q.set_desc_table_address(Some(v), None),
+            reg::QUEUE_DESC_HIGH => q.set_desc_table_address(None, Some(v)),
+            reg::QUEUE_DRIVER_LOW => q.set_avail_ring_address(Some(v), None),
+            reg::QUEUE_DRIVER_HIGH => q.set_avail_ring_address(None, Some(v)),
+            reg::QUEUE_DEVICE_LOW => q.set_used_ring_address(Some(v), None),
+            reg::QUEUE_DEVICE_HIGH => q.set_used_ring_address(None, Some(v)),
+            _ => {}
+        }
+    }
+}
+
+impl BusDevice for MmioTransport {
+    fn read(&self, offset: u64, data: &mut [u8]) {
+        let inner = self.lock();
+        if offset >= reg::CONFIG {
+            inner.device.read_config(offset - reg::CONFIG, data);
+            return;
+        }
+        if data.len() != 4 || offset % 4 != 0 {
+            data.fill(0);
+            return;
+        }
+        let q = inner.queues.get(inner.queue_sel as usize);
+        let v: u32 = match offset {
+            reg::MAGIC => MMIO_MAGIC,
+            reg::VERSION => MMIO_VERSION,
+            reg::DEVICE_ID => inner.device.device_type(),
+            reg::VENDOR_ID => VENDOR_ID,
+            reg::DEVICE_FEATURES => match inner.device_features_sel {
+                0 => inner.device.features() as u32,
+                1 => (inner.device.features() >> 32) as u32,
+                _ => 0,
+            },
+            reg::QUEUE_NUM_MAX => q.map_or(0, |q| u32::from(q.max_size())),
+            reg::QUEUE_READY => q.map_or(0, |q| u32::from(q.ready())),
+            reg::INTERRUPT_STATUS => inner.interrupt_status,
+            reg::STATUS => inner.status,
+            reg::CONFIG_GENERATION => inner.config_generation,
+            _ => 0,
+        };
+        data.copy_from_slice(&v.to_le_bytes());
+    }
+
+    fn write(&self, offset: u64, data: &[u8]) {
+        let mut inner = self.lock();
+        if offset >= reg::CONFIG {
+            inner.device.write_config(offset - reg::CONFIG, data);
+            self.after_work(&mut inner, 0);
+            return;
+        }
+        let Ok(bytes) = <[u8; 4]>::try_from(data) else { return };
+        if offset % 4 != 0 {
+            return;
+        }
+        let v = u32::from_le_bytes(bytes);
+        match offset {
+            reg::DEVICE_FEATURES_SEL => inner.device_features_sel = v,
+            reg::DRIVER_FEATURES_SEL => inner.driver_features_sel = v,
+            reg::DRIVER_FEATURES => {
+                if inner.status & status::FEATURES_OK == 0 {
+                    match inner.driver_features_sel {
+                        0 => inner.driver_features = (inner.driver_features & !0xffff_ffff) | u64::from(v),
+                        1 => {
+                            inner.driver_features =
+                                (inner.driver_features & 0xffff_ffff) | (u64::from(v) << 32)
+                        }
+                        _ => {}
+                    }
+                }
+            }
+            reg::QUEUE_SEL => inner.queue_sel = v,
+            reg::QUEUE_NOTIFY => {
+                if let Some(evt) = self.shared.queue_evts.get(v as usize) {
+                    let _ = evt.write(1);
+                }
+            }
+            reg::INTERRUPT_ACK => inner.interrupt_status &= !v,
+            reg::STATUS => self.write_status(&mut inner, v),
+            _ => Self::queue_write(&mut inner, offset, v),
+        }
+    }
+}
+
+impl EventSubscriber for MmioTransport {
+    fn init(&self, ops: &mut EventOps) {
+        for (q, evt) in self.shared.queue_evts.iter().enumerate() {
+            if let Err(e) = ops.add(Events::with_data(evt, q as u32, EventSet::IN)) {
+                self.lock().broken = Some(format!("watching queue {q}: {e}"));
+            }
+        }
+        let fds = self.lock().device.backend_fds();
+        for (i, fd) in fds.into_iter().enumerate() {
+            let set = EventSet::IN | EventSet::EDGE_TRIGGERED;
+            if let Err(e) = ops.add(Events::with_data_raw(fd, BACKEND_DATA + i as u32, set)) {
+                self.lock().broken = Some(format!("watching backend fd {i}: {e}"));
+            }
+        }
+        // Work that arrived while nobody watched (after a restore, say) is served now.
+        if self.activated() {
+            for evt in &self.shared.queue_evts {
+                let _ = evt.write(1);
+            }
+            let backends = self.lock().device.backend_fds().len();
+            for i in 0..backends {
+                self.process_backend(i);
+            }
+        }
+    }
+
+    fn process(&self, events: Events, _ops: &mut EventOps) {
+        let data = events.data();
+        if data >= BACKEND_DATA {
+            self.process_backend((data - BACKEND_DATA) as usize);
+        } else if let Some(evt) = self.shared.queue_evts.get(data as usize) {
+            if evt.read().is_ok() {
+                self.process_queue(data as usize);
+            }
+        }
+    }
+}
+
+impl AsRawFd for MmioTransport {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        self.shared.irq_evt.as_raw_fd()
+    }
+}
+
+/// One queue's saved registers and ring positions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueueSnapshot {
+    /// Largest size offered.
+    pub max_size: u16,
+    /// Size chosen by the driver.
+    pub size: u16,
+    /// `QueueReady`.
+    pub ready: bool,
+    /// Descriptor table address.
+    pub desc_table: u64,
+    /// Available (driver) ring address.
+    pub avail_ring: u64,
+    /// Used (device) ring address.
+    pub used_ring: u64,
+    /// Next available entry the device will pop.
+    pub next_avail: u16,
+    /// Next used entry the device will fill.
+    pub next_used: u16,
+    /// `VIRTIO_F_RING_EVENT_IDX` in use.
+    pub event_idx: bool,
+}
+
+/// The saved state of a transport and its device.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TransportState {
+    /// Device status register.
+    pub status: u32,
+    /// Features the driver acknowledged.
+    pub driver_features: u64,
+    /// `DeviceFeaturesSel`.
+    pub device_features_sel: u32,
+    /// `DriverFeaturesSel`.
+    pub driver_features_sel: u32,
+    /// `QueueSel`.
+    pub queue_sel: u32,
+    /// Pending interrupt bits.
+    pub interrupt_status: u32,
+    /// Config generation counter.
+    pub config_generation: u32,
+    /// Whether the device was serving its queues.
+    pub activated: bool,
+    /// Why the device was broken, if it was.
+    pub broken: Option<String>,
+    /// Every queue.
+    pub queues: Vec<QueueSnapshot>,
+    /// Counters.
+    pub stats: TransportStats,
+    /// The device behind the transport.
+    pub device: DeviceState,
+}
+
+/// What restoring a transport needs: guest memory (already restored) and the device (restored
+/// from [`TransportState::device`]).
+#[derive(Debug)]
+pub struct TransportArgs {
+    /// The new VM's guest memory.
+    pub mem: GuestMemory,
+    /// The restored device.
+    pub device: Box<dyn VirtioDevice>,
+}
+
+impl Snapshot for MmioTransport {
+    type State = TransportState;
+    type Args = TransportArgs;
+
+    fn save(&self) -> TransportState {
+        let inner = self.lock();
+        let queues = inner
+            .queues
+            .iter()
+            .map(|q| QueueSnapshot {
+                max_size: q.max_size(),
+                size: q.size(),
+                ready: q.ready(),
+                desc_table: q.desc_table(),
+                avail_ring: q.avail_ring(),
+                used_ring: q.used_ring(),
+                next_avail: q.next_avail(),
+                next_used: q.next_used(),
+                event_idx: q.event_idx_enabled(),
+            })
+            .collect();
+        TransportState {
+            status: inner.status,
+            driver_features: inner.driver_features,
+            device_features_sel: inner.device_features_sel,
+            driver_features_sel: inner.driver_features_sel,
+            queue_sel: inner.queue_sel,
+            interrupt_status: inner.interrupt_status,
+            config_generation: inner.config_generation,
+            activated: inner.activated,
+            broken: inner.broken.clone(),
+            queues,
+            stats: inner.stats,
+            device: inner.device.state(),
+        }
+    }
+
+    fn restore(args: TransportArgs, s: &TransportState) -> Result<Self, StateError> {
+        let bad = |reason: String| StateError::Device { device: "virtio-mmio".into(), reason };
+        let max_sizes = args.device.queue_max_sizes().to_vec();
+        if max_sizes.len() != s.queues.len() {
+            return Err(bad(format!("{} saved queues, the device has {}", s.queues.len(), max_sizes.len())));
+        }
+        let t = MmioTransport::new(args.mem, args.device).map_err(|e| bad(e.to_string()))?;
+        {
+            let mut inner = t.lock();
+            for (i, (qs, max)) in s.queues.iter().zip(max_sizes).enumerate() {
+                if qs.max_size != max {
+                    return Err(bad(format!("queue {i} max size {} saved, {max} here", qs.max_size)));
+                }
+                let state = QueueState {
+                    max_size: qs.max_size,
+                    next_avail: qs.next_avail,
+                    next_used: qs.next_used,
+                    event_idx_enabled: qs.event_idx,
+                    size: qs.size,
+                    ready: qs.ready,
+                    desc_table: qs.desc_table,
+                    avail_ring: qs.avail_ring,
+                    used_ring: qs.used_ring,
+                };
+                inner.queues[i] = Queue::try_from(state).map_err(|e| bad(format!("queue {i}: {e}")))?;
+            }
+            inner.status = s.status;
+            inner.driver_features = s.driver_features;
+            inner.device_features_sel = s.device_features_sel;
+            inner.driver_features_sel = s.driver_features_sel;
+            inner.queue_sel = s.queue_sel;
+            inner.interrupt_status = s.interrupt_status;
+            inner.config_generation = s.config_generation;
+            inner.activated = s.activated;
+            inner.broken = s.broken.clone();
+            inner.stats = s.stats;
+            if s.interrupt_status != 0 {
+                // The pending interrupt travels with the state: raise it again on the new VM.
+                let _ = t.shared.irq_evt.write(1);
+            }
+        }
+        Ok(t)
+    }
+}
