@@ -192,3 +192,64 @@ fn tcp_between_two_processes() {
     assert!(out.status.success() && text.contains("CHILD OK"), "child failed: {text}");
     eprintln!("TCP: downtime {:?}, {} MiB, {}", stats.downtime, stats.bytes_sent >> 20, text.trim());
 }
+
+/// Child for the kill test: receives until the parent kills it.
+#[test]
+fn child_destination_to_kill() {
+    let Ok(addr) = std::env::var("VMIGRATE_KILL_LISTEN") else { return };
+    let cfg: VmConfig = serde_json::from_str(&std::env::var("VMIGRATE_CHILD_CFG").unwrap()).unwrap();
+    let listener = std::net::TcpListener::bind(&addr).unwrap();
+    let conn = tcp_accept(&listener, DEFAULT_PEER_TIMEOUT).unwrap();
+    let dst = dest_vm(&cfg);
+    let _ = Destination::new(&dst).run(conn);
+    panic!("the parent should have killed this destination before the migration ended");
+}
+
+#[test]
+fn killing_the_destination_process_leaves_the_source_running() {
+    require_kvm!();
+    let cfg = VmConfig { mem_mib: 128, ..Default::default() };
+    let d = DirtierConfig {
+        ws_pages: 8192,
+        pattern: Pattern::Random,
+        pages_per_sec: 20_000,
+        ..Default::default()
+    };
+    let port = { std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port() };
+    let addr = format!("127.0.0.1:{port}");
+    let child = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "child_destination_to_kill", "--nocapture", "--test-threads=1"])
+        .env("VMIGRATE_KILL_LISTEN", &addr)
+        .env("VMIGRATE_CHILD_CFG", serde_json::to_string(&cfg).unwrap())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let child = Mutex::new(Some(child));
+    let src = source_vm(&cfg, d);
+    let conn = (0..200)
+        .find_map(|_| {
+            tcp_connect(&addr, DEFAULT_PEER_TIMEOUT).ok().or_else(|| {
+                std::thread::sleep(Duration::from_millis(25));
+                None
+            })
+        })
+        .expect("connect to the child");
+    // A slow link, and kill -9 of the destination once pages are flowing.
+    let policy = ConvergencePolicy { bandwidth_limit_bps: Some(16 << 20), ..Default::default() };
+    let res = Source::new(&src, policy)
+        .progress(|p| {
+            if let vmigrate::Progress::Pages { done, .. } = p {
+                if *done > 2000 {
+                    if let Some(mut c) = child.lock().unwrap().take() {
+                        c.kill().unwrap();
+                        c.wait().unwrap();
+                    }
+                }
+            }
+        })
+        .run(conn);
+    assert!(res.is_err(), "the migration cannot succeed: {res:?}");
+    assert!(child.lock().unwrap().is_none(), "the destination was killed mid-migration");
+    common::assert_source_alive(&src, &d);
+}
