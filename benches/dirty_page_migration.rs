@@ -144,7 +144,7 @@ fn raw_tcp(c: &mut Criterion) {
         let mut r = FrameReader::new(s);
         let mut ack = r.get_mut().try_clone().unwrap();
         loop {
-            match r.read_frame() {
+            match r.read_frame_into(&mem, &layout) {
                 Ok(vinfra::vmigrate::stream::Message::Complete) => ack.write_all(&[1]).unwrap(),
                 Ok(m) => {
                     apply_memory(&mem, &layout, &m, None).unwrap();

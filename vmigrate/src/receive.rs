@@ -189,8 +189,11 @@ impl<'a> Destination<'a> {
         let mut r = FrameReader::new(&mut *transport);
         let (mut state, mut sections) = (None, Vec::new());
         loop {
-            let msg = r.read_frame()?;
+            // Page contents go straight from the transport into guest memory (this VM is not
+            // running, and is discarded if receiving fails).
+            let msg = r.read_frame_into(vm.memory(), &hello.layout)?;
             match msg {
+                Message::PagesWritten { pages, .. } => stats.normal_pages += pages,
                 Message::Pages { .. } | Message::ZeroPages { .. } => {
                     let (n, z) = apply_memory(vm.memory(), &hello.layout, &msg, known_zero.as_deref())?;
                     stats.normal_pages += n;

@@ -20,6 +20,8 @@
 
 use std::io::{Read, Write};
 
+use vm_memory::Bytes;
+
 use serde::{Deserialize, Serialize};
 
 /// Protocol versions this build speaks (oldest, newest).
@@ -236,6 +238,13 @@ pub enum Message<'a> {
         /// Page contents.
         data: &'a [u8],
     },
+    /// Pages already written into guest memory by [`FrameReader::read_frame_into`].
+    PagesWritten {
+        /// First page's guest address.
+        gpa: u64,
+        /// Pages.
+        pages: u64,
+    },
     /// `count` zero pages from `gpa`.
     ZeroPages {
         /// First page's guest address.
@@ -360,8 +369,8 @@ impl<R: Read> FrameReader<R> {
         &mut self.inner
     }
 
-    /// Reads and verifies the next frame, then parses it.
-    pub fn read_frame(&mut self) -> Result<Message<'_>, StreamError> {
+    /// Reads one frame header and checks magic, kind, flags and the length bound.
+    fn header(&mut self) -> Result<(Kind, usize, u32, [u8; HEADER_LEN]), StreamError> {
         let mut h = [0u8; HEADER_LEN];
         match self.inner.read_exact(&mut h) {
             Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Err(StreamError::Closed),
@@ -381,18 +390,82 @@ impl<R: Read> FrameReader<R> {
         if len > kind.max_len() {
             return Err(StreamError::TooLong { kind, len, max: kind.max_len() });
         }
+        let expected = u32::from_le_bytes([h[12], h[13], h[14], h[15]]);
+        Ok((kind, len, expected, h))
+    }
+
+    fn payload(&mut self, len: usize) -> Result<(), StreamError> {
         self.buf.resize(len, 0);
         match self.inner.read_exact(&mut self.buf) {
-            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Err(StreamError::Closed),
-            r => r?,
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Err(StreamError::Closed),
+            r => Ok(r?),
         }
-        let expected = u32::from_le_bytes([h[12], h[13], h[14], h[15]]);
+    }
+
+    /// Reads and verifies the next frame, then parses it.
+    pub fn read_frame(&mut self) -> Result<Message<'_>, StreamError> {
+        let (kind, len, expected, h) = self.header()?;
+        self.payload(len)?;
         let found = crc32c::crc32c_append(crc32c::crc32c(&self.buf), &h[..12]);
         if expected != found {
             return Err(StreamError::Checksum { kind, expected, found });
         }
         self.bytes += (HEADER_LEN + len) as u64;
         Message::parse(kind, &self.buf)
+    }
+}
+
+impl<R: crate::transport::PageSource> FrameReader<R> {
+    /// Like [`FrameReader::read_frame`], but the contents of a `Pages` frame are read straight
+    /// from the transport into `mem`, once its address is checked against `layout`, and
+    /// checksummed there: one copy less. A `Pages` frame comes back as
+    /// [`Message::PagesWritten`]. On a checksum error those pages hold unverified bytes:
+    /// only use this for a destination VM that is discarded when receiving fails.
+    pub fn read_frame_into(
+        &mut self,
+        mem: &vcore::GuestMemory,
+        layout: &Layout,
+    ) -> Result<Message<'_>, StreamError> {
+        let (kind, len, expected, h) = self.header()?;
+        if kind != Kind::Pages {
+            self.payload(len)?;
+            let found = crc32c::crc32c_append(crc32c::crc32c(&self.buf), &h[..12]);
+            if expected != found {
+                return Err(StreamError::Checksum { kind, expected, found });
+            }
+            self.bytes += (HEADER_LEN + len) as u64;
+            return Message::parse(kind, &self.buf);
+        }
+        if len < 8 + PAGE || (len - 8) % PAGE != 0 {
+            return Err(malformed(kind, format!("{len} bytes is not an address and whole pages")));
+        }
+        self.payload(8)?;
+        let gpa = u64_at(&self.buf, 0);
+        if gpa % PAGE as u64 != 0 {
+            return Err(malformed(kind, format!("unaligned address {gpa:#x}")));
+        }
+        let data_len = len - 8;
+        layout.check(gpa, data_len as u64)?;
+        self.inner.read_into_guest(mem, gpa, data_len).map_err(|e| match e.kind() {
+            std::io::ErrorKind::UnexpectedEof => StreamError::Closed,
+            _ => StreamError::Io(e),
+        })?;
+        let mut crc = crc32c::crc32c(&self.buf[..8]);
+        let mut chunk = [0u8; 16 * PAGE];
+        let mut done = 0;
+        while done < data_len {
+            let n = (data_len - done).min(chunk.len());
+            mem.read_slice(&mut chunk[..n], vm_memory::GuestAddress(gpa + done as u64))
+                .map_err(|e| StreamError::Io(std::io::Error::other(e.to_string())))?;
+            crc = crc32c::crc32c_append(crc, &chunk[..n]);
+            done += n;
+        }
+        let found = crc32c::crc32c_append(crc, &h[..12]);
+        if expected != found {
+            return Err(StreamError::Checksum { kind, expected, found });
+        }
+        self.bytes += (HEADER_LEN + len) as u64;
+        Ok(Message::PagesWritten { gpa, pages: (data_len / PAGE) as u64 })
     }
 }
 
@@ -502,6 +575,7 @@ impl<W: Write> FrameWriter<W> {
                 self.end(at)
             }
             Message::IterationEnd(n) => self.frame(Kind::IterationEnd, &n.to_le_bytes()),
+            Message::PagesWritten { .. } => Err(malformed(Kind::Pages, "PagesWritten is receive-side only")),
             Message::Complete => self.frame(Kind::Complete, &[]),
             Message::Ready => self.frame(Kind::Ready, &[]),
             Message::Commit => self.frame(Kind::Commit, &[]),

@@ -9,11 +9,87 @@ use std::path::Path;
 use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, sync_channel};
 use std::time::Duration;
 
+use vcore::GuestMemory;
+use vm_memory::{Bytes, GuestAddress, ReadVolatile};
+
 /// Default time a read may wait before the peer counts as dead.
 pub const DEFAULT_PEER_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// A byte stream that can deliver bytes straight into guest memory.
+pub trait PageSource: Read {
+    /// Reads exactly `len` bytes into guest memory at `gpa` (already checked against the layout).
+    /// The default goes through a small bounce buffer; sockets and files read in place.
+    fn read_into_guest(&mut self, mem: &GuestMemory, gpa: u64, len: usize) -> io::Result<()> {
+        let mut buf = [0u8; 64 * 1024];
+        let mut done = 0;
+        while done < len {
+            let n = (len - done).min(buf.len());
+            self.read_exact(&mut buf[..n])?;
+            mem.write_slice(&buf[..n], GuestAddress(gpa + done as u64)).map_err(io::Error::other)?;
+            done += n;
+        }
+        Ok(())
+    }
+}
+
+/// Reads with `read(2)` straight into guest memory.
+fn read_fd_into_guest<F: ReadVolatile>(
+    src: &mut F,
+    mem: &GuestMemory,
+    gpa: u64,
+    len: usize,
+) -> io::Result<()> {
+    let mut done = 0;
+    while done < len {
+        let n = mem.read_volatile_from(GuestAddress(gpa + done as u64), src, len - done).map_err(
+            |e| match e {
+                vm_memory::GuestMemoryError::IOError(e) => e,
+                other => io::Error::other(other),
+            },
+        )?;
+        if n == 0 {
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+        done += n;
+    }
+    Ok(())
+}
+
+impl PageSource for TcpStream {
+    fn read_into_guest(&mut self, mem: &GuestMemory, gpa: u64, len: usize) -> io::Result<()> {
+        read_fd_into_guest(self, mem, gpa, len)
+    }
+}
+
+impl PageSource for UnixStream {
+    fn read_into_guest(&mut self, mem: &GuestMemory, gpa: u64, len: usize) -> io::Result<()> {
+        read_fd_into_guest(self, mem, gpa, len)
+    }
+}
+
+impl PageSource for std::fs::File {
+    fn read_into_guest(&mut self, mem: &GuestMemory, gpa: u64, len: usize) -> io::Result<()> {
+        read_fd_into_guest(self, mem, gpa, len)
+    }
+}
+
+impl PageSource for &[u8] {}
+impl PageSource for ChannelTransport {}
+
+impl<T: PageSource + ?Sized> PageSource for &mut T {
+    fn read_into_guest(&mut self, mem: &GuestMemory, gpa: u64, len: usize) -> io::Result<()> {
+        (**self).read_into_guest(mem, gpa, len)
+    }
+}
+
+impl<T: PageSource + ?Sized> PageSource for Box<T> {
+    fn read_into_guest(&mut self, mem: &GuestMemory, gpa: u64, len: usize) -> io::Result<()> {
+        (**self).read_into_guest(mem, gpa, len)
+    }
+}
+
 /// A byte stream to the migration peer.
-pub trait Transport: Read + Write + Send {
+pub trait Transport: PageSource + Write + Send {
     /// Closes both directions, waking a peer blocked on us.
     fn close(&mut self) {}
 }

@@ -27,7 +27,8 @@ fn layout() -> Layout {
     Layout { regions: vec![IN] }
 }
 
-/// Decodes `bytes` frame by frame, applying page frames; stops at the first error.
+/// Decodes `bytes` frame by frame, applying page frames; stops at the first error. Runs both
+/// decoders (parse then apply, and straight into guest memory); they must agree on the count.
 fn decode_all(mem: &GuestMemory, bytes: &[u8]) -> usize {
     let mut r = FrameReader::new(bytes);
     let mut frames = 0;
@@ -35,6 +36,14 @@ fn decode_all(mem: &GuestMemory, bytes: &[u8]) -> usize {
         let _ = apply_memory(mem, &layout(), &msg, None);
         frames += 1;
     }
+    let mut direct = FrameReader::new(bytes);
+    let mut direct_frames = 0;
+    while let Ok(msg) = direct.read_frame_into(mem, &layout()) {
+        let _ = apply_memory(mem, &layout(), &msg, None);
+        direct_frames += 1;
+    }
+    // The direct decoder also stops at a page frame outside the layout; otherwise they agree.
+    assert!(direct_frames <= frames, "{frames} vs {direct_frames}");
     frames
 }
 

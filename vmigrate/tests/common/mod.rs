@@ -133,6 +133,8 @@ impl Write for Faulty {
     }
 }
 
+impl vmigrate::transport::PageSource for Faulty {}
+
 impl Transport for Faulty {
     fn close(&mut self) {
         self.inner.close()
