@@ -21,3 +21,15 @@ pub fn kvm_available(test: &str) -> bool {
         }
     }
 }
+
+/// Polls `f` every 2 ms until it holds or `timeout` passes; returns its last answer.
+pub fn wait_until(timeout: std::time::Duration, mut f: impl FnMut() -> bool) -> bool {
+    let start = std::time::Instant::now();
+    while start.elapsed() < timeout {
+        if f() {
+            return true;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+    f()
+}

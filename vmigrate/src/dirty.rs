@@ -206,6 +206,14 @@ pub trait DirtyTracker: Send {
     fn stop(&mut self, vm: &Vm) -> Result<(), DirtyError>;
 }
 
+/// Switches KVM dirty logging of every slot of `vm`.
+fn set_logging(vm: &Vm, on: bool) -> Result<(), DirtyError> {
+    for s in vm.slots() {
+        vm.set_dirty_logging(s.slot, on)?;
+    }
+    Ok(())
+}
+
 /// KVM's dirty log (`KVM_GET_DIRTY_LOG`), with `KVM_CLEAR_DIRTY_LOG` in chunks when the VM has
 /// manual protection (so fetching does not write-protect all memory at once).
 #[derive(Debug, Default)]
@@ -215,9 +223,7 @@ pub struct KvmDirtyLog {
 
 impl DirtyTracker for KvmDirtyLog {
     fn start(&mut self, vm: &Vm) -> Result<(), DirtyError> {
-        for s in vm.slots() {
-            vm.set_dirty_logging(s.slot, true)?;
-        }
+        set_logging(vm, true)?;
         self.started = true;
         Ok(())
     }
@@ -249,9 +255,7 @@ impl DirtyTracker for KvmDirtyLog {
 
     fn stop(&mut self, vm: &Vm) -> Result<(), DirtyError> {
         if self.started {
-            for s in vm.slots() {
-                vm.set_dirty_logging(s.slot, false)?;
-            }
+            set_logging(vm, false)?;
             self.started = false;
         }
         Ok(())
@@ -277,9 +281,7 @@ impl DirtyTracker for KvmDirtyRing {
                 self.rings.push(ring);
             }
         }
-        for s in vm.slots() {
-            vm.set_dirty_logging(s.slot, true)?;
-        }
+        set_logging(vm, true)?;
         self.started = true;
         Ok(())
     }
@@ -302,9 +304,7 @@ impl DirtyTracker for KvmDirtyRing {
 
     fn stop(&mut self, vm: &Vm) -> Result<(), DirtyError> {
         if self.started {
-            for s in vm.slots() {
-                vm.set_dirty_logging(s.slot, false)?;
-            }
+            set_logging(vm, false)?;
             self.started = false;
         }
         Ok(())

@@ -187,6 +187,17 @@ pub fn host_cpu_features(vm: &Vm) -> crate::stream::CpuFeatures {
     f
 }
 
+/// The handshake describing `vm`: our version window, its layout, vCPUs and CPU features.
+pub fn hello_for(vm: &Vm) -> Hello {
+    Hello {
+        min_version: PROTOCOL_VERSIONS.0,
+        max_version: PROTOCOL_VERSIONS.1,
+        vcpus: u16::from(vm.vcpu_count()),
+        layout: Layout::of(vm),
+        cpu: host_cpu_features(vm),
+    }
+}
+
 /// Pages per `before_send` chunk (128 MiB): how much memory is re-protected at a time.
 const CHUNK_PAGES: u64 = 32768;
 /// Flush the send buffer at this size.
@@ -355,15 +366,8 @@ impl<'a> Source<'a> {
     ) -> Result<(), MigrationError> {
         let start = Instant::now();
         let vm = self.vm;
-        let hello = Hello {
-            min_version: PROTOCOL_VERSIONS.0,
-            max_version: PROTOCOL_VERSIONS.1,
-            vcpus: u16::from(vm.vcpu_count()),
-            layout: Layout::of(vm),
-            cpu: host_cpu_features(vm),
-        };
         let mut w = FrameWriter::new(&mut *transport, FLUSH_BYTES);
-        w.message(&Message::Hello(hello))?;
+        w.message(&Message::Hello(hello_for(vm)))?;
         w.flush()?;
         let mut total_bytes = w.bytes;
         drop(w);

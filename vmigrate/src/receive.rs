@@ -10,7 +10,7 @@ use serde::Serialize;
 use vcore::{GuestMemory, Vm, VmSnapshot};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
-use crate::precopy::{MigrationError, host_cpu_features};
+use crate::precopy::{MigrationError, hello_for, host_cpu_features};
 use crate::stream::{FrameReader, FrameWriter, Hello, Layout, Message, PAGE, PROTOCOL_VERSIONS, StreamError};
 use crate::transport::Transport;
 
@@ -253,14 +253,7 @@ pub fn save_snapshot(
         vm.pause()?;
     }
     let mut w = FrameWriter::new(file, 4 << 20);
-    let hello = Hello {
-        min_version: PROTOCOL_VERSIONS.0,
-        max_version: PROTOCOL_VERSIONS.1,
-        vcpus: u16::from(vm.vcpu_count()),
-        layout: Layout::of(vm),
-        cpu: host_cpu_features(vm),
-    };
-    w.message(&Message::Hello(hello))?;
+    w.message(&Message::Hello(hello_for(vm)))?;
     for s in vm.slots() {
         let mem = vm.memory();
         w.pages(s.guest_addr, s.pages(), |addr, buf| {

@@ -137,6 +137,36 @@ fn snapshot_to_file_and_back() {
     let _ = std::fs::remove_file(path);
 }
 
+/// This test binary, re-run as a destination process: only test `name` runs, and it finds the
+/// address in `env` and the VM and guest parameters in two more variables.
+fn spawn_child(
+    name: &str,
+    env: &str,
+    addr: &str,
+    cfg: &VmConfig,
+    d: &DirtierConfig,
+) -> std::process::Command {
+    let mut c = std::process::Command::new(std::env::current_exe().unwrap());
+    c.args(["--exact", name, "--nocapture", "--test-threads=1"])
+        .env(env, addr)
+        .env("VMIGRATE_CHILD_CFG", serde_json::to_string(cfg).unwrap())
+        .env("VMIGRATE_CHILD_DIRTIER", serde_json::to_string(d).unwrap());
+    c
+}
+
+/// Connects to a child destination, waiting up to 5 s for it to listen.
+fn connect_to_child(addr: &str) -> std::net::TcpStream {
+    let mut conn = None;
+    assert!(
+        wait_until(Duration::from_secs(5), || {
+            conn = tcp_connect(addr, DEFAULT_PEER_TIMEOUT).ok();
+            conn.is_some()
+        }),
+        "connect to the child at {addr}"
+    );
+    conn.unwrap()
+}
+
 /// Child side of the two-process test: runs only when the parent sets the address.
 #[test]
 fn child_destination() {
@@ -169,23 +199,12 @@ fn tcp_between_two_processes() {
     };
     let port = { std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port() };
     let addr = format!("127.0.0.1:{port}");
-    let child = std::process::Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", "child_destination", "--nocapture", "--test-threads=1"])
-        .env("VMIGRATE_CHILD_LISTEN", &addr)
-        .env("VMIGRATE_CHILD_CFG", serde_json::to_string(&cfg).unwrap())
-        .env("VMIGRATE_CHILD_DIRTIER", serde_json::to_string(&d).unwrap())
+    let child = spawn_child("child_destination", "VMIGRATE_CHILD_LISTEN", &addr, &cfg, &d)
         .stdout(std::process::Stdio::piped())
         .spawn()
         .unwrap();
     let src = source_vm(&cfg, d);
-    let conn = (0..200)
-        .find_map(|_| {
-            tcp_connect(&addr, DEFAULT_PEER_TIMEOUT).ok().or_else(|| {
-                std::thread::sleep(Duration::from_millis(25));
-                None
-            })
-        })
-        .expect("connect to the child");
+    let conn = connect_to_child(&addr);
     let stats = Source::new(&src, ConvergencePolicy::default()).run(conn).expect("migration");
     let out = child.wait_with_output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
@@ -217,24 +236,14 @@ fn killing_the_destination_process_leaves_the_source_running() {
     };
     let port = { std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port() };
     let addr = format!("127.0.0.1:{port}");
-    let child = std::process::Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", "child_destination_to_kill", "--nocapture", "--test-threads=1"])
-        .env("VMIGRATE_KILL_LISTEN", &addr)
-        .env("VMIGRATE_CHILD_CFG", serde_json::to_string(&cfg).unwrap())
+    let child = spawn_child("child_destination_to_kill", "VMIGRATE_KILL_LISTEN", &addr, &cfg, &d)
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
     let child = Mutex::new(Some(child));
     let src = source_vm(&cfg, d);
-    let conn = (0..200)
-        .find_map(|_| {
-            tcp_connect(&addr, DEFAULT_PEER_TIMEOUT).ok().or_else(|| {
-                std::thread::sleep(Duration::from_millis(25));
-                None
-            })
-        })
-        .expect("connect to the child");
+    let conn = connect_to_child(&addr);
     // A slow link, and kill -9 of the destination once pages are flowing.
     let policy = ConvergencePolicy { bandwidth_limit_bps: Some(16 << 20), ..Default::default() };
     let res = Source::new(&src, policy)

@@ -2,7 +2,6 @@
 #![allow(dead_code)]
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
 use vcore::guest::{self, Console, ExitPort, MmioProbe};
 use vcore::{Vm, VmBuilder, VmConfig};
@@ -42,14 +41,4 @@ pub fn dirtier_vm(cfg: VmConfig, d: guest::DirtierConfig) -> Vm {
     VmBuilder::new(cfg).payload(guest::Dirtier(d)).build().expect("build dirtier VM")
 }
 
-/// Waits until `f` holds or `timeout` passes.
-pub fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
-    let t = Instant::now();
-    while t.elapsed() < timeout {
-        if f() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(2));
-    }
-    f()
-}
+pub use vcore::testing::wait_until;

@@ -249,86 +249,51 @@ pub trait ClusterStore: std::fmt::Debug {
     fn revision(&self) -> Result<Revision, StoreError>;
 }
 
-impl<S: ClusterStore + ?Sized> ClusterStore for &S {
-    fn get(&self, key: &str) -> Result<Option<KeyValue>, StoreError> {
-        (**self).get(key)
-    }
-    fn get_prefix(&self, prefix: &str) -> Result<(Vec<KeyValue>, Revision), StoreError> {
-        (**self).get_prefix(prefix)
-    }
-    fn put(&self, key: &str, value: Vec<u8>, lease: Option<LeaseId>) -> Result<Revision, StoreError> {
-        (**self).put(key, value, lease)
-    }
-    fn delete(&self, key: &str) -> Result<(Revision, bool), StoreError> {
-        (**self).delete(key)
-    }
-    fn txn(&self, txn: Txn) -> Result<TxnResponse, StoreError> {
-        (**self).txn(txn)
-    }
-    fn grant_lease(&self, ttl_ms: u64) -> Result<LeaseId, StoreError> {
-        (**self).grant_lease(ttl_ms)
-    }
-    fn keep_alive(&self, lease: LeaseId) -> Result<u64, StoreError> {
-        (**self).keep_alive(lease)
-    }
-    fn revoke_lease(&self, lease: LeaseId) -> Result<(), StoreError> {
-        (**self).revoke_lease(lease)
-    }
-    fn lease_alive(&self, lease: LeaseId) -> Result<bool, StoreError> {
-        (**self).lease_alive(lease)
-    }
-    fn watch(&self, prefix: &str, from_revision: Revision) -> Result<WatchId, StoreError> {
-        (**self).watch(prefix, from_revision)
-    }
-    fn poll_watch(&self, watch: WatchId) -> Result<Vec<WatchEvent>, StoreError> {
-        (**self).poll_watch(watch)
-    }
-    fn cancel_watch(&self, watch: WatchId) -> Result<(), StoreError> {
-        (**self).cancel_watch(watch)
-    }
-    fn revision(&self) -> Result<Revision, StoreError> {
-        (**self).revision()
-    }
+/// Implements `ClusterStore` for a pointer type by forwarding every call to the pointee.
+macro_rules! forward_cluster_store {
+    ($($ptr:ty),*) => {$(
+        impl<S: ClusterStore + ?Sized> ClusterStore for $ptr {
+            fn get(&self, key: &str) -> Result<Option<KeyValue>, StoreError> {
+                (**self).get(key)
+            }
+            fn get_prefix(&self, prefix: &str) -> Result<(Vec<KeyValue>, Revision), StoreError> {
+                (**self).get_prefix(prefix)
+            }
+            fn put(&self, key: &str, value: Vec<u8>, lease: Option<LeaseId>) -> Result<Revision, StoreError> {
+                (**self).put(key, value, lease)
+            }
+            fn delete(&self, key: &str) -> Result<(Revision, bool), StoreError> {
+                (**self).delete(key)
+            }
+            fn txn(&self, txn: Txn) -> Result<TxnResponse, StoreError> {
+                (**self).txn(txn)
+            }
+            fn grant_lease(&self, ttl_ms: u64) -> Result<LeaseId, StoreError> {
+                (**self).grant_lease(ttl_ms)
+            }
+            fn keep_alive(&self, lease: LeaseId) -> Result<u64, StoreError> {
+                (**self).keep_alive(lease)
+            }
+            fn revoke_lease(&self, lease: LeaseId) -> Result<(), StoreError> {
+                (**self).revoke_lease(lease)
+            }
+            fn lease_alive(&self, lease: LeaseId) -> Result<bool, StoreError> {
+                (**self).lease_alive(lease)
+            }
+            fn watch(&self, prefix: &str, from_revision: Revision) -> Result<WatchId, StoreError> {
+                (**self).watch(prefix, from_revision)
+            }
+            fn poll_watch(&self, watch: WatchId) -> Result<Vec<WatchEvent>, StoreError> {
+                (**self).poll_watch(watch)
+            }
+            fn cancel_watch(&self, watch: WatchId) -> Result<(), StoreError> {
+                (**self).cancel_watch(watch)
+            }
+            fn revision(&self) -> Result<Revision, StoreError> {
+                (**self).revision()
+            }
+}
+    )*};
 }
 
-impl<S: ClusterStore + ?Sized> ClusterStore for std::sync::Arc<S> {
-    fn get(&self, key: &str) -> Result<Option<KeyValue>, StoreError> {
-        (**self).get(key)
-    }
-    fn get_prefix(&self, prefix: &str) -> Result<(Vec<KeyValue>, Revision), StoreError> {
-        (**self).get_prefix(prefix)
-    }
-    fn put(&self, key: &str, value: Vec<u8>, lease: Option<LeaseId>) -> Result<Revision, StoreError> {
-        (**self).put(key, value, lease)
-    }
-    fn delete(&self, key: &str) -> Result<(Revision, bool), StoreError> {
-        (**self).delete(key)
-    }
-    fn txn(&self, txn: Txn) -> Result<TxnResponse, StoreError> {
-        (**self).txn(txn)
-    }
-    fn grant_lease(&self, ttl_ms: u64) -> Result<LeaseId, StoreError> {
-        (**self).grant_lease(ttl_ms)
-    }
-    fn keep_alive(&self, lease: LeaseId) -> Result<u64, StoreError> {
-        (**self).keep_alive(lease)
-    }
-    fn revoke_lease(&self, lease: LeaseId) -> Result<(), StoreError> {
-        (**self).revoke_lease(lease)
-    }
-    fn lease_alive(&self, lease: LeaseId) -> Result<bool, StoreError> {
-        (**self).lease_alive(lease)
-    }
-    fn watch(&self, prefix: &str, from_revision: Revision) -> Result<WatchId, StoreError> {
-        (**self).watch(prefix, from_revision)
-    }
-    fn poll_watch(&self, watch: WatchId) -> Result<Vec<WatchEvent>, StoreError> {
-        (**self).poll_watch(watch)
-    }
-    fn cancel_watch(&self, watch: WatchId) -> Result<(), StoreError> {
-        (**self).cancel_watch(watch)
-    }
-    fn revision(&self) -> Result<Revision, StoreError> {
-        (**self).revision()
-    }
-}
+forward_cluster_store!(&S, std::sync::Arc<S>);

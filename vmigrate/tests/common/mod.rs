@@ -3,7 +3,7 @@
 
 use std::io::{self, Read, Write};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use vcore::guest::{Dirtier, DirtierConfig, read_progress};
 use vcore::vm_memory::{Bytes, GuestMemoryBackend, GuestMemoryRegion};
@@ -41,16 +41,7 @@ pub fn dest_vm(cfg: &VmConfig) -> Vm {
     VmBuilder::new(cfg.clone()).build().expect("destination VM")
 }
 
-pub fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
-    let t = Instant::now();
-    while t.elapsed() < timeout {
-        if f() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(2));
-    }
-    f()
-}
+pub use vcore::testing::wait_until;
 
 /// All guest memory, region by region.
 pub fn dump(vm: &Vm) -> Vec<Vec<u8>> {
