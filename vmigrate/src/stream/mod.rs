@@ -1,0 +1,364 @@
+//! The migration wire format: versioned, framed, checksummed.
+//!
+//! Every frame is a 16-byte header and a payload, all little endian:
+//!
+//! | offset | field |
+//! |---|---|
+//! | 0 | magic `"VMIG"` |
+//! | 4 | kind (`u16`, see [`Kind`]) |
+//! | 6 | flags (`u16`, 0) |
+//! | 8 | payload length (`u32`, at most [`Kind::max_len`]) |
+//! | 12 | CRC32C of the payload followed by header bytes 0..12 |
+//!
+//! (Payload first: the checksum of a finished payload is extended by the header once the length
+//! is known.)
+//!
+//! Decoding never trusts the peer: the magic, the kind, the length bound and the checksum are
+//! checked before a payload is parsed, payloads must have exactly their declared size, and
+//! guest addresses are checked against the [`Layout`] agreed in the handshake before anything is
+//! written to guest memory.
+
+use serde::{Deserialize, Serialize};
+
+/// Protocol versions this build speaks (oldest, newest).
+pub const PROTOCOL_VERSIONS: (u16, u16) = (1, 1);
+/// Frame magic.
+pub const MAGIC: [u8; 4] = *b"VMIG";
+/// Header size.
+pub const HEADER_LEN: usize = 16;
+/// Guest page size on the wire.
+pub const PAGE: usize = 4096;
+/// Most pages in one `Pages` frame.
+pub const MAX_PAGES_PER_FRAME: usize = 256;
+
+/// Frame kinds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[repr(u16)]
+pub enum Kind {
+    /// Source → destination: versions, memory layout, vCPUs, CPU features.
+    Hello = 1,
+    /// Destination → source: handshake accepted, with the chosen version.
+    HelloAck = 2,
+    /// Either way: refusal or abort with a reason; the session ends.
+    Abort = 3,
+    /// A run of guest pages with their contents.
+    Pages = 4,
+    /// A run of all-zero guest pages.
+    ZeroPages = 5,
+    /// vCPU and VM state (a `vcore::VmSnapshot` encoding).
+    CpuState = 6,
+    /// One device's state: a name and opaque bytes.
+    Device = 7,
+    /// Source → destination: end of one pre-copy iteration.
+    IterationEnd = 8,
+    /// Source → destination: everything was sent; restore and answer `Ready`.
+    Complete = 9,
+    /// Destination → source: state restored, waiting for `Commit`.
+    Ready = 10,
+    /// Source → destination: the point of no return; start the guest.
+    Commit = 11,
+    /// Destination → source: the guest runs.
+    Started = 12,
+}
+
+impl Kind {
+    fn from_u16(v: u16) -> Option<Kind> {
+        use Kind::*;
+        Some(match v {
+            1 => Hello,
+            2 => HelloAck,
+            3 => Abort,
+            4 => Pages,
+            5 => ZeroPages,
+            6 => CpuState,
+            7 => Device,
+            8 => IterationEnd,
+            9 => Complete,
+            10 => Ready,
+            11 => Commit,
+            12 => Started,
+            _ => return None,
+        })
+    }
+
+    /// Largest payload accepted for this kind.
+    pub fn max_len(self) -> usize {
+        match self {
+            Kind::Pages => 8 + MAX_PAGES_PER_FRAME * PAGE,
+            Kind::CpuState | Kind::Device => 32 << 20,
+            Kind::Hello => 4096,
+            Kind::Abort => 1024,
+            Kind::ZeroPages => 16,
+            Kind::IterationEnd | Kind::HelloAck => 4,
+            Kind::Complete | Kind::Ready | Kind::Commit | Kind::Started => 0,
+        }
+    }
+}
+
+/// Errors of encoding and decoding frames.
+#[derive(Debug, thiserror::Error)]
+pub enum StreamError {
+    /// The transport failed (or the peer went away).
+    #[error("transport I/O")]
+    Io(#[from] std::io::Error),
+    /// The stream ended cleanly where a frame was expected.
+    #[error("the peer closed the stream")]
+    Closed,
+    /// The frame does not start with the magic.
+    #[error("bad frame magic {0:02x?}")]
+    BadMagic([u8; 4]),
+    /// Unknown frame kind.
+    #[error("unknown frame kind {0}")]
+    UnknownKind(u16),
+    /// Nonzero flags (reserved).
+    #[error("reserved frame flags {0:#x} set")]
+    BadFlags(u16),
+    /// Length beyond the kind's bound.
+    #[error("{kind:?} frame of {len} bytes exceeds the limit of {max}")]
+    TooLong {
+        /// The kind.
+        kind: Kind,
+        /// Declared length.
+        len: usize,
+        /// Its bound.
+        max: usize,
+    },
+    /// Checksum mismatch: the stream is corrupt.
+    #[error("{kind:?} frame checksum mismatch (header {expected:#010x}, computed {found:#010x})")]
+    Checksum {
+        /// The kind.
+        kind: Kind,
+        /// Checksum in the header.
+        expected: u32,
+        /// Checksum computed.
+        found: u32,
+    },
+    /// The payload does not have the shape its kind requires.
+    #[error("malformed {kind:?} payload: {reason}")]
+    Malformed {
+        /// The kind.
+        kind: Kind,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A guest range outside the agreed memory layout.
+    #[error("guest range {gpa:#x}+{len:#x} is outside the memory layout")]
+    OutOfLayout {
+        /// Start.
+        gpa: u64,
+        /// Length in bytes.
+        len: u64,
+    },
+}
+
+pub(crate) fn malformed(kind: Kind, reason: impl Into<String>) -> StreamError {
+    StreamError::Malformed { kind, reason: reason.into() }
+}
+
+/// The guest memory layout both sides agree on: `(guest address, size)` per slot.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Layout {
+    /// Regions in slot order.
+    pub regions: Vec<(u64, u64)>,
+}
+
+impl Layout {
+    /// The layout of `vm`'s memory slots.
+    pub fn of(vm: &vcore::Vm) -> Layout {
+        Layout { regions: vm.slots().iter().map(|s| (s.guest_addr, s.size)).collect() }
+    }
+
+    /// Checks that `[gpa, gpa + len)` lies inside one region.
+    pub fn check(&self, gpa: u64, len: u64) -> Result<(), StreamError> {
+        let end = gpa.checked_add(len).ok_or(StreamError::OutOfLayout { gpa, len })?;
+        if len > 0 && self.regions.iter().any(|&(start, size)| gpa >= start && end <= start + size) {
+            Ok(())
+        } else {
+            Err(StreamError::OutOfLayout { gpa, len })
+        }
+    }
+}
+
+/// CPU features the source's guest may rely on; the destination must offer all of them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct CpuFeatures {
+    /// CPUID vendor string.
+    pub vendor: [u8; 12],
+    /// CPUID.1:ECX, CPUID.1:EDX, CPUID.7.0:EBX, CPUID.7.0:ECX, CPUID.7.0:EDX.
+    pub bits: [u32; 5],
+}
+
+impl CpuFeatures {
+    /// Feature bits the other side has and we lack, as `(register index, bits)`.
+    pub fn missing_from(&self, other: &CpuFeatures) -> Vec<(usize, u32)> {
+        self.bits
+            .iter()
+            .zip(other.bits.iter())
+            .enumerate()
+            .filter_map(|(i, (mine, theirs))| {
+                let miss = mine & !theirs;
+                (miss != 0).then_some((i, miss))
+            })
+            .collect()
+    }
+}
+
+/// The handshake a source sends.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hello {
+    /// Oldest protocol version the source speaks.
+    pub min_version: u16,
+    /// Newest protocol version the source speaks.
+    pub max_version: u16,
+    /// vCPU count.
+    pub vcpus: u16,
+    /// Memory layout.
+    pub layout: Layout,
+    /// CPU features the guest was given.
+    pub cpu: CpuFeatures,
+}
+
+/// A decoded frame.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Message<'a> {
+    /// Handshake.
+    Hello(Hello),
+    /// Handshake accepted with this version.
+    HelloAck(u16),
+    /// Abort with a reason.
+    Abort(String),
+    /// Pages starting at `gpa`; `data` holds whole pages.
+    Pages {
+        /// First page's guest address.
+        gpa: u64,
+        /// Page contents.
+        data: &'a [u8],
+    },
+    /// Pages already written into guest memory by [`FrameReader::read_frame_into`].
+    PagesWritten {
+        /// First page's guest address.
+        gpa: u64,
+        /// Pages.
+        pages: u64,
+    },
+    /// `count` zero pages from `gpa`.
+    ZeroPages {
+        /// First page's guest address.
+        gpa: u64,
+        /// Pages.
+        count: u64,
+    },
+    /// vCPU and VM state bytes.
+    CpuState(&'a [u8]),
+    /// One device's state.
+    Device {
+        /// Device name.
+        name: String,
+        /// Its state.
+        data: &'a [u8],
+    },
+    /// End of iteration `n`.
+    IterationEnd(u32),
+    /// All sent.
+    Complete,
+    /// Destination ready.
+    Ready,
+    /// Point of no return.
+    Commit,
+    /// Guest running on the destination.
+    Started,
+}
+
+pub(crate) fn u64_at(b: &[u8], o: usize) -> u64 {
+    let mut w = [0u8; 8];
+    w.copy_from_slice(&b[o..o + 8]);
+    u64::from_le_bytes(w)
+}
+
+impl Message<'_> {
+    /// Parses `payload` of frame `kind` (length already bounded and checksummed).
+    pub fn parse(kind: Kind, payload: &[u8]) -> Result<Message<'_>, StreamError> {
+        let exact = |n: usize| {
+            if payload.len() == n {
+                Ok(())
+            } else {
+                Err(malformed(kind, format!("{} bytes, expected {n}", payload.len())))
+            }
+        };
+        Ok(match kind {
+            Kind::Hello => {
+                Message::Hello(postcard::from_bytes(payload).map_err(|e| malformed(kind, e.to_string()))?)
+            }
+            Kind::HelloAck => {
+                exact(2)?;
+                Message::HelloAck(u16::from_le_bytes([payload[0], payload[1]]))
+            }
+            Kind::Abort => Message::Abort(String::from_utf8_lossy(payload).into_owned()),
+            Kind::Pages => {
+                if payload.len() < 8 + PAGE || (payload.len() - 8) % PAGE != 0 {
+                    return Err(malformed(
+                        kind,
+                        format!("{} bytes is not an address and whole pages", payload.len()),
+                    ));
+                }
+                let gpa = u64_at(payload, 0);
+                if gpa % PAGE as u64 != 0 {
+                    return Err(malformed(kind, format!("unaligned address {gpa:#x}")));
+                }
+                Message::Pages { gpa, data: &payload[8..] }
+            }
+            Kind::ZeroPages => {
+                exact(16)?;
+                let (gpa, count) = (u64_at(payload, 0), u64_at(payload, 8));
+                if gpa % PAGE as u64 != 0 || count == 0 {
+                    return Err(malformed(kind, format!("{count} pages at {gpa:#x}")));
+                }
+                Message::ZeroPages { gpa, count }
+            }
+            Kind::CpuState => Message::CpuState(payload),
+            Kind::Device => {
+                if payload.len() < 2 {
+                    return Err(malformed(kind, "no name length"));
+                }
+                let n = usize::from(u16::from_le_bytes([payload[0], payload[1]]));
+                if payload.len() < 2 + n {
+                    return Err(malformed(kind, "name longer than the frame"));
+                }
+                let name =
+                    std::str::from_utf8(&payload[2..2 + n]).map_err(|_| malformed(kind, "name not UTF-8"))?;
+                Message::Device { name: name.to_string(), data: &payload[2 + n..] }
+            }
+            Kind::IterationEnd => {
+                exact(4)?;
+                Message::IterationEnd(u32::from_le_bytes([payload[0], payload[1], payload[2], payload[3]]))
+            }
+            Kind::Complete | Kind::Ready | Kind::Commit | Kind::Started => {
+                exact(0)?;
+                match kind {
+                    Kind::Complete => Message::Complete,
+                    Kind::Ready => Message::Ready,
+                    Kind::Commit => Message::Commit,
+                    _ => Message::Started,
+                }
+            }
+        })
+    }
+}
+
+mod reader;
+mod writer;
+
+pub use reader::FrameReader;
+pub use writer::FrameWriter;
+
+/// Whether `page` is all zeros: 64 bytes at a time (vectorizable), stopping at the first
+/// non-zero block, so a data page costs almost nothing to classify.
+pub fn is_zero(page: &[u8]) -> bool {
+    let blocks = page.chunks_exact(64);
+    let tail = blocks.remainder();
+    blocks.into_iter().all(|b| {
+        b.chunks_exact(8)
+            .fold(0u64, |acc, c| acc | u64::from_ne_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]))
+            == 0
+    }) && tail.iter().all(|&b| b == 0)
+}

@@ -1,0 +1,127 @@
+//! Reading and verifying frames.
+
+use std::io::Read;
+
+use vm_memory::Bytes;
+
+use super::{HEADER_LEN, Kind, Layout, MAGIC, Message, PAGE, StreamError, malformed, u64_at};
+
+/// Reads frames from a transport, reusing one payload buffer.
+#[derive(Debug)]
+pub struct FrameReader<R> {
+    inner: R,
+    buf: Vec<u8>,
+    /// Bytes read so far.
+    pub bytes: u64,
+}
+
+impl<R: Read> FrameReader<R> {
+    /// Wraps `inner`.
+    pub fn new(inner: R) -> Self {
+        FrameReader { inner, buf: Vec::new(), bytes: 0 }
+    }
+
+    /// The transport.
+    pub fn get_mut(&mut self) -> &mut R {
+        &mut self.inner
+    }
+
+    /// Reads one frame header and checks magic, kind, flags and the length bound.
+    fn header(&mut self) -> Result<(Kind, usize, u32, [u8; HEADER_LEN]), StreamError> {
+        let mut h = [0u8; HEADER_LEN];
+        match self.inner.read_exact(&mut h) {
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Err(StreamError::Closed),
+            r => r?,
+        }
+        let magic = [h[0], h[1], h[2], h[3]];
+        if magic != MAGIC {
+            return Err(StreamError::BadMagic(magic));
+        }
+        let raw_kind = u16::from_le_bytes([h[4], h[5]]);
+        let kind = Kind::from_u16(raw_kind).ok_or(StreamError::UnknownKind(raw_kind))?;
+        let flags = u16::from_le_bytes([h[6], h[7]]);
+        if flags != 0 {
+            return Err(StreamError::BadFlags(flags));
+        }
+        let len = u32::from_le_bytes([h[8], h[9], h[10], h[11]]) as usize;
+        if len > kind.max_len() {
+            return Err(StreamError::TooLong { kind, len, max: kind.max_len() });
+        }
+        let expected = u32::from_le_bytes([h[12], h[13], h[14], h[15]]);
+        Ok((kind, len, expected, h))
+    }
+
+    fn payload(&mut self, len: usize) -> Result<(), StreamError> {
+        self.buf.resize(len, 0);
+        match self.inner.read_exact(&mut self.buf) {
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Err(StreamError::Closed),
+            r => Ok(r?),
+        }
+    }
+
+    /// Reads and verifies the next frame, then parses it.
+    pub fn read_frame(&mut self) -> Result<Message<'_>, StreamError> {
+        let (kind, len, expected, h) = self.header()?;
+        self.payload(len)?;
+        let found = crc32c::crc32c_append(crc32c::crc32c(&self.buf), &h[..12]);
+        if expected != found {
+            return Err(StreamError::Checksum { kind, expected, found });
+        }
+        self.bytes += (HEADER_LEN + len) as u64;
+        Message::parse(kind, &self.buf)
+    }
+}
+
+impl<R: crate::transport::PageSource> FrameReader<R> {
+    /// Like [`FrameReader::read_frame`], but the contents of a `Pages` frame are read straight
+    /// from the transport into `mem`, once its address is checked against `layout`, and
+    /// checksummed there: one copy less. A `Pages` frame comes back as
+    /// [`Message::PagesWritten`]. On a checksum error those pages hold unverified bytes:
+    /// only use this for a destination VM that is discarded when receiving fails.
+    pub fn read_frame_into(
+        &mut self,
+        mem: &vcore::GuestMemory,
+        layout: &Layout,
+    ) -> Result<Message<'_>, StreamError> {
+        let (kind, len, expected, h) = self.header()?;
+        if kind != Kind::Pages {
+            self.payload(len)?;
+            let found = crc32c::crc32c_append(crc32c::crc32c(&self.buf), &h[..12]);
+            if expected != found {
+                return Err(StreamError::Checksum { kind, expected, found });
+            }
+            self.bytes += (HEADER_LEN + len) as u64;
+            return Message::parse(kind, &self.buf);
+        }
+        if len < 8 + PAGE || (len - 8) % PAGE != 0 {
+            return Err(malformed(kind, format!("{len} bytes is not an address and whole pages")));
+        }
+        self.payload(8)?;
+        let gpa = u64_at(&self.buf, 0);
+        if gpa % PAGE as u64 != 0 {
+            return Err(malformed(kind, format!("unaligned address {gpa:#x}")));
+        }
+        let data_len = len - 8;
+        layout.check(gpa, data_len as u64)?;
+        self.inner.read_into_guest(mem, gpa, data_len).map_err(|e| match e.kind() {
+            std::io::ErrorKind::UnexpectedEof => StreamError::Closed,
+            _ => StreamError::Io(e),
+        })?;
+        let mut crc = crc32c::crc32c(&self.buf[..8]);
+        let mut chunk = [0u8; 16 * PAGE];
+        let mut done = 0;
+        while done < data_len {
+            let n = (data_len - done).min(chunk.len());
+            mem.read_slice(&mut chunk[..n], vm_memory::GuestAddress(gpa + done as u64))
+                .map_err(|e| StreamError::Io(std::io::Error::other(e.to_string())))?;
+            crc = crc32c::crc32c_append(crc, &chunk[..n]);
+            done += n;
+        }
+        let found = crc32c::crc32c_append(crc, &h[..12]);
+        if expected != found {
+            return Err(StreamError::Checksum { kind, expected, found });
+        }
+        self.bytes += (HEADER_LEN + len) as u64;
+        Ok(Message::PagesWritten { gpa, pages: (data_len / PAGE) as u64 })
+    }
+}

@@ -1,0 +1,201 @@
+//! Encoding frames into large buffers.
+
+use std::io::Write;
+
+use super::{HEADER_LEN, Kind, MAGIC, MAX_PAGES_PER_FRAME, Message, PAGE, StreamError, is_zero, malformed};
+
+/// Writes frames into a large buffer and hands it to the transport in big writes.
+#[derive(Debug)]
+pub struct FrameWriter<W: Write> {
+    inner: W,
+    /// Backing store; only `buf[..len]` is live. It never shrinks, so filling a page slot
+    /// does not zero it first.
+    buf: Vec<u8>,
+    len: usize,
+    flush_at: usize,
+    /// Bytes handed to the transport so far (headers included).
+    pub bytes: u64,
+}
+
+impl<W: Write> FrameWriter<W> {
+    /// Wraps `inner`, flushing once `flush_at` bytes are buffered.
+    pub fn new(inner: W, flush_at: usize) -> Self {
+        let cap = flush_at + Kind::Pages.max_len() + 2 * HEADER_LEN;
+        FrameWriter { inner, buf: Vec::with_capacity(cap), len: 0, flush_at, bytes: 0 }
+    }
+
+    /// Makes `buf[..len + n]` addressable, zero-filling only beyond the high-water mark.
+    fn grow(&mut self, n: usize) -> std::ops::Range<usize> {
+        let start = self.len;
+        self.len += n;
+        if self.buf.len() < self.len {
+            self.buf.resize(self.len, 0);
+        }
+        start..self.len
+    }
+
+    fn put(&mut self, bytes: &[u8]) {
+        let r = self.grow(bytes.len());
+        self.buf[r].copy_from_slice(bytes);
+    }
+
+    /// The transport.
+    pub fn get_mut(&mut self) -> &mut W {
+        &mut self.inner
+    }
+
+    /// Starts a frame of `kind`; the payload is appended by the caller, then `end_frame`.
+    fn begin(&mut self, kind: Kind) -> usize {
+        let at = self.len;
+        self.put(&MAGIC);
+        self.put(&(kind as u16).to_le_bytes());
+        self.put(&[0, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
+        at
+    }
+
+    fn end(&mut self, at: usize) -> Result<(), StreamError> {
+        let len = (self.len - at - HEADER_LEN) as u32;
+        self.buf[at + 8..at + 12].copy_from_slice(&len.to_le_bytes());
+        // One pass over the whole payload: far faster than page-sized CRC calls.
+        let crc = crc32c::crc32c_append(
+            crc32c::crc32c(&self.buf[at + HEADER_LEN..self.len]),
+            &self.buf[at..at + 12],
+        );
+        self.buf[at + 12..at + 16].copy_from_slice(&crc.to_le_bytes());
+        if self.len >= self.flush_at {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    /// Writes one frame with `payload`.
+    pub fn frame(&mut self, kind: Kind, payload: &[u8]) -> Result<(), StreamError> {
+        let at = self.begin(kind);
+        self.put(payload);
+        self.end(at)
+    }
+
+    /// Writes a message (for everything but page data, which [`FrameWriter::pages`] streams).
+    pub fn message(&mut self, m: &Message<'_>) -> Result<(), StreamError> {
+        match m {
+            Message::Hello(h) => {
+                let bytes = postcard::to_stdvec(h).map_err(|e| malformed(Kind::Hello, e.to_string()))?;
+                self.frame(Kind::Hello, &bytes)
+            }
+            Message::HelloAck(v) => self.frame(Kind::HelloAck, &v.to_le_bytes()),
+            Message::Abort(r) => {
+                let mut r = r.as_bytes();
+                r = &r[..r.len().min(Kind::Abort.max_len())];
+                self.frame(Kind::Abort, r)
+            }
+            Message::Pages { gpa, data } => {
+                let at = self.begin(Kind::Pages);
+                self.put(&gpa.to_le_bytes());
+                self.put(data);
+                self.end(at)
+            }
+            Message::ZeroPages { gpa, count } => {
+                let mut p = [0u8; 16];
+                p[..8].copy_from_slice(&gpa.to_le_bytes());
+                p[8..].copy_from_slice(&count.to_le_bytes());
+                self.frame(Kind::ZeroPages, &p)
+            }
+            Message::CpuState(b) => self.frame(Kind::CpuState, b),
+            Message::Device { name, data } => {
+                let at = self.begin(Kind::Device);
+                let n = name.len().min(u16::MAX as usize);
+                self.put(&(n as u16).to_le_bytes());
+                self.put(&name.as_bytes()[..n]);
+                self.put(data);
+                self.end(at)
+            }
+            Message::IterationEnd(n) => self.frame(Kind::IterationEnd, &n.to_le_bytes()),
+            Message::PagesWritten { .. } => Err(malformed(Kind::Pages, "PagesWritten is receive-side only")),
+            Message::Complete => self.frame(Kind::Complete, &[]),
+            Message::Ready => self.frame(Kind::Ready, &[]),
+            Message::Commit => self.frame(Kind::Commit, &[]),
+            Message::Started => self.frame(Kind::Started, &[]),
+        }
+    }
+
+    /// Encodes `pages` guest pages from `gpa`, read through `read` (which fills a page buffer):
+    /// consecutive non-zero pages become `Pages` frames, zero pages become `ZeroPages` runs.
+    /// Each page is copied once, straight into the send buffer. Returns `(normal, zero)` pages.
+    pub fn pages(
+        &mut self,
+        gpa: u64,
+        pages: u64,
+        mut read: impl FnMut(u64, &mut [u8]) -> Result<(), StreamError>,
+    ) -> Result<(u64, u64), StreamError> {
+        let (mut normal, mut zero) = (0u64, 0u64);
+        let mut open: Option<(usize, usize)> = None; // data frame being filled: (start, pages)
+        let mut zero_run: Option<(u64, u64)> = None; // (first address, pages)
+        let mut scratch = [0u8; PAGE];
+        for i in 0..pages {
+            let addr = gpa + i * PAGE as u64;
+            let slot = self.grow(PAGE);
+            let start = slot.start;
+            read(addr, &mut self.buf[slot.clone()])?;
+            if is_zero(&self.buf[slot]) {
+                self.len = start;
+                zero += 1;
+                if let Some((at, n)) = open.take() {
+                    self.close_pages(at, n)?;
+                }
+                zero_run = Some(match zero_run {
+                    Some((z, c)) => (z, c + 1),
+                    None => (addr, 1),
+                });
+                continue;
+            }
+            normal += 1;
+            match open.as_mut() {
+                Some((_, n)) => *n += 1,
+                None => {
+                    // The page must follow a frame header: move it behind one.
+                    scratch.copy_from_slice(&self.buf[start..start + PAGE]);
+                    self.len = start;
+                    if let Some((z, c)) = zero_run.take() {
+                        self.message(&Message::ZeroPages { gpa: z, count: c })?;
+                    }
+                    let at = self.begin(Kind::Pages);
+                    self.put(&addr.to_le_bytes());
+                    self.put(&scratch);
+                    open = Some((at, 1));
+                }
+            }
+            if let Some((at, MAX_PAGES_PER_FRAME)) = open {
+                open = None;
+                self.end(at)?;
+            }
+        }
+        if let Some((at, n)) = open.take() {
+            self.close_pages(at, n)?;
+        }
+        if let Some((z, c)) = zero_run {
+            self.message(&Message::ZeroPages { gpa: z, count: c })?;
+        }
+        Ok((normal, zero))
+    }
+
+    /// Ends a `Pages` frame, or drops it if it holds no page.
+    fn close_pages(&mut self, at: usize, n: usize) -> Result<(), StreamError> {
+        if n == 0 {
+            self.len = at;
+            Ok(())
+        } else {
+            self.end(at)
+        }
+    }
+
+    /// Hands everything buffered to the transport and flushes it.
+    pub fn flush(&mut self) -> Result<(), StreamError> {
+        if self.len > 0 {
+            self.inner.write_all(&self.buf[..self.len])?;
+            self.bytes += self.len as u64;
+            self.len = 0;
+        }
+        self.inner.flush()?;
+        Ok(())
+    }
+}
