@@ -107,7 +107,7 @@ pub enum ConfigError {
         max: usize,
     },
     /// The dirty ring size is not usable.
-    #[error("dirty ring of {entries} entries: must be a power of two between 64 and 65536")]
+    #[error("dirty ring of {entries} entries: must be a power of two between 256 (one page) and 65536")]
     BadDirtyRingSize {
         /// The configured entry count.
         entries: u32,
@@ -151,7 +151,7 @@ impl VmConfig {
             return Err(ConfigError::TooManyVcpus { requested: self.vcpus, max });
         }
         if let DirtyTracking::Ring { entries } = self.dirty_tracking {
-            if !entries.is_power_of_two() || !(64..=65536).contains(&entries) {
+            if !entries.is_power_of_two() || !(256..=65536).contains(&entries) {
                 return Err(ConfigError::BadDirtyRingSize { entries });
             }
         }
@@ -226,6 +226,8 @@ mod tests {
         assert!(matches!(many.validate(8), Err(ConfigError::TooManyVcpus { .. })));
         let ring = VmConfig { dirty_tracking: DirtyTracking::Ring { entries: 100 }, ..Default::default() };
         assert!(matches!(ring.validate(8), Err(ConfigError::BadDirtyRingSize { .. })));
+        let small = VmConfig { dirty_tracking: DirtyTracking::Ring { entries: 128 }, ..Default::default() };
+        assert!(matches!(small.validate(8), Err(ConfigError::BadDirtyRingSize { .. })), "below one page");
         let huge = VmConfig { mem_mib: MAX_MEM_MIB + 1, ..Default::default() };
         assert!(matches!(huge.validate(8), Err(ConfigError::TooMuchMemory { .. })));
     }

@@ -63,7 +63,7 @@ pub enum VmEvent {
         errno: i32,
     },
     /// The vCPU's dirty ring is full: the dirty-ring harvester must collect and reset it. The
-    /// vCPU retries every millisecond until there is room.
+    /// vCPU retries every millisecond until there is room; reported once per episode.
     DirtyRingFull {
         /// The vCPU.
         vcpu: u8,
@@ -247,6 +247,8 @@ pub(crate) struct VcpuRunner {
     pub(crate) pio: Bus,
     pub(crate) mmio: Bus,
     pub(crate) events: Arc<EventQueue>,
+    /// Set while the dirty ring is full, so the event is reported once per episode.
+    pub(crate) ring_full: std::cell::Cell<bool>,
 }
 
 enum Flow {
@@ -315,7 +317,9 @@ impl VcpuRunner {
             }
             Ok(VcpuExit::Unsupported(EXIT_DIRTY_RING_FULL)) => {
                 drop(fd);
-                self.events.push(VmEvent::DirtyRingFull { vcpu: id });
+                if !self.ring_full.replace(true) {
+                    self.events.push(VmEvent::DirtyRingFull { vcpu: id });
+                }
                 std::thread::sleep(Duration::from_millis(1));
                 return Flow::Continue;
             }
@@ -328,6 +332,7 @@ impl VcpuRunner {
         if !handled {
             stats.unhandled_io.fetch_add(1, Ordering::Relaxed);
         }
+        self.ring_full.set(false);
         Flow::Continue
     }
 }

@@ -413,6 +413,7 @@ impl Vm {
                 pio: self.pio.clone(),
                 mmio: self.mmio.clone(),
                 events: Arc::clone(&self.events),
+                ring_full: std::cell::Cell::new(false),
             };
             let handle = std::thread::Builder::new()
                 .name(format!("vcpu{}", v.id))

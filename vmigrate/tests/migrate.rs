@@ -262,3 +262,27 @@ fn killing_the_destination_process_leaves_the_source_running() {
     assert!(child.lock().unwrap().is_none(), "the destination was killed mid-migration");
     common::assert_source_alive(&src, &d);
 }
+
+#[test]
+fn a_full_dirty_ring_holds_the_vcpu_until_harvested() {
+    require_kvm!();
+    use vmigrate::dirty::{DirtyTracker, KvmDirtyRing, empty_maps};
+    let cfg =
+        VmConfig { mem_mib: 32, dirty_tracking: DirtyTracking::Ring { entries: 256 }, ..Default::default() };
+    let d = DirtierConfig { ws_pages: 4096, ..Default::default() };
+    let vm = vcore::VmBuilder::new(cfg).payload(vcore::guest::Dirtier(d)).build().unwrap();
+    let mut ring = KvmDirtyRing::default();
+    ring.start(&vm).unwrap();
+    vm.start().unwrap();
+    assert_eq!(vm.next_event(Duration::from_secs(20)), Some(vcore::VmEvent::DirtyRingFull { vcpu: 0 }));
+    let stuck = read_progress(vm.memory()).pages_written;
+    std::thread::sleep(Duration::from_millis(50));
+    assert!(read_progress(vm.memory()).pages_written <= stuck + 1, "the vCPU waits while its ring is full");
+    assert_eq!(vm.next_event(Duration::ZERO), None, "reported once, not on every retry");
+    let mut maps = empty_maps(&vm);
+    ring.fetch(&vm, &mut maps).unwrap();
+    let harvested: u64 = maps.iter().map(|m| m.count()).sum();
+    assert!(harvested >= 32, "harvested {harvested} pages");
+    assert!(wait_until(Duration::from_secs(20), || read_progress(vm.memory()).pages_written > stuck + 16));
+    ring.stop(&vm).unwrap();
+}
