@@ -4,7 +4,7 @@
 #![allow(missing_docs)] // criterion_group! generates undocumented items
 
 use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpListener;
 use std::time::{Duration, Instant};
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
@@ -113,12 +113,12 @@ fn raw_tcp(c: &mut Criterion) {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
     let reader = std::thread::spawn(move || {
-        let (mut s, _) = listener.accept().unwrap();
+        let mut s = tcp_accept(&listener, DEFAULT_PEER_TIMEOUT).unwrap();
         let mut buf = vec![0u8; 4 * MIB];
         while s.read(&mut buf).map(|n| n > 0).unwrap_or(false) {}
     });
-    let mut s = TcpStream::connect(addr).unwrap();
-    s.set_nodelay(true).unwrap();
+    // Both groups use the sockets vmigrate's transport makes (same buffer sizes, no delay).
+    let mut s = tcp_connect(addr, DEFAULT_PEER_TIMEOUT).unwrap();
     let chunk = vec![0x5au8; 4 * MIB];
     let mut g = c.benchmark_group("tcp_loopback");
     g.throughput(Throughput::Bytes(size as u64));
@@ -138,7 +138,7 @@ fn raw_tcp(c: &mut Criterion) {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
     let receiver = std::thread::spawn(move || {
-        let (s, _) = listener.accept().unwrap();
+        let s = tcp_accept(&listener, DEFAULT_PEER_TIMEOUT).unwrap();
         let mem = create_guest_memory(&[RamRange { guest_addr: 0, size: size as u64 }]).unwrap();
         let layout = Layout { regions: vec![(0, size as u64)] };
         let mut r = FrameReader::new(s);
@@ -153,8 +153,7 @@ fn raw_tcp(c: &mut Criterion) {
             }
         }
     });
-    let mut s = TcpStream::connect(addr).unwrap();
-    s.set_nodelay(true).unwrap();
+    let mut s = tcp_connect(addr, DEFAULT_PEER_TIMEOUT).unwrap();
     let mut back = s.try_clone().unwrap();
     g.bench_function("pages_64MiB_encode_send_decode_apply", |b| {
         b.iter(|| {
