@@ -145,8 +145,13 @@ fn host_agent(cfg: &str) -> Result<()> {
     let cfg: HostRunConfig = serde_json::from_str(cfg).context("host agent config")?;
     let mut out = std::io::stdout();
     run_host(cfg, &mut |line| {
-        let _ = writeln!(out, "{}", serde_json::to_string(&line).unwrap_or_default());
-        let _ = out.flush();
+        // The parent is gone (its end of the pipe closed): stop instead of running orphaned.
+        if writeln!(out, "{}", serde_json::to_string(&line).unwrap_or_default())
+            .and_then(|_| out.flush())
+            .is_err()
+        {
+            std::process::exit(1);
+        }
     })?;
     Ok(())
 }

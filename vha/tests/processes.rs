@@ -25,8 +25,13 @@ fn host_agent_entry() {
     let cfg: HostRunConfig = serde_json::from_str(&cfg).expect("host config");
     let mut out = std::io::stdout();
     let r = run_host(cfg, &mut |line| {
-        let _ = writeln!(out, "{}", serde_json::to_string(&line).unwrap_or_default());
-        let _ = out.flush();
+        // The parent is gone (its end of the pipe closed): stop instead of running orphaned.
+        if writeln!(out, "{}", serde_json::to_string(&line).unwrap_or_default())
+            .and_then(|_| out.flush())
+            .is_err()
+        {
+            std::process::exit(1);
+        }
     });
     panic!("host agent ended: {r:?}");
 }

@@ -50,7 +50,8 @@ pub struct ProcessFenceAgent {
     pub control_dir: PathBuf,
 }
 
-fn process_gone(pid: u32) -> bool {
+/// Whether process `pid` is gone or a zombie.
+pub(super) fn process_gone(pid: u32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
         Err(_) => true,
         // Field 3 (after the parenthesized command name) is the state; Z = zombie, X = dead.

@@ -2,7 +2,8 @@
 //! root namespace by a veth pair with private 10.213.0.0/16 addresses. Taking the namespace
 //! side of the link down cuts the host's heartbeats (UDP), its store connection (TCP) and the
 //! network path to its power control, for real. Needs root and `ip` (iproute2); the
-//! namespace and the veth pair are removed when the [`NetnsLink`] is dropped.
+//! namespace and the veth pair are removed when the [`NetnsLink`] is dropped, and namespaces
+//! left by killed runs (whose process is gone) are removed by the next run.
 
 use std::net::Ipv4Addr;
 use std::process::Command;
@@ -48,17 +49,44 @@ fn subnet_in_use(net: Ipv4Addr) -> Result<bool, String> {
     Ok(!out.status.success() || !out.stdout.is_empty())
 }
 
+/// Name of one end of the veth pair of run `pid`'s `n`-th namespace; at most 15 bytes for pid
+/// <= 4194304 (6 hex digits) and n < 100000.
+fn ifname(pid: u32, n: u32, side: char) -> String {
+    format!("vh{pid:x}{n}{side}")
+}
+
+/// Deletes namespaces `vinfra-ha-<pid>-<n>` whose creating process is gone (a run killed before
+/// its `Drop` could clean up); their veth pairs go with them.
+fn sweep_stale() {
+    let Ok(dir) = std::fs::read_dir("/run/netns") else { return };
+    for e in dir.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let ids = name.strip_prefix("vinfra-ha-").and_then(|r| {
+            let (pid, n) = r.split_once('-')?;
+            Some((pid.parse::<u32>().ok()?, n.parse::<u32>().ok()?))
+        });
+        if let Some((pid, n)) = ids {
+            if pid != std::process::id() && super::host::process_gone(pid) {
+                let _ = ip(&["netns", "del", &name]);
+                // The namespace may outlive its name (sockets still closing): cut the pair now.
+                let _ = ip(&["link", "del", &ifname(pid, n, 'r')]);
+            }
+        }
+    }
+}
+
 impl NetnsLink {
     /// Creates the namespace `vinfra-ha-<pid>-<n>` and its veth pair, addresses them and brings
     /// them up. Fails with the reason when the machine does not allow it (not root, no `ip`,
     /// no netns support); whatever was created is removed again.
     pub fn create() -> Result<Self, String> {
         static NEXT: AtomicU32 = AtomicU32::new(0);
+        sweep_stale();
         let pid = std::process::id();
         let n = NEXT.fetch_add(1, Ordering::Relaxed);
         let name = format!("vinfra-ha-{pid}-{n}");
         // Interface names are limited to 15 bytes: "vh" + pid in hex (<= 6) + n + side.
-        let (root_if, ns_if) = (format!("vh{pid:x}{n}r"), format!("vh{pid:x}{n}n"));
+        let (root_if, ns_if) = (ifname(pid, n, 'r'), ifname(pid, n, 'n'));
         if root_if.len() > 15 {
             return Err(format!("interface name {root_if} too long"));
         }
