@@ -21,7 +21,8 @@ use anyhow::{Context, Result, bail};
 use clap::Parser;
 use indicatif::{ProgressBar, ProgressStyle};
 use vha::runtime::{
-    ClusterHarness, ETCD_SUPPORTED, HarnessConfig, HostRunConfig, Outcome, Scenario, run_host, run_scenario,
+    ClusterHarness, ETCD_SUPPORTED, HarnessConfig, HostRunConfig, Outcome, PartitionMechanism, Scenario,
+    run_host, run_scenario,
 };
 
 /// Kill (or isolate, or freeze) one host of a 4-host cluster and watch HA restart its VMs.
@@ -29,7 +30,10 @@ use vha::runtime::{
 #[command(name = "ha")]
 struct Args {
     /// Isolate the victim (no heartbeats, no store, no power control) instead of killing it;
-    /// it must fence itself, and its VMs restart once its lease expired.
+    /// it must fence itself, and its VMs restart once its lease expired. As root with `ip`
+    /// (iproute2) the victim runs in a network namespace of its own, linked by a veth pair
+    /// (10.213.0.0/16), and the link is taken down; elsewhere the partition is emulated with a
+    /// flag file the victim obeys.
     #[arg(long, conflicts_with = "stop")]
     partition: bool,
     /// SIGSTOP the victim past its lease, then SIGCONT it: the woken zombie must not run or
@@ -85,8 +89,13 @@ fn main() -> Result<()> {
     } else {
         None
     };
-    let mut cfg =
-        HarnessConfig { hosts: args.hosts, vms_per_host: args.vms_per_host, etcd, ..Default::default() };
+    let mut cfg = HarnessConfig {
+        hosts: args.hosts,
+        vms_per_host: args.vms_per_host,
+        etcd,
+        netns_host: scenario == Scenario::Partition,
+        ..Default::default()
+    };
     if args.no_power_fence || scenario == Scenario::Stop {
         cfg.ha.power_fencing = false;
     }
@@ -99,6 +108,9 @@ fn main() -> Result<()> {
     pb.set_message(format!("starting {} host agent processes", cfg.hosts));
     let t = Instant::now();
     let mut h = ClusterHarness::start(cfg.clone(), &spawn)?;
+    if let Some(why) = h.netns_unavailable() {
+        pb.suspend(|| eprintln!("note: the partition is emulated with a flag file ({why})"));
+    }
     pb.set_message("hosts joining, powering on VMs through admission control");
     h.power_on_all()?;
     let setup_ms = t.elapsed().as_millis();
@@ -116,6 +128,7 @@ fn main() -> Result<()> {
             "heartbeat_interval_ms": cfg.ha.heartbeat_interval_ms,
             "phi_threshold": cfg.ha.phi.threshold,
             "setup_ms": setup_ms,
+            "partition": o.partition,
             "outcome": o,
         });
         println!("{v}");
@@ -132,8 +145,13 @@ fn host_agent(cfg: &str) -> Result<()> {
     let cfg: HostRunConfig = serde_json::from_str(cfg).context("host agent config")?;
     let mut out = std::io::stdout();
     run_host(cfg, &mut |line| {
-        let _ = writeln!(out, "{}", serde_json::to_string(&line).unwrap_or_default());
-        let _ = out.flush();
+        // The parent is gone (its end of the pipe closed): stop instead of running orphaned.
+        if writeln!(out, "{}", serde_json::to_string(&line).unwrap_or_default())
+            .and_then(|_| out.flush())
+            .is_err()
+        {
+            std::process::exit(1);
+        }
     })?;
     Ok(())
 }
@@ -152,8 +170,13 @@ fn print_human(o: &Outcome, store: &str, cfg: &HarnessConfig, vms: usize) {
         if cfg.ha.power_fencing { "on" } else { "off" }
     );
     println!(
-        "scenario {:?}: victim {}, coordinator {}\n",
+        "scenario {:?}{}: victim {}, coordinator {}\n",
         o.scenario,
+        match o.partition {
+            Some(PartitionMechanism::Netns) => " (network namespace, veth link down)",
+            Some(PartitionMechanism::FlagFile) => " (emulated with a flag file)",
+            None => "",
+        },
         o.victim,
         o.coordinator.map_or("-".into(), |c| c.to_string())
     );

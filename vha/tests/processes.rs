@@ -4,13 +4,16 @@
 //! - kill -9 a host agent: its protected VMs run elsewhere, never twice;
 //! - SIGSTOP one past its lease with power fencing off: its VMs restart elsewhere after the
 //!   lease expires, and when the zombie wakes it fences itself; the store refuses its writes.
-//! - isolate a host: it fences itself and its VMs restart elsewhere.
+//! - isolate a host: it fences itself and its VMs restart elsewhere; emulated with a flag file,
+//!   and for real in a network namespace whose veth link goes down (needs root and `ip`; skips
+//!   otherwise unless `VINFRA_REQUIRE_NETNS=1`).
 use std::io::Write;
 use std::process::Command;
 
 use vha::agent::DecisionKind;
 use vha::runtime::{
-    ClusterHarness, HarnessConfig, HostRunConfig, Outcome, Report, Scenario, run_host, run_scenario,
+    ClusterHarness, HarnessConfig, HostRunConfig, Outcome, PartitionMechanism, Report, Scenario, run_host,
+    run_scenario,
 };
 
 const ENV: &str = "VHA_TEST_HOST_CONFIG";
@@ -22,8 +25,13 @@ fn host_agent_entry() {
     let cfg: HostRunConfig = serde_json::from_str(&cfg).expect("host config");
     let mut out = std::io::stdout();
     let r = run_host(cfg, &mut |line| {
-        let _ = writeln!(out, "{}", serde_json::to_string(&line).unwrap_or_default());
-        let _ = out.flush();
+        // The parent is gone (its end of the pipe closed): stop instead of running orphaned.
+        if writeln!(out, "{}", serde_json::to_string(&line).unwrap_or_default())
+            .and_then(|_| out.flush())
+            .is_err()
+        {
+            std::process::exit(1);
+        }
     });
     panic!("host agent ended: {r:?}");
 }
@@ -109,7 +117,43 @@ fn isolated_host_fences_itself() {
     let mut h = cluster(HarnessConfig::default());
     let o = run_scenario(&mut h, Scenario::Partition).expect("scenario");
     check_safe(&o);
+    assert_eq!(o.partition, Some(PartitionMechanism::FlagFile));
     assert!(o.fence_ms.is_some(), "isolated host fenced itself");
+}
+
+#[test]
+fn host_in_netns_fences_itself_when_its_link_goes_down() {
+    let h = ClusterHarness::start(HarnessConfig { netns_host: true, ..HarnessConfig::default() }, &spawn)
+        .expect("start cluster");
+    if let Some(why) = h.netns_unavailable() {
+        if std::env::var("VINFRA_REQUIRE_NETNS").as_deref() == Ok("1") {
+            panic!("VINFRA_REQUIRE_NETNS=1 but no network namespace: {why}");
+        }
+        eprintln!("SKIP: no network namespace for a real partition ({why})");
+        return;
+    }
+    let mut h = h;
+    let ns_host = h.netns_host().expect("a host in the namespace");
+    h.power_on_all().expect("power on");
+    let o = run_scenario(&mut h, Scenario::Partition).expect("scenario");
+    check_safe(&o);
+    let text = serde_json::to_string_pretty(&o).unwrap_or_default();
+    assert_eq!(o.victim, ns_host, "{text}");
+    assert_eq!(o.partition, Some(PartitionMechanism::Netns), "{text}");
+    let self_fenced = h.reports.iter().any(|r| {
+        r.host == ns_host
+            && r.unix_ms >= o.fault_unix_ms
+            && matches!(&r.report, Report::Decision(d) if d.kind == DecisionKind::SelfFence)
+    });
+    assert!(self_fenced, "the cut-off host fenced itself: {text}");
+    // Nothing emulated: no flag file exists, and the victim was a full member before the fault
+    // (it ran VMs and wrote their shared state across the veth link).
+    let wrote_before = h.reports.iter().any(|r| {
+        r.host == ns_host
+            && r.unix_ms < o.fault_unix_ms
+            && matches!(r.report, Report::SharedWrite { ok: true, .. })
+    });
+    assert!(wrote_before, "the namespaced host reached the store before the fault: {text}");
 }
 
 /// The same kill -9 scenario with etcd as the store (feature `etcd`; skips without etcd unless

@@ -1,5 +1,6 @@
 //! Runs a cluster of host agents as separate OS processes on loopback, with the store in the
-//! calling process (or etcd), and collects their reports.
+//! calling process (or etcd), and collects their reports. With a network namespace for one host,
+//! the others and the store use the root end of its veth link instead of 127.0.0.1.
 
 use std::io::{BufRead, BufReader};
 use std::net::UdpSocket;
@@ -11,8 +12,8 @@ use std::sync::mpsc::{self, Receiver};
 use std::time::{Duration, Instant};
 
 use super::{
-    HostRunConfig, Report, ReportLine, RuntimeError, StoreEndpoint, StoreServer, connect_store,
-    partition_flag, unix_ms,
+    HostRunConfig, NetnsLink, PartitionMechanism, Report, ReportLine, RuntimeError, StoreEndpoint,
+    StoreServer, connect_store, partition_flag, unix_ms,
 };
 use crate::agent::{DecisionKind, HaConfig};
 use crate::model::{HostId, HostSpec, Keys, Priority, VmId, VmSpec};
@@ -38,6 +39,10 @@ pub struct HarnessConfig {
     pub write_interval_ms: u64,
     /// Store request timeout in ms.
     pub store_timeout_ms: u64,
+    /// Run one host (the last one that is not a dedicated failover host) in a network
+    /// namespace of its own, so that [`ClusterHarness::partition`] cuts its link for real.
+    /// Needs root, `ip` and the embedded store; otherwise partitions fall back to flag files.
+    pub netns_host: bool,
 }
 
 impl Default for HarnessConfig {
@@ -51,6 +56,7 @@ impl Default for HarnessConfig {
             tick_ms: 10,
             write_interval_ms: 200,
             store_timeout_ms: 300,
+            netns_host: false,
         }
     }
 }
@@ -63,27 +69,60 @@ pub struct ClusterHarness {
     store: Box<dyn ClusterStore + Send + Sync>,
     keys: Keys,
     control_dir: PathBuf,
-    children: Vec<Child>,
-    pids: Vec<u32>,
+    /// Host processes in spawn order.
+    children: Vec<(HostId, Child)>,
     rx: Receiver<ReportLine>,
     /// Every report received so far, in arrival order.
     pub reports: Vec<ReportLine>,
     vms: Vec<VmSpec>,
+    /// The namespace of the isolated host (dropped after the processes: see `Drop`).
+    netns: Option<NetnsLink>,
+    /// The host running in `netns`.
+    netns_id: Option<HostId>,
+    /// Why partitions are emulated, when they are.
+    mechanism_note: Option<String>,
 }
 
 fn io(what: String) -> impl FnOnce(std::io::Error) -> RuntimeError {
     move |source| RuntimeError::Io { what, source }
 }
 
-fn free_udp_port() -> Result<u16, RuntimeError> {
-    let s = UdpSocket::bind("127.0.0.1:0").map_err(io("finding a free UDP port".into()))?;
+fn free_udp_port(ip: &str) -> Result<u16, RuntimeError> {
+    let s = UdpSocket::bind(format!("{ip}:0")).map_err(io("finding a free UDP port".into()))?;
     Ok(s.local_addr().map_err(io("local address".into()))?.port())
 }
 
 impl ClusterHarness {
+    /// The namespace for the isolated host, or why there is none.
+    fn make_netns(cfg: &HarnessConfig) -> (Option<NetnsLink>, Option<String>) {
+        if !cfg.netns_host {
+            return (None, None);
+        }
+        if cfg.etcd.is_some() {
+            return (None, Some("etcd listens on loopback, out of reach of a network namespace".into()));
+        }
+        if cfg.hosts < 2 {
+            return (None, Some("a partition needs at least 2 hosts".into()));
+        }
+        match NetnsLink::create() {
+            Ok(l) => (Some(l), None),
+            Err(e) => (None, Some(e)),
+        }
+    }
+
+    /// The host put in the namespace: the last one that runs VMs (not a dedicated failover host).
+    fn netns_victim(cfg: &HarnessConfig) -> HostId {
+        let dedicated = matches!(cfg.policy, AdmissionPolicy::DedicatedFailoverHosts);
+        HostId((cfg.hosts - if dedicated { 2 } else { 1 }) as u32)
+    }
+
     /// Starts the store and `cfg.hosts` host processes. `spawn` turns a host's configuration
     /// into the command that runs it (e.g. the current executable with a hidden subcommand);
     /// the harness pipes the command's stdout and reads one JSON [`ReportLine`] per line.
+    ///
+    /// With [`HarnessConfig::netns_host`] and a machine that allows it, one host runs in a
+    /// network namespace of its own; it is started after the others elected a coordinator, so
+    /// it is never the coordinator at the start.
     pub fn start(
         cfg: HarnessConfig,
         spawn: &dyn Fn(&HostRunConfig) -> Command,
@@ -95,11 +134,15 @@ impl ClusterHarness {
         let keys = Keys::new(prefix.clone());
         let control_dir = std::env::temp_dir().join(format!("vha-{run}"));
         std::fs::create_dir_all(&control_dir).map_err(io(format!("creating {}", control_dir.display())))?;
+        let (netns, mechanism_note) = Self::make_netns(&cfg);
+        let netns_id = netns.as_ref().map(|_| Self::netns_victim(&cfg));
+        // Agents and the store listen on the root end of the veth link when there is one.
+        let local_ip = netns.as_ref().map_or("127.0.0.1".to_string(), |l| l.root_addr().to_string());
         let timeout = Duration::from_millis(cfg.store_timeout_ms);
         let (server, store, endpoint): (_, Box<dyn ClusterStore + Send + Sync>, _) = match &cfg.etcd {
             None => {
                 let mem = Arc::new(MemStore::new());
-                let server = StoreServer::start("127.0.0.1:0", mem.clone())?;
+                let server = StoreServer::start(&format!("{local_ip}:0"), mem.clone())?;
                 let ep = StoreEndpoint::Embedded { addr: server.addr().to_string() };
                 (Some(server), Box::new(mem), ep)
             }
@@ -110,17 +153,46 @@ impl ClusterHarness {
             }
         };
         let (tx, rx) = mpsc::channel();
-        let mut children = Vec::new();
-        for i in 0..cfg.hosts {
-            let port = free_udp_port()?;
+        let mut h = Self {
+            cfg: cfg.clone(),
+            _server: server,
+            store,
+            keys,
+            control_dir: control_dir.clone(),
+            children: Vec::new(),
+            rx,
+            reports: Vec::new(),
+            vms: Vec::new(),
+            netns,
+            netns_id,
+            mechanism_note,
+        };
+        let mut order: Vec<usize> = (0..cfg.hosts).filter(|i| Some(HostId(*i as u32)) != netns_id).collect();
+        order.extend(netns_id.map(|x| x.0 as usize));
+        for i in order {
+            let id = HostId(i as u32);
+            let isolated = Some(id) == netns_id;
+            if isolated {
+                // Let the root-namespace hosts elect a coordinator first.
+                h.wait_until(10_000, "a coordinator", |rs| {
+                    rs.iter().any(|r| {
+                        matches!(&r.report, Report::Decision(d) if matches!(d.kind, DecisionKind::Elected { .. }))
+                    })
+                })?;
+            }
+            let port = free_udp_port(&local_ip)?;
+            let ip = match (&h.netns, isolated) {
+                (Some(l), true) => l.ns_addr().to_string(),
+                _ => local_ip.clone(),
+            };
             let hc = HostRunConfig {
                 spec: HostSpec {
-                    id: HostId(i as u32),
+                    id,
                     cpu_mhz: 8000,
                     mem_mib: 16384,
                     failover: matches!(cfg.policy, AdmissionPolicy::DedicatedFailoverHosts)
                         && i + 1 == cfg.hosts,
-                    addr: format!("127.0.0.1:{port}"),
+                    addr: format!("{ip}:{port}"),
                     pid: 0,
                 },
                 ha: cfg.ha.clone(),
@@ -131,7 +203,10 @@ impl ClusterHarness {
                 write_interval_ms: cfg.write_interval_ms,
                 store_timeout_ms: timeout.as_millis() as u64,
             };
-            let mut cmd = spawn(&hc);
+            let mut cmd = match (&h.netns, isolated) {
+                (Some(l), true) => l.wrap(&spawn(&hc)),
+                _ => spawn(&hc),
+            };
             cmd.stdout(Stdio::piped()).stdin(Stdio::null());
             let mut child = cmd.spawn().map_err(io(format!("spawning host {i}")))?;
             let out = child.stdout.take();
@@ -147,24 +222,10 @@ impl ClusterHarness {
                     }
                 }
             });
-            children.push(child);
+            h.children.push((id, child));
         }
-        let pids = children.iter().map(|c| c.id()).collect();
-        let _ = timeout;
-        Ok(Self {
-            cfg,
-            _server: server,
-            store,
-            keys,
-            control_dir,
-            children,
-            pids,
-            rx,
-            reports: Vec::new(),
-            vms: Vec::new(),
-        })
+        Ok(h)
     }
-
     /// The parent's store client.
     pub fn store(&self) -> &dyn ClusterStore {
         &*self.store
@@ -175,7 +236,7 @@ impl ClusterHarness {
     }
     /// Process id of a host agent.
     pub fn pid(&self, h: HostId) -> Option<u32> {
-        self.pids.get(h.0 as usize).copied()
+        self.children.iter().find(|(id, _)| *id == h).map(|(_, c)| c.id())
     }
     /// Number of hosts.
     pub fn hosts(&self) -> usize {
@@ -259,7 +320,7 @@ impl ClusterHarness {
 
     /// Kills a host process with SIGKILL.
     pub fn kill(&mut self, h: HostId) -> Result<(), RuntimeError> {
-        let c = self.children.get_mut(h.0 as usize).ok_or(RuntimeError::Config(format!("no {h}")))?;
+        let c = self.child(h)?;
         c.kill().map_err(io(format!("killing {h}")))
     }
 
@@ -274,8 +335,40 @@ impl ClusterHarness {
         Ok(())
     }
 
-    /// Isolates a host (heartbeats, store and power control) or lifts the isolation.
+    fn child(&mut self, h: HostId) -> Result<&mut Child, RuntimeError> {
+        let c = self.children.iter_mut().find(|(id, _)| *id == h);
+        c.map(|(_, c)| c).ok_or(RuntimeError::Config(format!("no {h}")))
+    }
+
+    /// The host that runs in a network namespace of its own, if any.
+    pub fn netns_host(&self) -> Option<HostId> {
+        self.netns_id
+    }
+
+    /// How [`Self::partition`] isolates `h`: for real (its veth link goes down) or emulated.
+    pub fn partition_mechanism(&self, h: HostId) -> PartitionMechanism {
+        if self.netns.is_some() && self.netns_id == Some(h) {
+            PartitionMechanism::Netns
+        } else {
+            PartitionMechanism::FlagFile
+        }
+    }
+
+    /// Why partitions are emulated with flag files although a namespace was asked for.
+    pub fn netns_unavailable(&self) -> Option<&str> {
+        self.mechanism_note.as_deref()
+    }
+
+    /// Isolates a host (heartbeats, store and power control) or lifts the isolation: the host in
+    /// the network namespace by taking its veth link down (up); any other by a flag file the
+    /// host reads and obeys (emulated).
     pub fn partition(&self, h: HostId, on: bool) -> Result<(), RuntimeError> {
+        if let (Some(l), true) = (&self.netns, self.netns_id == Some(h)) {
+            return l.set_link(!on).map_err(|e| RuntimeError::Io {
+                what: format!("partitioning {h}"),
+                source: std::io::Error::other(e),
+            });
+        }
         let f = partition_flag(&self.control_dir, h);
         if on {
             std::fs::write(&f, b"").map_err(io(format!("creating {}", f.display())))
@@ -286,17 +379,19 @@ impl ClusterHarness {
 
     /// Whether a host process has exited (reaping it if so).
     pub fn exited(&mut self, h: HostId) -> bool {
-        self.children.get_mut(h.0 as usize).is_some_and(|c| matches!(c.try_wait(), Ok(Some(_))))
+        self.child(h).is_ok_and(|c| matches!(c.try_wait(), Ok(Some(_))))
     }
 }
 
 impl Drop for ClusterHarness {
     fn drop(&mut self) {
-        for c in &mut self.children {
+        for (_, c) in &mut self.children {
             let _ = Command::new("kill").arg("-CONT").arg(c.id().to_string()).status();
             let _ = c.kill();
             let _ = c.wait();
         }
         let _ = std::fs::remove_dir_all(&self.control_dir);
+        // Only now that no process is left inside it: delete the namespace and the veth pair.
+        self.netns = None;
     }
 }

@@ -40,15 +40,18 @@ pub struct HostRunConfig {
 }
 
 /// Power fencing by process kill: `kill -9 <pid>`, confirmed when the process is gone or a
-/// zombie. Refuses when the target is behind an emulated partition (its power control would be
-/// unreachable too).
+/// zombie. The power control is reached over the host's network: the agent first probes the
+/// host's address over TCP and refuses when it gets no answer (a refused connection is an
+/// answer), as when the host's link is down; it also refuses when the target is behind an
+/// emulated partition (flag file).
 #[derive(Debug, Clone)]
 pub struct ProcessFenceAgent {
     /// Directory of the partition flag files.
     pub control_dir: PathBuf,
 }
 
-fn process_gone(pid: u32) -> bool {
+/// Whether process `pid` is gone or a zombie.
+pub(super) fn process_gone(pid: u32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
         Err(_) => true,
         // Field 3 (after the parenthesized command name) is the state; Z = zombie, X = dead.
@@ -69,6 +72,9 @@ impl FenceAgent for ProcessFenceAgent {
                 reason: "power control behind the partition".into(),
             });
         }
+        if let Err(reason) = probe(&host.addr) {
+            return Err(FenceError::Unreachable { host: name, reason });
+        }
         if host.pid == 0 {
             return Err(FenceError::Unreachable { host: name, reason: "no process id published".into() });
         }
@@ -85,6 +91,17 @@ impl FenceAgent for ProcessFenceAgent {
             std::thread::sleep(Duration::from_millis(10));
         }
         Err(FenceError::NotConfirmed { host: name, reason: format!("pid {} still alive", host.pid) })
+    }
+}
+
+/// Whether the network path to `addr` works: a TCP connection is accepted or refused (the
+/// host's kernel answered) within 300 ms.
+fn probe(addr: &str) -> Result<(), String> {
+    let a: std::net::SocketAddr = addr.parse().map_err(|e| format!("address {addr}: {e}"))?;
+    match std::net::TcpStream::connect_timeout(&a, Duration::from_millis(300)) {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => Ok(()),
+        Err(e) => Err(format!("power control unreachable over the network ({addr}): {e}")),
     }
 }
 

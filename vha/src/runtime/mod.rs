@@ -1,12 +1,14 @@
 //! The real-world driver of the sans-I/O [`HostAgent`](crate::agent::HostAgent): UDP
 //! heartbeats, a store over TCP (the embedded [`MemStore`](crate::store::MemStore) served by
 //! [`StoreServer`]) or etcd, a process-kill [`FenceAgent`](crate::fence::FenceAgent), and a
-//! harness that runs host agents as separate OS processes on loopback.
+//! harness that runs host agents as separate OS processes on loopback, optionally one of them in
+//! a network namespace of its own ([`NetnsLink`]) so that a partition cuts a real link.
 //!
 //! This module does I/O and reads clocks; everything it decides comes from the core.
 
 mod harness;
 mod host;
+mod netns;
 mod remote;
 pub mod scenario;
 mod server;
@@ -14,6 +16,7 @@ pub mod wire;
 
 pub use harness::{ClusterHarness, HarnessConfig};
 pub use host::{HostRunConfig, ProcessFenceAgent, run_host};
+pub use netns::{NetnsLink, PartitionMechanism};
 pub use remote::RemoteStore;
 pub use scenario::{Outcome, Scenario, run_scenario};
 pub use server::StoreServer;

@@ -4,7 +4,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 
-use super::{ClusterHarness, Report, ReportLine, RuntimeError, unix_ms};
+use super::{ClusterHarness, PartitionMechanism, Report, ReportLine, RuntimeError, unix_ms};
 use crate::agent::DecisionKind;
 use crate::model::{HostId, Priority, VmId};
 
@@ -79,6 +79,9 @@ pub struct Outcome {
     pub victim_writes_refused: u64,
     /// VMs that ran on two live hosts at once according to the reports (must be 0).
     pub double_runs: u64,
+    /// How the partition was made (partition scenario only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub partition: Option<PartitionMechanism>,
 }
 
 fn rel(t: u64, t0: u64) -> i64 {
@@ -96,11 +99,15 @@ pub fn run_scenario(h: &mut ClusterHarness, scenario: Scenario) -> Result<Outcom
     h.collect_for(1000);
     let coordinator = h.coordinator();
     let running = h.running();
-    let victim = (0..h.hosts() as u32)
-        .map(HostId)
-        .filter(|x| Some(*x) != coordinator)
-        .max_by_key(|x| (running.values().filter(|hs| hs.contains(x)).count(), std::cmp::Reverse(*x)))
-        .ok_or(RuntimeError::Config("no victim".into()))?;
+    let victim = match (scenario, h.netns_host()) {
+        // The host in its own network namespace, which started after the coordinator's election.
+        (Scenario::Partition, Some(v)) if Some(v) != coordinator => v,
+        _ => (0..h.hosts() as u32)
+            .map(HostId)
+            .filter(|x| Some(*x) != coordinator)
+            .max_by_key(|x| (running.values().filter(|hs| hs.contains(x)).count(), std::cmp::Reverse(*x)))
+            .ok_or(RuntimeError::Config("no victim".into()))?,
+    };
     let prio: BTreeMap<VmId, Priority> = h.vms().iter().map(|v| (v.id, v.priority)).collect();
     let lost: Vec<VmId> = running
         .iter()
@@ -142,6 +149,9 @@ pub fn run_scenario(h: &mut ClusterHarness, scenario: Scenario) -> Result<Outcom
         }
     }
     let mut out = summarize(h, scenario, victim, coordinator, t0, &lost, &prio);
+    if scenario == Scenario::Partition {
+        out.partition = Some(h.partition_mechanism(victim));
+    }
     if let Some(w) = woke_at {
         out.timeline.push(TimelineEntry {
             at_ms: rel(w, t0),
@@ -167,7 +177,14 @@ fn summarize(
         host: victim,
         what: match scenario {
             Scenario::Kill => "kill -9 (host dies)".into(),
-            Scenario::Partition => "isolated: no heartbeats, no store, no power control".into(),
+            Scenario::Partition => match h.partition_mechanism(victim) {
+                PartitionMechanism::Netns => {
+                    "isolated: veth link down (no heartbeats, no store, no power control)".into()
+                }
+                PartitionMechanism::FlagFile => {
+                    "isolated (emulated by a flag file): no heartbeats, no store, no power control".into()
+                }
+            },
             Scenario::Stop => "SIGSTOP (host agent frozen)".into(),
         },
     }];
@@ -186,6 +203,7 @@ fn summarize(
         stale_writes_accepted: 0,
         victim_writes_refused: 0,
         double_runs: 0,
+        partition: None,
     };
     let mut vmo: BTreeMap<VmId, VmOutcome> = lost
         .iter()
