@@ -350,14 +350,14 @@ impl Drs {
                         report.failed.push((m.clone(), "skipped: group no longer valid".into()));
                         continue;
                     }
-                    match migrator.migrate(m.vm, m.from, m.to) {
-                        Ok(()) => {
-                            ledger.apply(m.vm, m.to);
-                            cluster.vms[m.vm.idx()].host = Some(m.to);
-                            report.executed.push(m.clone());
-                        }
-                        Err(e) => report.failed.push((m.clone(), e.message)),
-                    }
+                    migrate_and_record(
+                        migrator,
+                        &mut ledger,
+                        cluster,
+                        &mut report.executed,
+                        &mut report.failed,
+                        m,
+                    );
                     continue;
                 }
                 // Re-check against what actually happened (an earlier failure changes things).
@@ -367,14 +367,14 @@ impl Drs {
                     report.failed.push((m.clone(), "skipped: no longer valid".into()));
                     continue;
                 }
-                match migrator.migrate(m.vm, m.from, m.to) {
-                    Ok(()) => {
-                        ledger.apply(m.vm, m.to);
-                        cluster.vms[m.vm.idx()].host = Some(m.to);
-                        report.executed.push(m.clone());
-                    }
-                    Err(e) => report.failed.push((m.clone(), e.message)),
-                }
+                migrate_and_record(
+                    migrator,
+                    &mut ledger,
+                    cluster,
+                    &mut report.executed,
+                    &mut report.failed,
+                    m,
+                );
             }
         }
         if let Some(p) = &report.power {
@@ -525,5 +525,25 @@ fn still_valid(check: Result<(), crate::ledger::Constraint>, m: &Move, cluster: 
                 && balance::fix_still_needed(cluster, r, m.vm, m.to)
         }
         Err(_) => false,
+    }
+}
+
+/// Carries out one planned move and records the outcome: on success the ledger and the cluster
+/// follow the VM; on failure the migrator's message is kept.
+fn migrate_and_record(
+    migrator: &mut dyn Migrator,
+    ledger: &mut Ledger,
+    cluster: &mut Cluster,
+    executed: &mut Vec<Move>,
+    failed: &mut Vec<(Move, String)>,
+    m: &Move,
+) {
+    match migrator.migrate(m.vm, m.from, m.to) {
+        Ok(()) => {
+            ledger.apply(m.vm, m.to);
+            cluster.vms[m.vm.idx()].host = Some(m.to);
+            executed.push(m.clone());
+        }
+        Err(e) => failed.push((m.clone(), e.message)),
     }
 }
