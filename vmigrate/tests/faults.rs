@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use common::{Fault, Faulty, assert_source_alive, dest_vm, source_vm};
 use vcore::guest::{DirtierConfig, Pattern};
-use vcore::{RunState, VmConfig};
-use vmigrate::transport::channel_pair;
+use vcore::{RunState, Vm, VmConfig};
+use vmigrate::transport::{ChannelTransport, channel_pair};
 use vmigrate::{ConvergencePolicy, Destination, MigrationError, MigrationHandle, Source};
 
 fn cfg() -> VmConfig {
@@ -18,6 +18,20 @@ fn cfg() -> VmConfig {
 
 fn dirtier() -> DirtierConfig {
     DirtierConfig { ws_pages: 2048, pattern: Pattern::Random, pages_per_sec: 20_000, ..Default::default() }
+}
+
+/// Runs a destination on `dst` in a thread while `send` drives the source over the other end of
+/// an in-process wire; returns both outcomes.
+fn over_channel<R>(
+    dst: &Vm,
+    send: impl FnOnce(ChannelTransport) -> R,
+) -> (R, Result<vmigrate::ReceiveStats, MigrationError>) {
+    let (a, b) = channel_pair(2, Duration::from_secs(5));
+    std::thread::scope(|s| {
+        let recv = s.spawn(|| Destination::new(dst).run(b));
+        let res = send(a);
+        (res, recv.join().unwrap())
+    })
 }
 
 /// Migrates through a faulty wire; returns the source's error and the destination's outcome.
@@ -30,18 +44,11 @@ fn migrate_with(
     let d = dirtier();
     let src = source_vm(&cfg(), d);
     let dst = dest_vm(&dst_cfg);
-    let (a, b) = channel_pair(2, Duration::from_secs(5));
-    let (src_res, dst_res) = std::thread::scope(|s| {
-        let recv = s.spawn(|| Destination::new(&dst).run(b).map(|_| ()));
-        let res = match fault {
-            Some(fault) => {
-                let wire = Faulty { inner: a, fault, written: 0, committed: Arc::new(Mutex::new(false)) };
-                Source::new(&src, policy).handle(handle).run(wire)
-            }
-            None => Source::new(&src, policy).handle(handle).run(a),
-        };
-        (res, recv.join().unwrap())
+    let (src_res, dst_res) = over_channel(&dst, |a| match fault {
+        Some(fault) => Source::new(&src, policy).handle(handle).run(Faulty::new(a, fault)),
+        None => Source::new(&src, policy).handle(handle).run(a),
     });
+    let dst_res = dst_res.map(|_| ());
     let dst_state = dst.run_state();
     if src_res.is_err() && !matches!(src_res, Err(MigrationError::CommitUncertain(_))) {
         assert_source_alive(&src, &d);
@@ -113,18 +120,8 @@ fn connection_lost_at_commit_is_reported_as_uncertain() {
     let d = dirtier();
     let src = source_vm(&cfg(), d);
     let dst = dest_vm(&cfg());
-    let (a, b) = channel_pair(2, Duration::from_secs(5));
-    let wire = Faulty {
-        inner: a,
-        fault: Fault::DropAfterCommit,
-        written: 0,
-        committed: Arc::new(Mutex::new(false)),
-    };
-    let res = std::thread::scope(|s| {
-        let recv = s.spawn(|| Destination::new(&dst).run(b));
-        let res = Source::new(&src, ConvergencePolicy::default()).run(wire);
-        let _ = recv.join().unwrap();
-        res
+    let (res, _) = over_channel(&dst, |a| {
+        Source::new(&src, ConvergencePolicy::default()).run(Faulty::new(a, Fault::DropAfterCommit))
     });
     assert!(matches!(res, Err(MigrationError::CommitUncertain(_))), "{res:?}");
     assert_eq!(src.run_state(), RunState::Paused, "the source is never resumed after Commit");
@@ -137,7 +134,6 @@ fn flat_out_over_a_slow_link(
     let d = DirtierConfig { ws_pages: 4096, pattern: Pattern::Random, ..Default::default() };
     let src = source_vm(&cfg(), d);
     let dst = dest_vm(&cfg());
-    let (a, b) = channel_pair(2, Duration::from_secs(5));
     let policy = ConvergencePolicy {
         bandwidth_limit_bps: Some(64 << 20),
         downtime_limit_ms: 30,
@@ -146,12 +142,7 @@ fn flat_out_over_a_slow_link(
         auto_converge,
         ..Default::default()
     };
-    let res = std::thread::scope(|s| {
-        let recv = s.spawn(|| Destination::new(&dst).run(b));
-        let res = Source::new(&src, policy).run(a);
-        let _ = recv.join().unwrap();
-        res
-    });
+    let (res, _) = over_channel(&dst, |a| Source::new(&src, policy).run(a));
     if res.is_err() {
         assert_source_alive(&src, &d);
     }
@@ -182,7 +173,6 @@ fn a_stall_can_force_the_switchover() {
     let d = DirtierConfig { ws_pages: 4096, pattern: Pattern::Random, ..Default::default() };
     let src = source_vm(&cfg(), d);
     let dst = dest_vm(&cfg());
-    let (a, b) = channel_pair(2, Duration::from_secs(5));
     let policy = ConvergencePolicy {
         bandwidth_limit_bps: Some(64 << 20),
         downtime_limit_ms: 1,
@@ -192,18 +182,15 @@ fn a_stall_can_force_the_switchover() {
         ..Default::default()
     };
     let forced = Arc::new(Mutex::new(None));
-    let res = std::thread::scope(|s| {
-        let recv = s.spawn(|| Destination::new(&dst).run(b));
-        let f = forced.clone();
-        let res = Source::new(&src, policy)
+    let f = forced.clone();
+    let (res, _) = over_channel(&dst, |a| {
+        Source::new(&src, policy)
             .progress(move |p| {
                 if let vmigrate::Progress::ForcingSwitchover { expected_downtime, .. } = p {
                     *f.lock().unwrap() = Some(*expected_downtime);
                 }
             })
-            .run(a);
-        let _ = recv.join().unwrap();
-        res
+            .run(a)
     });
     let stats = res.expect("switched over");
     assert!(

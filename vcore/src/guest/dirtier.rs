@@ -300,12 +300,18 @@ impl DirtierConfig {
 
     /// What every page holds after `writes` writes: `(generation, sequence)`, `(0, 0)` if unwritten.
     pub fn expected(&self, writes: u64) -> Vec<(u64, u64)> {
+        self.replay(writes).0
+    }
+
+    /// The pages after `writes` writes, and the page index write number `writes` will go to.
+    fn replay(&self, writes: u64) -> (Vec<(u64, u64)>, u64) {
         let mut pages = vec![(0, 0); self.ws_pages as usize];
-        for (w, idx) in self.page_sequence().take(writes as usize).enumerate() {
+        let mut seq = self.page_sequence();
+        for (w, idx) in seq.by_ref().take(writes as usize).enumerate() {
             let w = w as u64;
             pages[idx as usize] = (w / self.ws_pages + 1, w + 1);
         }
-        pages
+        (pages, seq.next().unwrap_or(0))
     }
 
     /// Checks every page of the working set against the replayed sequence of
@@ -313,8 +319,7 @@ impl DirtierConfig {
     /// stamps before it publishes), field by field.
     pub fn check_memory(&self, mem: &GuestMemory, progress: &DirtierProgress) -> Result<(), PageMismatch> {
         let p = progress.pages_written;
-        let expected = self.expected(p);
-        let next = self.page_sequence().nth(p as usize).unwrap_or(0);
+        let (expected, next) = self.replay(p);
         let next_stamp = (p / self.ws_pages + 1, p + 1);
         for (index, &(g, s)) in expected.iter().enumerate() {
             let index = index as u64;

@@ -86,6 +86,13 @@ pub struct Faulty {
     pub committed: Arc<Mutex<bool>>,
 }
 
+impl Faulty {
+    /// `inner` with `fault` injected into what is written to it.
+    pub fn new(inner: ChannelTransport, fault: Fault) -> Self {
+        Faulty { inner, fault, written: 0, committed: Arc::new(Mutex::new(false)) }
+    }
+}
+
 impl Read for Faulty {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         if matches!(self.fault, Fault::DropAfterCommit) && *self.committed.lock().unwrap() {
