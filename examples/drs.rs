@@ -288,8 +288,8 @@ fn main() -> anyhow::Result<()> {
         s.waves_max_per_pass = s.waves_max_per_pass.max(report.plan.waves.len());
         s.blocked_max = s.blocked_max.max(report.plan.blocked.len());
         s.migration_s_total += done.iter().filter_map(|m| m.expected.migration_s).sum::<f64>();
-        if let Some(p) = &report.power {
-            if cluster.hosts[p.host.idx()].state
+        if let Some(p) = &report.power
+            && cluster.hosts[p.host.idx()].state
                 == match p.action {
                     PowerAction::Standby => HostState::Standby,
                     PowerAction::Wake => HostState::On,
@@ -300,7 +300,6 @@ fn main() -> anyhow::Result<()> {
                     PowerAction::Wake => s.wake += 1,
                 }
             }
-        }
         let wi: Vec<_> = cluster.vms.iter().map(|v| v.host).collect();
         s.must_violations_max = s.must_violations_max.max(must_violations(&cluster, &wi));
         let imb = imbalance(&cluster);

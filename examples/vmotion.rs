@@ -165,7 +165,7 @@ fn memory_digest(vm: &Vm) -> Vec<u32> {
         .iter()
         .map(|r| {
             let mut buf = vec![0u8; 4 << 20];
-            let mut crc = 0;
+            let mut crc = vinfra::vmigrate::stream::Crc32c::new();
             let mut off = 0;
             while off < r.len() {
                 let n = (r.len() - off).min(buf.len() as u64) as usize;
@@ -175,10 +175,10 @@ fn memory_digest(vm: &Vm) -> Vec<u32> {
                     vinfra::vcore::vm_memory::GuestAddress(r.start_addr().0 + off),
                 )
                 .expect("read guest memory");
-                crc = crc32c::crc32c_append(crc, &buf[..n]);
+                crc.update(&buf[..n]);
                 off += n as u64;
             }
-            crc
+            crc.finish()
         })
         .collect()
 }

@@ -150,11 +150,10 @@ impl VmConfig {
         if usize::from(self.vcpus) > max {
             return Err(ConfigError::TooManyVcpus { requested: self.vcpus, max });
         }
-        if let DirtyTracking::Ring { entries } = self.dirty_tracking {
-            if !entries.is_power_of_two() || !(256..=65536).contains(&entries) {
+        if let DirtyTracking::Ring { entries } = self.dirty_tracking
+            && (!entries.is_power_of_two() || !(256..=65536).contains(&entries)) {
                 return Err(ConfigError::BadDirtyRingSize { entries });
             }
-        }
         Ok(())
     }
 

@@ -375,6 +375,11 @@ pub(crate) fn restore_vm(vm: &VmFd, s: &VmState) -> Result<(), StateError> {
     Ok(())
 }
 
+/// CRC32C (CRC-32/ISCSI) of `bytes`.
+fn crc32c(bytes: &[u8]) -> u32 {
+    crc_fast::checksum(crc_fast::CrcAlgorithm::Crc32Iscsi, bytes) as u32
+}
+
 impl VmSnapshot {
     /// Encodes the snapshot: magic, version, payload length, CRC32C, postcard payload.
     pub fn to_bytes(&self) -> Vec<u8> {
@@ -384,7 +389,7 @@ impl VmSnapshot {
         out.extend_from_slice(&SNAPSHOT_VERSION.0.to_le_bytes());
         out.extend_from_slice(&SNAPSHOT_VERSION.1.to_le_bytes());
         out.extend_from_slice(&(payload.len() as u64).to_le_bytes());
-        out.extend_from_slice(&crc32c::crc32c(&payload).to_le_bytes());
+        out.extend_from_slice(&crc32c(&payload).to_le_bytes());
         out.extend_from_slice(&payload);
         out
     }
@@ -407,7 +412,7 @@ impl VmSnapshot {
             return Err(StateError::Length { declared, available: payload.len() as u64 });
         }
         let expected = u32::from_le_bytes([bytes[20], bytes[21], bytes[22], bytes[23]]);
-        let found = crc32c::crc32c(payload);
+        let found = crc32c(payload);
         if expected != found {
             return Err(StateError::Checksum { expected, found });
         }

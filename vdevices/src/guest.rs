@@ -215,7 +215,7 @@ impl BuiltinGuest for VirtioRng {
             return Err(BootError::Invalid("virtio_rng needs at least 4 MiB of memory".into()));
         }
         if !(vcore::config::MMIO_HOLE_START..vcore::config::MMIO_HOLE_END - 0x1000).contains(&self.mmio_base)
-            || self.mmio_base % 0x1000 != 0
+            || !self.mmio_base.is_multiple_of(0x1000)
         {
             return Err(BootError::Invalid(format!(
                 "mmio_base {:#x} is not a page in the MMIO hole",

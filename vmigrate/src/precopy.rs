@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use vcore::Vm;
-use vm_memory::{Bytes, GuestAddress};
+use vm_memory::{GuestAddress, GuestMemoryBackend as _};
 
 use crate::dirty::{DirtyBitmap, DirtyError, DirtyTracker, empty_maps, trackers_for};
 use crate::stats::{Iteration, MigrationStats, Progress};
@@ -293,11 +293,10 @@ impl<'a> Source<'a> {
         if self.handle.is_cancelled() {
             return Err(MigrationError::Cancelled);
         }
-        if let Some(ms) = self.policy.timeout_ms {
-            if self.policy.on_timeout == Strategy::Cancel && start.elapsed() > Duration::from_millis(ms) {
+        if let Some(ms) = self.policy.timeout_ms
+            && self.policy.on_timeout == Strategy::Cancel && start.elapsed() > Duration::from_millis(ms) {
                 return Err(MigrationError::TimedOut { elapsed_ms: start.elapsed().as_millis() as u64 });
             }
-        }
         Ok(())
     }
 
@@ -331,10 +330,17 @@ impl<'a> Source<'a> {
                     }
                     for (s, c) in DirtyBitmap::from_words(chunk.to_vec(), n).runs() {
                         let gpa = slot.guest_addr + (first + s) * PAGE as u64;
-                        let mem = self.vm.memory();
+                        // One lookup per run (it lies in one slot), not one per page.
+                        let io = |e: vm_memory::VolatileMemoryError| {
+                            StreamError::Io(std::io::Error::other(e.to_string()))
+                        };
+                        let run = self
+                            .vm
+                            .memory()
+                            .get_slice(GuestAddress(gpa), c as usize * PAGE)
+                            .map_err(|e| StreamError::Io(std::io::Error::other(e.to_string())))?;
                         let (nn, zz) = w.pages(gpa, c, |addr, buf| {
-                            mem.read_slice(buf, GuestAddress(addr))
-                                .map_err(|e| StreamError::Io(std::io::Error::other(e.to_string())))
+                            run.subslice((addr - gpa) as usize, PAGE).map(|p| _ = p.copy_to(buf)).map_err(io)
                         })?;
                         sent.normal += nn;
                         sent.zero += zz;
@@ -386,7 +392,49 @@ impl<'a> Source<'a> {
         (self.progress)(&Progress::Setup { total_pages });
 
         let mut w = FrameWriter::new(&mut *transport, FLUSH_BYTES);
-        let mut bytes = 0u64; // main writer's count at the end of the previous iteration
+        let pause_at = self.stream_memory(&mut w, stats, paused, start)?;
+        total_bytes += w.bytes;
+        drop(w);
+        match FrameReader::new(&mut *transport).read_frame()? {
+            Message::Ready => {}
+            Message::Abort(reason) => return Err(MigrationError::PeerAborted(reason)),
+            other => return Err(MigrationError::Protocol { expected: "Ready", got: format!("{other:?}") }),
+        }
+        self.check(start)?;
+        let handover_at = Instant::now();
+
+        // Point of no return: from here the source never resumes.
+        let mut w = FrameWriter::new(&mut *transport, 0);
+        w.message(&Message::Commit).map_err(MigrationError::CommitUncertain)?;
+        total_bytes += w.bytes;
+        drop(w);
+        match FrameReader::new(&mut *transport).read_frame() {
+            Ok(Message::Started) => {}
+            Ok(other) => {
+                let msg = format!("{other:?} instead of Started");
+                return Err(MigrationError::CommitUncertain(StreamError::Io(std::io::Error::other(msg))));
+            }
+            Err(e) => return Err(MigrationError::CommitUncertain(e)),
+        }
+        stats.downtime = pause_at.elapsed();
+        stats.handover = handover_at.elapsed();
+        stats.total = start.elapsed();
+        stats.bytes_sent = total_bytes;
+        stats.throughput_bps = stats.bytes_sent as f64 / stats.total.as_secs_f64().max(1e-9);
+        Ok(())
+    }
+
+    /// Pre-copy iterations, then pause and copy the rest, the vCPU and device state, `Complete`.
+    /// Returns when the VM was paused.
+    fn stream_memory<W: std::io::Write>(
+        &mut self,
+        w: &mut FrameWriter<W>,
+        stats: &mut MigrationStats,
+        paused: &mut bool,
+        start: Instant,
+    ) -> Result<Instant, MigrationError> {
+        let vm = self.vm;
+        let mut bytes = 0u64; // the writer's count at the end of the previous iteration
         let mut to_send: Vec<DirtyBitmap> =
             vm.slots().iter().map(|s| DirtyBitmap::all_set(s.pages())).collect();
         let (mut best_remaining, mut stalled_for, mut outrun, mut throttle) = (u64::MAX, 0u32, 0u32, 0u8);
@@ -394,7 +442,7 @@ impl<'a> Source<'a> {
         loop {
             let t = Instant::now();
             let dirty_pages: u64 = to_send.iter().map(DirtyBitmap::count).sum();
-            let sent = self.send_maps(&mut w, &to_send, index, start)?;
+            let sent = self.send_maps(w, &to_send, index, start)?;
             w.message(&Message::IterationEnd(index))?;
             w.flush()?;
             let duration = t.elapsed();
@@ -507,7 +555,7 @@ impl<'a> Source<'a> {
         self.fetch(&mut to_send)?;
         let remaining_pages = to_send.iter().map(DirtyBitmap::count).sum();
         (self.progress)(&Progress::Paused { remaining_pages });
-        let sent = self.send_maps(&mut w, &to_send, index, start)?;
+        let sent = self.send_maps(w, &to_send, index, start)?;
         stats.final_pages = sent.normal + sent.zero;
         stats.normal_pages += sent.normal;
         stats.zero_pages += sent.zero;
@@ -520,34 +568,6 @@ impl<'a> Source<'a> {
         }
         w.message(&Message::Complete)?;
         w.flush()?;
-        total_bytes += w.bytes;
-        drop(w);
-        match FrameReader::new(&mut *transport).read_frame()? {
-            Message::Ready => {}
-            Message::Abort(reason) => return Err(MigrationError::PeerAborted(reason)),
-            other => return Err(MigrationError::Protocol { expected: "Ready", got: format!("{other:?}") }),
-        }
-        self.check(start)?;
-        let handover_at = Instant::now();
-
-        // Point of no return: from here the source never resumes.
-        let mut w = FrameWriter::new(&mut *transport, 0);
-        w.message(&Message::Commit).map_err(MigrationError::CommitUncertain)?;
-        total_bytes += w.bytes;
-        drop(w);
-        match FrameReader::new(&mut *transport).read_frame() {
-            Ok(Message::Started) => {}
-            Ok(other) => {
-                let msg = format!("{other:?} instead of Started");
-                return Err(MigrationError::CommitUncertain(StreamError::Io(std::io::Error::other(msg))));
-            }
-            Err(e) => return Err(MigrationError::CommitUncertain(e)),
-        }
-        stats.downtime = pause_at.elapsed();
-        stats.handover = handover_at.elapsed();
-        stats.total = start.elapsed();
-        stats.bytes_sent = total_bytes;
-        stats.throughput_bps = stats.bytes_sent as f64 / stats.total.as_secs_f64().max(1e-9);
-        Ok(())
+        Ok(pause_at)
     }
 }

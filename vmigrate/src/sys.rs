@@ -110,3 +110,26 @@ impl Drop for DirtyRing {
         unsafe { libc::munmap(self.base.cast(), len) };
     }
 }
+
+/// Extends `crc` by `len` bytes of guest memory at `gpa`, read in place.
+///
+/// Only for memory no vCPU or device writes meanwhile (a destination VM that is not running):
+/// the bytes are viewed as a plain slice.
+pub(crate) fn crc32c_guest(
+    mem: &vcore::GuestMemory,
+    gpa: u64,
+    len: usize,
+    crc: &mut crate::stream::Crc32c,
+) -> Result<(), vm_memory::GuestMemoryError> {
+    use vm_memory::GuestMemoryBackend as _;
+    for slice in mem.get_slices(vm_memory::GuestAddress(gpa), len) {
+        let slice = slice?;
+        let guard = slice.ptr_guard();
+        // SAFETY: vm-memory guarantees `slice.len()` mapped bytes at `guard.as_ptr()` while `mem`
+        // is borrowed (the guard keeps the pointer valid). The caller guarantees nothing writes
+        // this range concurrently, so the shared view does not race.
+        let bytes = unsafe { std::slice::from_raw_parts(guard.as_ptr(), slice.len()) };
+        crc.update(bytes);
+    }
+    Ok(())
+}

@@ -248,14 +248,12 @@ fn killing_the_destination_process_leaves_the_source_running() {
     let policy = ConvergencePolicy { bandwidth_limit_bps: Some(16 << 20), ..Default::default() };
     let res = Source::new(&src, policy)
         .progress(|p| {
-            if let vmigrate::Progress::Pages { done, .. } = p {
-                if *done > 2000 {
-                    if let Some(mut c) = child.lock().unwrap().take() {
+            if let vmigrate::Progress::Pages { done, .. } = p
+                && *done > 2000
+                    && let Some(mut c) = child.lock().unwrap().take() {
                         c.kill().unwrap();
                         c.wait().unwrap();
                     }
-                }
-            }
         })
         .run(conn);
     assert!(res.is_err(), "the migration cannot succeed: {res:?}");

@@ -171,13 +171,12 @@ fn dpm_standby_and_wake_with_hysteresis() {
     let mut woke = false;
     for _ in 0..3 {
         let r = d.pass(&mut c, &mut m).unwrap();
-        if let Some(p) = r.power {
-            if p.action == PowerAction::Wake {
+        if let Some(p) = r.power
+            && p.action == PowerAction::Wake {
                 assert_eq!(c.hosts[p.host.idx()].state, HostState::On);
                 woke = true;
                 break;
             }
-        }
     }
     assert!(woke, "utilization {}", vsched::dpm::utilization(&c));
 }

@@ -235,7 +235,7 @@ impl DirtierConfig {
         let bad = |m: String| Err(BootError::Invalid(m));
         let end = self.ws_pages.checked_mul(PAGE_SIZE).and_then(|b| b.checked_add(self.ws_start));
         let Some(end) = end else { return bad(format!("working set of {} pages overflows", self.ws_pages)) };
-        if self.ws_pages == 0 || self.ws_start % PAGE_SIZE != 0 || self.ws_start < MIN_WS_START {
+        if self.ws_pages == 0 || !self.ws_start.is_multiple_of(PAGE_SIZE) || self.ws_start < MIN_WS_START {
             return bad(format!(
                 "working set {:#x}+{} pages: needs pages, page alignment and a start >= {MIN_WS_START:#x}",
                 self.ws_start, self.ws_pages
@@ -245,14 +245,13 @@ impl DirtierConfig {
         if end > mem_top.min(crate::boot::MAX_IDENTITY_MAP) || crosses_hole {
             return bad(format!("working set {:#x}..{end:#x} is not inside mapped RAM", self.ws_start));
         }
-        if let Pattern::HotCold { hot_pages, hot_percent } = self.pattern {
-            if hot_pages == 0 || hot_pages >= self.ws_pages || hot_percent > 100 {
+        if let Pattern::HotCold { hot_pages, hot_percent } = self.pattern
+            && (hot_pages == 0 || hot_pages >= self.ws_pages || hot_percent > 100) {
                 return bad(format!(
                     "hot set of {hot_pages} pages at {hot_percent}% in {} pages",
                     self.ws_pages
                 ));
             }
-        }
         if self.pages_per_sec > 0 && tsc_hz == 0 {
             return bad("a page rate needs the TSC frequency, which this host does not report".into());
         }

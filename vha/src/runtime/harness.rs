@@ -215,11 +215,10 @@ impl ClusterHarness {
                 let Some(out) = out else { return };
                 for line in BufReader::new(out).lines() {
                     let Ok(line) = line else { return };
-                    if let Ok(r) = serde_json::from_str::<ReportLine>(&line) {
-                        if tx.send(r).is_err() {
+                    if let Ok(r) = serde_json::from_str::<ReportLine>(&line)
+                        && tx.send(r).is_err() {
                             return;
                         }
-                    }
                 }
             });
             h.children.push((id, child));

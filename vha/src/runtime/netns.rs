@@ -65,13 +65,12 @@ fn sweep_stale() {
             let (pid, n) = r.split_once('-')?;
             Some((pid.parse::<u32>().ok()?, n.parse::<u32>().ok()?))
         });
-        if let Some((pid, n)) = ids {
-            if pid != std::process::id() && super::host::process_gone(pid) {
+        if let Some((pid, n)) = ids
+            && pid != std::process::id() && super::host::process_gone(pid) {
                 let _ = ip(&["netns", "del", &name]);
                 // The namespace may outlive its name (sockets still closing): cut the pair now.
                 let _ = ip(&["link", "del", &ifname(pid, n, 'r')]);
             }
-        }
     }
 }
 

@@ -467,11 +467,10 @@ impl Sim {
         let now = self.now;
         for i in 0..self.hosts.len() {
             let h = &self.hosts[i];
-            if let Some(a) = &h.agent {
-                if a.running().keys().ne(h.running.iter()) {
+            if let Some(a) = &h.agent
+                && a.running().keys().ne(h.running.iter()) {
                     return Err(self.violation(format!("host-{i}: agent and hypervisor disagree")));
                 }
-            }
         }
         let mut down = Vec::new();
         for vm in &self.vms {

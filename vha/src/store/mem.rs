@@ -126,16 +126,14 @@ impl Inner {
             Some(kv) => (kv.create_revision, kv.version + 1, kv.lease),
             None => (rev, 1, None),
         };
-        if let Some(old) = old_lease {
-            if let Some(l) = self.leases.get_mut(&old.0) {
+        if let Some(old) = old_lease
+            && let Some(l) = self.leases.get_mut(&old.0) {
                 l.keys.remove(key);
             }
-        }
-        if let Some(new) = lease {
-            if let Some(l) = self.leases.get_mut(&new.0) {
+        if let Some(new) = lease
+            && let Some(l) = self.leases.get_mut(&new.0) {
                 l.keys.insert(key.to_string());
             }
-        }
         let kv = KeyValue { key: key.to_string(), value, create_revision, mod_revision: rev, version, lease };
         self.kv.insert(key.to_string(), kv.clone());
         self.emit(WatchEvent::Put(kv));
@@ -155,8 +153,8 @@ impl Inner {
     }
 
     fn remove_lease(&mut self, id: i64) {
-        if let Some(l) = self.leases.remove(&id) {
-            if !l.keys.is_empty() {
+        if let Some(l) = self.leases.remove(&id)
+            && !l.keys.is_empty() {
                 self.revision += 1;
                 let rev = self.revision;
                 for k in l.keys {
@@ -166,7 +164,6 @@ impl Inner {
                     }
                 }
             }
-        }
     }
 
     fn check_lease(&self, lease: Option<LeaseId>) -> Result<(), StoreError> {

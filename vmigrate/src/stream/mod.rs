@@ -295,14 +295,14 @@ impl Message<'_> {
             }
             Kind::Abort => Message::Abort(String::from_utf8_lossy(payload).into_owned()),
             Kind::Pages => {
-                if payload.len() < 8 + PAGE || (payload.len() - 8) % PAGE != 0 {
+                if payload.len() < 8 + PAGE || !(payload.len() - 8).is_multiple_of(PAGE) {
                     return Err(malformed(
                         kind,
                         format!("{} bytes is not an address and whole pages", payload.len()),
                     ));
                 }
                 let gpa = u64_at(payload, 0);
-                if gpa % PAGE as u64 != 0 {
+                if !gpa.is_multiple_of(PAGE as u64) {
                     return Err(malformed(kind, format!("unaligned address {gpa:#x}")));
                 }
                 Message::Pages { gpa, data: &payload[8..] }
@@ -361,4 +361,39 @@ pub fn is_zero(page: &[u8]) -> bool {
             .fold(0u64, |acc, c| acc | u64::from_ne_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]))
             == 0
     }) && tail.iter().all(|&b| b == 0)
+}
+
+/// CRC32C (CRC-32/ISCSI), computed incrementally: the frame checksum.
+#[derive(Debug, Clone, Copy)]
+pub struct Crc32c(crc_fast::Digest);
+
+impl Default for Crc32c {
+    fn default() -> Self {
+        Crc32c(crc_fast::Digest::new(crc_fast::CrcAlgorithm::Crc32Iscsi))
+    }
+}
+
+impl Crc32c {
+    /// An empty checksum.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Extends the checksum by `bytes`.
+    pub fn update(&mut self, bytes: &[u8]) {
+        self.0.update(bytes);
+    }
+
+    /// The CRC32C of everything so far.
+    pub fn finish(&self) -> u32 {
+        self.0.finalize() as u32
+    }
+}
+
+/// The frame checksum: CRC32C of `payload` followed by `header[..12]`.
+pub fn frame_crc(payload: &[u8], header: &[u8]) -> u32 {
+    let mut c = Crc32c::new();
+    c.update(payload);
+    c.update(&header[..12]);
+    c.finish()
 }

@@ -2,9 +2,12 @@
 
 use std::io::Read;
 
-use vm_memory::Bytes;
+use super::{
+    Crc32c, HEADER_LEN, Kind, Layout, MAGIC, Message, PAGE, StreamError, frame_crc, malformed, u64_at,
+};
 
-use super::{HEADER_LEN, Kind, Layout, MAGIC, Message, PAGE, StreamError, malformed, u64_at};
+/// Bytes of a `Pages` frame read (then checksummed) at a time.
+const READ_PIECE: usize = 128 << 10;
 
 /// Reads frames from a transport, reusing one payload buffer.
 #[derive(Debug)]
@@ -63,7 +66,7 @@ impl<R: Read> FrameReader<R> {
     pub fn read_frame(&mut self) -> Result<Message<'_>, StreamError> {
         let (kind, len, expected, h) = self.header()?;
         self.payload(len)?;
-        let found = crc32c::crc32c_append(crc32c::crc32c(&self.buf), &h[..12]);
+        let found = frame_crc(&self.buf, &h);
         if expected != found {
             return Err(StreamError::Checksum { kind, expected, found });
         }
@@ -77,7 +80,8 @@ impl<R: crate::transport::PageSource> FrameReader<R> {
     /// from the transport into `mem`, once its address is checked against `layout`, and
     /// checksummed there: one copy less. A `Pages` frame comes back as
     /// [`Message::PagesWritten`]. On a checksum error those pages hold unverified bytes:
-    /// only use this for a destination VM that is discarded when receiving fails.
+    /// only use this for a destination VM that does not run while receiving (nothing else
+    /// writes its memory) and is discarded when receiving fails.
     pub fn read_frame_into(
         &mut self,
         mem: &vcore::GuestMemory,
@@ -86,7 +90,7 @@ impl<R: crate::transport::PageSource> FrameReader<R> {
         let (kind, len, expected, h) = self.header()?;
         if kind != Kind::Pages {
             self.payload(len)?;
-            let found = crc32c::crc32c_append(crc32c::crc32c(&self.buf), &h[..12]);
+            let found = frame_crc(&self.buf, &h);
             if expected != found {
                 return Err(StreamError::Checksum { kind, expected, found });
             }
@@ -98,26 +102,30 @@ impl<R: crate::transport::PageSource> FrameReader<R> {
         }
         self.payload(8)?;
         let gpa = u64_at(&self.buf, 0);
-        if gpa % PAGE as u64 != 0 {
+        if !gpa.is_multiple_of(PAGE as u64) {
             return Err(malformed(kind, format!("unaligned address {gpa:#x}")));
         }
         let data_len = len - 8;
         layout.check(gpa, data_len as u64)?;
-        self.inner.read_into_guest(mem, gpa, data_len).map_err(|e| match e.kind() {
-            std::io::ErrorKind::UnexpectedEof => StreamError::Closed,
-            _ => StreamError::Io(e),
-        })?;
-        let mut crc = crc32c::crc32c(&self.buf[..8]);
-        let mut chunk = [0u8; 16 * PAGE];
+        // Read and checksummed in pieces: each is checksummed in place right after the
+        // kernel copied it in, while it is still in cache.
+        let mut crc = Crc32c::new();
+        crc.update(&self.buf[..8]);
+        let piece = READ_PIECE;
         let mut done = 0;
         while done < data_len {
-            let n = (data_len - done).min(chunk.len());
-            mem.read_slice(&mut chunk[..n], vm_memory::GuestAddress(gpa + done as u64))
+            let n = (data_len - done).min(piece);
+            let at = gpa + done as u64;
+            self.inner.read_into_guest(mem, at, n).map_err(|e| match e.kind() {
+                std::io::ErrorKind::UnexpectedEof => StreamError::Closed,
+                _ => StreamError::Io(e),
+            })?;
+            crate::sys::crc32c_guest(mem, at, n, &mut crc)
                 .map_err(|e| StreamError::Io(std::io::Error::other(e.to_string())))?;
-            crc = crc32c::crc32c_append(crc, &chunk[..n]);
             done += n;
         }
-        let found = crc32c::crc32c_append(crc, &h[..12]);
+        crc.update(&h[..12]);
+        let found = crc.finish();
         if expected != found {
             return Err(StreamError::Checksum { kind, expected, found });
         }

@@ -2,7 +2,9 @@
 
 use std::io::Write;
 
-use super::{HEADER_LEN, Kind, MAGIC, MAX_PAGES_PER_FRAME, Message, PAGE, StreamError, is_zero, malformed};
+use super::{
+    HEADER_LEN, Kind, MAGIC, MAX_PAGES_PER_FRAME, Message, PAGE, StreamError, frame_crc, is_zero, malformed,
+};
 
 /// Writes frames into a large buffer and hands it to the transport in big writes.
 #[derive(Debug)]
@@ -57,13 +59,10 @@ impl<W: Write> FrameWriter<W> {
         let len = (self.len - at - HEADER_LEN) as u32;
         self.buf[at + 8..at + 12].copy_from_slice(&len.to_le_bytes());
         // One pass over the whole payload: far faster than page-sized CRC calls.
-        let crc = crc32c::crc32c_append(
-            crc32c::crc32c(&self.buf[at + HEADER_LEN..self.len]),
-            &self.buf[at..at + 12],
-        );
+        let crc = frame_crc(&self.buf[at + HEADER_LEN..self.len], &self.buf[at..at + 12]);
         self.buf[at + 12..at + 16].copy_from_slice(&crc.to_le_bytes());
         if self.len >= self.flush_at {
-            self.flush()?;
+            self.hand_over()?;
         }
         Ok(())
     }
@@ -190,12 +189,18 @@ impl<W: Write> FrameWriter<W> {
 
     /// Hands everything buffered to the transport and flushes it.
     pub fn flush(&mut self) -> Result<(), StreamError> {
+        self.hand_over()?;
+        self.inner.flush()?;
+        Ok(())
+    }
+
+    /// Writes everything buffered to the transport (without flushing it).
+    fn hand_over(&mut self) -> Result<(), StreamError> {
         if self.len > 0 {
             self.inner.write_all(&self.buf[..self.len])?;
             self.bytes += self.len as u64;
             self.len = 0;
         }
-        self.inner.flush()?;
         Ok(())
     }
 }

@@ -385,7 +385,7 @@ impl BusDevice for MmioTransport {
             inner.device.read_config(offset - reg::CONFIG, data);
             return;
         }
-        if data.len() != 4 || offset % 4 != 0 {
+        if data.len() != 4 || !offset.is_multiple_of(4) {
             data.fill(0);
             return;
         }
@@ -418,7 +418,7 @@ impl BusDevice for MmioTransport {
             return;
         }
         let Ok(bytes) = <[u8; 4]>::try_from(data) else { return };
-        if offset % 4 != 0 {
+        if !offset.is_multiple_of(4) {
             return;
         }
         let v = u32::from_le_bytes(bytes);
@@ -480,11 +480,10 @@ impl EventSubscriber for MmioTransport {
         let data = events.data();
         if data >= BACKEND_DATA {
             self.process_backend((data - BACKEND_DATA) as usize);
-        } else if let Some(evt) = self.shared.queue_evts.get(data as usize) {
-            if evt.read().is_ok() {
+        } else if let Some(evt) = self.shared.queue_evts.get(data as usize)
+            && evt.read().is_ok() {
                 self.process_queue(data as usize);
             }
-        }
     }
 }
 
