@@ -158,17 +158,29 @@ fn virtio_blk(c: &mut Criterion) {
     }
     // Direct reads into 32 rotating 64 KiB buffers: the same 2 MiB destination working set as
     // the QD32 virtio runs (a single hot buffer stays in cache and flatters the direct path).
-    let mut bufs = vec![vec![0u8; 64 << 10]; 32];
-    let mut pos = 0u64;
-    g.throughput(Throughput::Bytes(32 * (64 << 10)));
-    g.bench_function("direct_seq_read_64k_x32_buffers", |b| {
-        b.iter(|| {
-            for buf in bufs.iter_mut() {
-                direct.read_exact_at(buf, pos).unwrap();
-                pos = (pos + (64 << 10)) % IMAGE;
-            }
-        })
-    });
+    // The same for writes (from 32 source buffers) and for 4 KiB reads (into 32 buffers), so each
+    // QD32 virtio row has a like-for-like direct row.
+    for (name, len, write) in [
+        ("direct_seq_read_64k_x32_buffers", 64usize << 10, false),
+        ("direct_seq_write_64k_x32_buffers", 64 << 10, true),
+        ("direct_read_4k_x32_buffers", 4096, false),
+    ] {
+        let mut bufs = vec![vec![0x5au8; len]; 32];
+        let mut pos = 0u64;
+        g.throughput(Throughput::Bytes(32 * len as u64));
+        g.bench_function(name, |b| {
+            b.iter(|| {
+                for buf in bufs.iter_mut() {
+                    if write {
+                        direct.write_all_at(buf, pos).unwrap();
+                    } else {
+                        direct.read_exact_at(buf, pos).unwrap();
+                    }
+                    pos = (pos + len as u64) % IMAGE;
+                }
+            })
+        });
+    }
     g.finish();
     let _ = direct.seek(SeekFrom::Start(0)).and_then(|_| direct.read(&mut buf[..1]));
     let _ = std::fs::remove_file(path);
