@@ -248,7 +248,7 @@ impl<'a> QueueCtx<'a> {
         QueueCtx { mem, queues, used: 0 }
     }
     /// Guest memory.
-    pub fn mem(&self) -> &GuestMemory {
+    pub fn mem(&self) -> &'a GuestMemory {
         self.mem
     }
     /// The next chain of queue `q`, validated; `Ok(None)` when there is none.
