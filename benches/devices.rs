@@ -116,26 +116,28 @@ fn virtio_blk(c: &mut Criterion) {
     // interrupt wait), to separate the device's cost from the thread round trip.
     {
         let t = d.transport().clone();
-        let slots = BlkSlots::new(&mut d, 32, 64 << 10);
-        let mut pos = 0u64;
-        g.throughput(Throughput::Bytes(32 * (64 << 10)));
-        g.bench_function("seq_read_64k_qd32_inline", |b| {
-            b.iter(|| {
-                let mut heads = Vec::with_capacity(32);
-                for &(h, data, st) in &slots.slots {
-                    d.mem().write_slice(&hdr(req::IN, pos / 512), GuestAddress(h)).unwrap();
-                    heads.push(
-                        d.post_raw(0, &[(h, 16, 0), (data, 64 << 10, DESC_F_WRITE), (st, 1, DESC_F_WRITE)])
-                            .unwrap(),
-                    );
-                    pos = (pos + (64 << 10)) % IMAGE;
-                }
-                t.process_queue(0);
-                for h in heads {
-                    d.wait_head(0, h, T).unwrap();
-                }
-            })
-        });
+        for (name, len) in [("seq_read_64k_qd32_inline", 64u32 << 10), ("read_4k_qd32_inline", 4096)] {
+            let slots = BlkSlots::new(&mut d, 32, len);
+            let mut pos = 0u64;
+            g.throughput(Throughput::Bytes(32 * u64::from(len)));
+            g.bench_function(name, |b| {
+                b.iter(|| {
+                    let mut heads = Vec::with_capacity(32);
+                    for &(h, data, st) in &slots.slots {
+                        d.mem().write_slice(&hdr(req::IN, pos / 512), GuestAddress(h)).unwrap();
+                        heads.push(
+                            d.post_raw(0, &[(h, 16, 0), (data, len, DESC_F_WRITE), (st, 1, DESC_F_WRITE)])
+                                .unwrap(),
+                        );
+                        pos = (pos + u64::from(len)) % IMAGE;
+                    }
+                    t.process_queue(0);
+                    for h in heads {
+                        d.wait_head(0, h, T).unwrap();
+                    }
+                })
+            });
+        }
     }
     // The same file, read and written directly (pread/pwrite into a user buffer).
     for (name, len, write) in [
