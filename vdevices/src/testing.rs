@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use vcore::{Bus, GuestMemory};
-use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
 use crate::virtio::mmio::{INT_CONFIG, INT_VRING, MmioTransport, reg, status};
@@ -287,11 +287,13 @@ impl Driver {
         next: u16,
     ) -> Result<(), HarnessError> {
         let dq = self.queues.get(q).ok_or(HarnessError::Queue(q))?;
-        let a = GuestAddress(dq.desc + 16 * u64::from(i));
-        self.mem.write_obj(addr, a)?;
-        self.mem.write_obj(len, a.unchecked_add(8))?;
-        self.mem.write_obj(flags, a.unchecked_add(12))?;
-        self.mem.write_obj(next, a.unchecked_add(14))?;
+        // One 16-byte store, as a guest writes a descriptor (not four accesses).
+        let mut d = [0u8; 16];
+        d[..8].copy_from_slice(&addr.to_le_bytes());
+        d[8..12].copy_from_slice(&len.to_le_bytes());
+        d[12..14].copy_from_slice(&flags.to_le_bytes());
+        d[14..].copy_from_slice(&next.to_le_bytes());
+        self.mem.write_slice(&d, GuestAddress(dq.desc + 16 * u64::from(i)))?;
         Ok(())
     }
 
@@ -342,12 +344,14 @@ impl Driver {
         }
         let idx: Vec<u16> = (0..bufs.len()).filter_map(|_| dq.free.pop()).collect();
         let head = idx[0];
-        dq.chains.insert(head, idx.clone());
         for (k, &(addr, len, flags)) in bufs.iter().enumerate() {
             let last = k + 1 == bufs.len();
             let flags = if last { flags } else { flags | DESC_F_NEXT };
             let next = if last { 0 } else { idx[k + 1] };
             self.write_desc(q, idx[k], addr, len, flags, next)?;
+        }
+        if let Some(dq) = self.queues.get_mut(q) {
+            dq.chains.insert(head, idx);
         }
         self.publish(q, head)?;
         Ok(head)
