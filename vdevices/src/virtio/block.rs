@@ -1,4 +1,10 @@
 //! virtio-blk over a raw image file: read, write, flush, get-id, discard; optionally read-only.
+//!
+//! Reads and writes move data with `preadv`/`pwritev` straight between the image and guest
+//! memory (no bounce buffer, no seek). Within one queue notification, consecutive reads (or
+//! writes) of adjacent sectors are merged into one such call, as QEMU's
+//! `virtio_blk_submit_multireq` does; each request still gets its own status and used-ring entry,
+//! and a merged call that fails or comes up short is redone request by request.
 
 mod batch;
 
