@@ -5,6 +5,10 @@ use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::OpenOptionsExt;
 
+use vcore::GuestMemory;
+use vm_memory::bitmap::{Bitmap, MS};
+use vm_memory::{GuestAddress, GuestMemoryBackend, VolatileSlice};
+
 fn check(rc: libc::c_int) -> io::Result<libc::c_int> {
     if rc < 0 { Err(io::Error::last_os_error()) } else { Ok(rc) }
 }
@@ -30,6 +34,143 @@ pub(crate) fn punch_hole(file: &File, offset: u64, len: u64) -> io::Result<()> {
     // SAFETY: fallocate works on the open file descriptor only; no memory is passed.
     check(unsafe { libc::fallocate(file.as_raw_fd(), mode, off, l) })?;
     Ok(())
+}
+
+/// Most `iovec`s one `preadv`/`pwritev` call takes (Linux `UIO_MAXIOV`).
+pub(crate) const IOV_MAX: usize = 1024;
+
+/// A host view of part of guest memory.
+type GuestSlice<'a> = VolatileSlice<'a, MS<'a, GuestMemory>>;
+
+/// The host slices of the guest buffers `segs` (guest address, length), in order; a buffer that
+/// spans two memory regions gives two slices. `InvalidInput` if any byte of any buffer lies
+/// outside guest memory.
+fn guest_slices<'a>(
+    mem: &'a GuestMemory,
+    segs: impl IntoIterator<Item = (u64, u32)>,
+    hint: usize,
+) -> io::Result<Vec<GuestSlice<'a>>> {
+    let outside = || io::Error::new(io::ErrorKind::InvalidInput, "buffer outside guest memory");
+    let mut out = Vec::with_capacity(hint);
+    for (addr, len) in segs {
+        let mut got = 0usize;
+        for s in mem.get_slices(GuestAddress(addr), len as usize) {
+            let s = s.map_err(|_| outside())?;
+            got += s.len();
+            out.push(s);
+        }
+        if got != len as usize {
+            return Err(outside());
+        }
+    }
+    Ok(out)
+}
+
+/// One `preadv` (`write == false`) or `pwritev` over `iov` at `offset`, repeated over short
+/// transfers (and `EINTR`) until every byte moved, the call returns 0 (end of file), or it fails.
+/// Returns the bytes moved. `iov` is consumed: its entries are advanced past the moved bytes.
+///
+/// # Safety
+///
+/// Every entry of `iov` must describe memory that stays mapped for the whole call and that may be
+/// written (`write == false`) or read (`write == true`) by the kernel.
+unsafe fn vectored_at(file: &File, mut offset: u64, iov: &mut [libc::iovec], write: bool) -> io::Result<u64> {
+    let mut done = 0u64;
+    let mut first = 0usize;
+    while first < iov.len() {
+        if iov[first].iov_len == 0 {
+            first += 1;
+            continue;
+        }
+        let count = (iov.len() - first).min(IOV_MAX) as libc::c_int;
+        let off = libc::off_t::try_from(offset).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+        let ptr = iov[first..].as_ptr();
+        let n = if write {
+            // SAFETY: `ptr` points at `count` live iovecs of `iov`; the caller guarantees that each
+            // describes mapped memory the kernel may read.
+            unsafe { libc::pwritev(file.as_raw_fd(), ptr, count, off) }
+        } else {
+            // SAFETY: as above; the caller guarantees the memory may be written.
+            unsafe { libc::preadv(file.as_raw_fd(), ptr, count, off) }
+        };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        if n == 0 {
+            break;
+        }
+        let mut n = n as usize;
+        done += n as u64;
+        offset += n as u64;
+        while n > 0 && first < iov.len() {
+            let v = &mut iov[first];
+            let k = v.iov_len.min(n);
+            v.iov_base = v.iov_base.cast::<u8>().wrapping_add(k).cast();
+            v.iov_len -= k;
+            n -= k;
+            if v.iov_len == 0 {
+                first += 1;
+            }
+        }
+    }
+    Ok(done)
+}
+
+/// Reads `file` from `offset` straight into the guest buffers `segs` (guest address, length; at
+/// most `hint` of them expected) with `preadv`: no bounce buffer, one system call per
+/// [`IOV_MAX`] buffers unless the kernel returns short. Returns the bytes read: fewer than the
+/// buffers hold only at end of file.
+///
+/// Every buffer is checked to lie inside guest memory before anything is read (`InvalidInput`
+/// otherwise), and all of them are marked dirty in guest memory's bitmap afterwards, even after an
+/// error (the kernel may have written part of them).
+pub(crate) fn read_to_guest(
+    file: &File,
+    offset: u64,
+    mem: &GuestMemory,
+    segs: impl IntoIterator<Item = (u64, u32)>,
+    hint: usize,
+) -> io::Result<u64> {
+    let slices = guest_slices(mem, segs, hint)?;
+    let guards: Vec<_> = slices.iter().map(|s| s.ptr_guard_mut()).collect();
+    let mut iov: Vec<libc::iovec> =
+        guards.iter().map(|g| libc::iovec { iov_base: g.as_ptr().cast(), iov_len: g.len() }).collect();
+    // SAFETY: each iovec is one `VolatileSlice` of guest memory (a writable anonymous mapping that
+    // lives as long as `mem`, which is borrowed for this whole function), of exactly the slice's
+    // length, and `guards` keeps any per-access mapping alive until after the call.
+    let res = unsafe { vectored_at(file, offset, &mut iov, false) };
+    for s in &slices {
+        s.bitmap().mark_dirty(0, s.len());
+    }
+    drop(guards);
+    res
+}
+
+/// Writes the guest buffers `segs` (guest address, length; at most `hint` of them expected) to
+/// `file` at `offset` with `pwritev`, straight from guest memory. Returns the bytes written
+/// (fewer than the buffers hold only if the kernel stopped accepting bytes). Every buffer is
+/// checked to lie inside guest memory before anything is written (`InvalidInput` otherwise).
+pub(crate) fn write_from_guest(
+    file: &File,
+    offset: u64,
+    mem: &GuestMemory,
+    segs: impl IntoIterator<Item = (u64, u32)>,
+    hint: usize,
+) -> io::Result<u64> {
+    let slices = guest_slices(mem, segs, hint)?;
+    let guards: Vec<_> = slices.iter().map(|s| s.ptr_guard()).collect();
+    let mut iov: Vec<libc::iovec> = guards
+        .iter()
+        .map(|g| libc::iovec { iov_base: g.as_ptr().cast_mut().cast(), iov_len: g.len() })
+        .collect();
+    // SAFETY: each iovec is one `VolatileSlice` of guest memory (a mapping that lives as long as
+    // `mem`, borrowed for this whole function), of exactly the slice's length; `pwritev` only
+    // reads it, and `guards` keeps any per-access mapping alive until after the call.
+    unsafe { vectored_at(file, offset, &mut iov, true) }
 }
 
 /// Machine code of the built-in `virtio_rng` guest (see `guest`).
@@ -158,4 +299,86 @@ pub(crate) fn packet_socket(name: &str, vnet_hdr: bool) -> io::Result<std::os::f
     // SAFETY: `addr` is a live sockaddr_ll of `len` bytes.
     check(unsafe { libc::bind(sock.as_raw_fd(), (&raw const addr).cast(), len) })?;
     Ok(sock)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vm_memory::{Bytes, GuestMemoryRegion};
+
+    fn file(name: &str, data: &[u8]) -> (std::path::PathBuf, File) {
+        let p = std::env::temp_dir().join(format!("vdevices-sys-{}-{name}", std::process::id()));
+        std::fs::write(&p, data).unwrap();
+        let f = std::fs::OpenOptions::new().read(true).write(true).open(&p).unwrap();
+        (p, f)
+    }
+
+    /// Two adjacent regions of 64 KiB: a buffer may span both.
+    fn mem() -> GuestMemory {
+        GuestMemory::from_ranges(&[(GuestAddress(0), 0x10000), (GuestAddress(0x10000), 0x10000)]).unwrap()
+    }
+
+    #[test]
+    fn reads_scatter_into_guest_memory_and_mark_it_dirty() {
+        let data: Vec<u8> = (0..20000u32).map(|i| (i * 7 + i / 256) as u8).collect();
+        let (p, f) = file("read", &data);
+        let mem = mem();
+        // Three buffers, the second across the region boundary.
+        let segs = [(0x1000u64, 100u32), (0xff00, 0x200), (0x14000, 1000)];
+        assert_eq!(read_to_guest(&f, 50, &mem, segs, 3).unwrap(), 1612);
+        let mut got = vec![0u8; 1612];
+        let mut at = 0;
+        for (a, l) in segs {
+            mem.read_slice(&mut got[at..at + l as usize], GuestAddress(a)).unwrap();
+            at += l as usize;
+        }
+        assert_eq!(got, data[50..1662]);
+        let dirty = |a: u64| {
+            let r = mem.find_region(GuestAddress(a)).unwrap();
+            r.bitmap().dirty_at((a - r.start_addr().0) as usize)
+        };
+        assert!(dirty(0x1000) && dirty(0xff00) && dirty(0x10000) && dirty(0x14000));
+        assert!(!dirty(0x3000) && !dirty(0x12000));
+        // End of file: short.
+        assert_eq!(read_to_guest(&f, 19900, &mem, segs, 3).unwrap(), 100);
+        let _ = std::fs::remove_file(p);
+    }
+
+    #[test]
+    fn buffers_outside_memory_are_refused_untouched() {
+        let (p, f) = file("outside", &[0x11; 8192]);
+        let mem = mem();
+        let before = std::fs::read(&p).unwrap();
+        for segs in [[(0x100u64, 16u32), (0x1_fff0, 0x20)], [(0x100, 16), (u64::MAX - 4, 8)]] {
+            let e = read_to_guest(&f, 0, &mem, segs, 2).unwrap_err();
+            assert_eq!(e.kind(), io::ErrorKind::InvalidInput);
+            let e = write_from_guest(&f, 0, &mem, segs, 2).unwrap_err();
+            assert_eq!(e.kind(), io::ErrorKind::InvalidInput);
+        }
+        assert_eq!(mem.read_obj::<u8>(GuestAddress(0x100)).unwrap(), 0, "nothing read before the check");
+        assert_eq!(std::fs::read(&p).unwrap(), before, "nothing written");
+        let _ = std::fs::remove_file(p);
+    }
+
+    #[test]
+    fn more_than_iov_max_buffers_round_trip() {
+        let (p, f) = file("many", &[0; 40000]);
+        let mem = mem();
+        let n = IOV_MAX * 2 + 5;
+        let segs: Vec<(u64, u32)> = (0..n as u64).map(|i| (0x20 * i, 16)).collect();
+        for (i, &(a, _)) in segs.iter().enumerate() {
+            mem.write_slice(&[i as u8; 16], GuestAddress(a)).unwrap();
+        }
+        assert_eq!(write_from_guest(&f, 100, &mem, segs.iter().copied(), n).unwrap(), 16 * n as u64);
+        let file = std::fs::read(&p).unwrap();
+        for i in 0..n {
+            assert_eq!(file[100 + 16 * i..116 + 16 * i], [i as u8; 16]);
+        }
+        let back: Vec<(u64, u32)> = (0..n as u64).map(|i| (0x10000 + 0x10 * i, 16)).collect();
+        assert_eq!(read_to_guest(&f, 100, &mem, back.iter().copied(), n).unwrap(), 16 * n as u64);
+        let mut got = vec![0u8; 16 * n];
+        mem.read_slice(&mut got, GuestAddress(0x10000)).unwrap();
+        assert_eq!(got, file[100..100 + 16 * n]);
+        let _ = std::fs::remove_file(p);
+    }
 }

@@ -215,16 +215,19 @@ pub fn pop_chain(queue: &mut Queue, mem: &GuestMemory) -> Result<Option<Chain>, 
     let mut iter = queue.iter(mem).map_err(|e| ChainError::Ring(e.to_string()))?;
     let dc = iter.next().ok_or(ChainError::BadHead)?;
     let head = dc.head_index();
-    let mut descs = Vec::new();
+    // Most requests are header + data + status: one allocation, no regrowth.
+    let mut descs = Vec::with_capacity(4);
     let mut open = true;
+    let mut seen_write = false;
     for d in dc {
         let desc = Desc { addr: d.addr().0, len: d.len(), write: d.is_write_only() };
         if !mem.check_range(GuestAddress(desc.addr), desc.len as usize) {
             return Err(ChainError::OutOfMemory { addr: desc.addr, len: desc.len });
         }
-        if !desc.write && descs.iter().any(|p: &Desc| p.write) {
+        if !desc.write && seen_write {
             return Err(ChainError::Order { head });
         }
+        seen_write |= desc.write;
         open = d.has_next();
         descs.push(desc);
     }
@@ -248,7 +251,7 @@ impl<'a> QueueCtx<'a> {
         QueueCtx { mem, queues, used: 0 }
     }
     /// Guest memory.
-    pub fn mem(&self) -> &GuestMemory {
+    pub fn mem(&self) -> &'a GuestMemory {
         self.mem
     }
     /// The next chain of queue `q`, validated; `Ok(None)` when there is none.
