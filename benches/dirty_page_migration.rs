@@ -11,10 +11,11 @@ use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_m
 use vinfra::vcore::config::RamRange;
 use vinfra::vcore::guest::{Dirtier, DirtierConfig, Pattern, read_progress};
 use vinfra::vcore::memory::create_guest_memory;
+use vinfra::vcore::vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 use vinfra::vcore::{Vm, VmBuilder, VmConfig};
 use vinfra::vmigrate::dirty::{DirtyBitmap, DirtyTracker, KvmDirtyLog, VmmBitmap, empty_maps};
 use vinfra::vmigrate::receive::apply_memory;
-use vinfra::vmigrate::stream::{Crc32c, FrameReader, FrameWriter, Layout, is_zero};
+use vinfra::vmigrate::stream::{Crc32c, FrameReader, FrameWriter, Layout, SEND_BUFFER, is_zero};
 use vinfra::vmigrate::transport::{DEFAULT_PEER_TIMEOUT, channel_pair, tcp_accept, tcp_connect};
 use vinfra::vmigrate::{ConvergencePolicy, Destination, Source};
 
@@ -82,17 +83,17 @@ fn encode_decode(c: &mut Criterion) {
             c.finish()
         })
     });
+    // Encoding proper, as the pre-copy engine does it: each page of guest memory checked for
+    // zeros where it lies, data pages copied out of it into frames, frames checksummed. The
+    // transport's own copy is measured by the TCP group.
+    let src = create_guest_memory(&[RamRange { guest_addr: 0, size: size as u64 }]).unwrap();
+    src.write_slice(&data, GuestAddress(0)).unwrap();
+    let run = src.get_slice(GuestAddress(0), size).unwrap();
     let encode = |out: &mut dyn Write| {
-        let mut w = FrameWriter::new(out, 4 * MIB);
-        w.pages(0, (size / 4096) as u64, |addr, buf| {
-            buf.copy_from_slice(&data[addr as usize..addr as usize + 4096]);
-            Ok(())
-        })
-        .unwrap();
+        let mut w = FrameWriter::new(out, SEND_BUFFER);
+        w.guest_pages(0, &run).unwrap();
         w.flush().unwrap();
     };
-    // Encoding proper: copy each page out of memory into frames, classify, checksum. The
-    // transport's own copy is measured by the TCP group.
     g.bench_function("encode", |b| b.iter(|| encode(&mut std::io::sink())));
     let mut sink = Vec::with_capacity(size + MIB);
     g.bench_function("encode_into_vec", |b| {
@@ -150,9 +151,9 @@ fn raw_tcp_row(
     let src: Vec<u8> = (0..if hot { 4 * MIB } else { size }).map(|i| (i % 251) as u8 | 1).collect();
     g.bench_function(name, |b| {
         b.iter(|| {
-            for i in 0..size / (4 * MIB) {
-                let at = if hot { 0 } else { i * 4 * MIB };
-                s.write_all(&src[at..at + 4 * MIB]).unwrap();
+            for i in 0..size / SEND_BUFFER {
+                let at = if hot { 0 } else { i * SEND_BUFFER };
+                s.write_all(&src[at..at + SEND_BUFFER]).unwrap();
             }
             let mut one = [0u8];
             back.read_exact(&mut one).unwrap();
@@ -193,14 +194,13 @@ fn raw_tcp(c: &mut Criterion) {
     });
     let mut s = tcp_connect(addr, DEFAULT_PEER_TIMEOUT).unwrap();
     let mut back = s.try_clone().unwrap();
+    let src = create_guest_memory(&[RamRange { guest_addr: 0, size: size as u64 }]).unwrap();
+    src.write_slice(&data, GuestAddress(0)).unwrap();
+    let run = src.get_slice(GuestAddress(0), size).unwrap();
     g.bench_function("pages_64MiB_encode_send_decode_apply", |b| {
         b.iter(|| {
-            let mut w = FrameWriter::new(&mut s, 4 * MIB);
-            w.pages(0, (size / 4096) as u64, |addr, buf| {
-                buf.copy_from_slice(&data[addr as usize..addr as usize + 4096]);
-                Ok(())
-            })
-            .unwrap();
+            let mut w = FrameWriter::new(&mut s, SEND_BUFFER);
+            w.guest_pages(0, &run).unwrap();
             w.message(&vinfra::vmigrate::stream::Message::Complete).unwrap();
             w.flush().unwrap();
             let mut one = [0u8];

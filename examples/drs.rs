@@ -294,12 +294,12 @@ fn main() -> anyhow::Result<()> {
                     PowerAction::Standby => HostState::Standby,
                     PowerAction::Wake => HostState::On,
                 }
-            {
-                match p.action {
-                    PowerAction::Standby => s.standby += 1,
-                    PowerAction::Wake => s.wake += 1,
-                }
+        {
+            match p.action {
+                PowerAction::Standby => s.standby += 1,
+                PowerAction::Wake => s.wake += 1,
             }
+        }
         let wi: Vec<_> = cluster.vms.iter().map(|v| v.host).collect();
         s.must_violations_max = s.must_violations_max.max(must_violations(&cluster, &wi));
         let imb = imbalance(&cluster);

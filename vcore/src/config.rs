@@ -151,9 +151,10 @@ impl VmConfig {
             return Err(ConfigError::TooManyVcpus { requested: self.vcpus, max });
         }
         if let DirtyTracking::Ring { entries } = self.dirty_tracking
-            && (!entries.is_power_of_two() || !(256..=65536).contains(&entries)) {
-                return Err(ConfigError::BadDirtyRingSize { entries });
-            }
+            && (!entries.is_power_of_two() || !(256..=65536).contains(&entries))
+        {
+            return Err(ConfigError::BadDirtyRingSize { entries });
+        }
         Ok(())
     }
 

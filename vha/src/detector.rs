@@ -105,10 +105,11 @@ impl PhiDetector {
 
     fn push(&mut self, x: f64) {
         if self.intervals.len() == self.cfg.window
-            && let Some(old) = self.intervals.pop_front() {
-                self.sum -= old;
-                self.sum_sq -= old * old;
-            }
+            && let Some(old) = self.intervals.pop_front()
+        {
+            self.sum -= old;
+            self.sum_sq -= old * old;
+        }
         self.intervals.push_back(x);
         self.sum += x;
         self.sum_sq += x * x;

@@ -41,9 +41,10 @@ impl DirtyBitmap {
     fn trim(&mut self) {
         let tail = self.pages % 64;
         if tail != 0
-            && let Some(last) = self.words.last_mut() {
-                *last &= (1u64 << tail) - 1;
-            }
+            && let Some(last) = self.words.last_mut()
+        {
+            *last &= (1u64 << tail) - 1;
+        }
     }
 
     /// Pages covered.

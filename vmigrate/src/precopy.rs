@@ -201,7 +201,7 @@ pub fn hello_for(vm: &Vm) -> Hello {
 /// Pages per `before_send` chunk (128 MiB): how much memory is re-protected at a time.
 const CHUNK_PAGES: u64 = 32768;
 /// Flush the send buffer at this size.
-const FLUSH_BYTES: usize = 4 << 20;
+const FLUSH_BYTES: usize = crate::stream::SEND_BUFFER;
 
 /// Device state captured after the pause: `(name, bytes)` sections.
 pub type DeviceSaver<'a> = dyn FnMut() -> Vec<(String, Vec<u8>)> + 'a;
@@ -294,9 +294,11 @@ impl<'a> Source<'a> {
             return Err(MigrationError::Cancelled);
         }
         if let Some(ms) = self.policy.timeout_ms
-            && self.policy.on_timeout == Strategy::Cancel && start.elapsed() > Duration::from_millis(ms) {
-                return Err(MigrationError::TimedOut { elapsed_ms: start.elapsed().as_millis() as u64 });
-            }
+            && self.policy.on_timeout == Strategy::Cancel
+            && start.elapsed() > Duration::from_millis(ms)
+        {
+            return Err(MigrationError::TimedOut { elapsed_ms: start.elapsed().as_millis() as u64 });
+        }
         Ok(())
     }
 
@@ -331,17 +333,12 @@ impl<'a> Source<'a> {
                     for (s, c) in DirtyBitmap::from_words(chunk.to_vec(), n).runs() {
                         let gpa = slot.guest_addr + (first + s) * PAGE as u64;
                         // One lookup per run (it lies in one slot), not one per page.
-                        let io = |e: vm_memory::VolatileMemoryError| {
-                            StreamError::Io(std::io::Error::other(e.to_string()))
-                        };
                         let run = self
                             .vm
                             .memory()
                             .get_slice(GuestAddress(gpa), c as usize * PAGE)
                             .map_err(|e| StreamError::Io(std::io::Error::other(e.to_string())))?;
-                        let (nn, zz) = w.pages(gpa, c, |addr, buf| {
-                            run.subslice((addr - gpa) as usize, PAGE).map(|p| _ = p.copy_to(buf)).map_err(io)
-                        })?;
+                        let (nn, zz) = w.guest_pages(gpa, &run)?;
                         sent.normal += nn;
                         sent.zero += zz;
                         self.limit_bandwidth(w.bytes - bytes0, t0);

@@ -252,14 +252,14 @@ pub fn save_snapshot(
     if vm.run_state() == vcore::RunState::Running {
         vm.pause()?;
     }
-    let mut w = FrameWriter::new(file, 4 << 20);
+    let mut w = FrameWriter::new(file, crate::stream::SEND_BUFFER);
     w.message(&Message::Hello(hello_for(vm)))?;
     for s in vm.slots() {
-        let mem = vm.memory();
-        w.pages(s.guest_addr, s.pages(), |addr, buf| {
-            mem.read_slice(buf, GuestAddress(addr))
-                .map_err(|e| StreamError::Io(std::io::Error::other(e.to_string())))
-        })?;
+        let run = vm
+            .memory()
+            .get_slice(GuestAddress(s.guest_addr), s.size as usize)
+            .map_err(|e| StreamError::Io(std::io::Error::other(e.to_string())))?;
+        w.guest_pages(s.guest_addr, &run)?;
     }
     w.message(&Message::CpuState(&vm.save_state()?.to_bytes()))?;
     for (name, data) in devices {

@@ -133,3 +133,33 @@ pub(crate) fn crc32c_guest(
     }
     Ok(())
 }
+
+/// Whether the first 4 KiB of `page` read as zeros, checked where they lie in guest memory
+/// (volatile reads, 64 bytes at a time, stopping at the first non-zero block).
+///
+/// The guest may be writing the page meanwhile, so the answer describes some moment of the
+/// check: a page written after it is dirty again and will be sent again.
+pub(crate) fn guest_page_is_zero<B: vm_memory::bitmap::BitmapSlice>(
+    page: &vm_memory::VolatileSlice<'_, B>,
+) -> bool {
+    const PAGE: usize = crate::stream::PAGE;
+    let guard = page.ptr_guard();
+    let p = guard.as_ptr().cast::<u64>();
+    if page.len() < PAGE || !p.is_aligned() {
+        return false;
+    }
+    for block in 0..PAGE / 64 {
+        let mut acc = 0u64;
+        for word in 0..8 {
+            let w = p.wrapping_add(block * 8 + word);
+            // SAFETY: `page` maps at least PAGE bytes at `p` (checked above; the guard keeps the
+            // mapping alive) and `p` is 8-byte aligned, so `w` (word < PAGE / 8) is in bounds
+            // and aligned. Volatile: the guest may write the page concurrently.
+            acc |= unsafe { w.read_volatile() };
+        }
+        if acc != 0 {
+            return false;
+        }
+    }
+    true
+}

@@ -61,11 +61,8 @@ fn valid_stream(pages: &[(u64, u8)]) -> Vec<u8> {
     w.message(&Message::Hello(hello)).unwrap();
     for &(page, fill) in pages {
         let gpa = (page % (IN.1 / PAGE as u64)) * PAGE as u64;
-        w.pages(gpa, 1, |_, buf| {
-            buf.fill(fill);
-            Ok(())
-        })
-        .unwrap();
+        let mut page = [fill; PAGE];
+        w.guest_pages(gpa, &vm_memory::VolatileSlice::from(&mut page[..])).unwrap();
     }
     w.message(&Message::CpuState(b"state")).unwrap();
     w.message(&Message::Device { name: "dev".into(), data: b"abc" }).unwrap();

@@ -250,10 +250,11 @@ fn killing_the_destination_process_leaves_the_source_running() {
         .progress(|p| {
             if let vmigrate::Progress::Pages { done, .. } = p
                 && *done > 2000
-                    && let Some(mut c) = child.lock().unwrap().take() {
-                        c.kill().unwrap();
-                        c.wait().unwrap();
-                    }
+                && let Some(mut c) = child.lock().unwrap().take()
+            {
+                c.kill().unwrap();
+                c.wait().unwrap();
+            }
         })
         .run(conn);
     assert!(res.is_err(), "the migration cannot succeed: {res:?}");

@@ -254,12 +254,13 @@ impl Admission {
             let own = pool.map(|x| x.reservation).unwrap_or_default();
             let agg = rmax(own, child);
             if let Some(l) = pool.and_then(|x| x.limit)
-                && !agg.fits_in(l) {
-                    return Err(format!(
-                        "reservations in pool '{}' would exceed its limit",
-                        pool.map_or("root", |x| x.name.as_str())
-                    ));
-                }
+                && !agg.fits_in(l)
+            {
+                return Err(format!(
+                    "reservations in pool '{}' would exceed its limit",
+                    pool.map_or("root", |x| x.name.as_str())
+                ));
+            }
             if i == 0 && !agg.fits_in(self.cap) {
                 return Err("reservations would exceed the cluster's powered-on capacity".to_string());
             }

@@ -172,11 +172,12 @@ fn dpm_standby_and_wake_with_hysteresis() {
     for _ in 0..3 {
         let r = d.pass(&mut c, &mut m).unwrap();
         if let Some(p) = r.power
-            && p.action == PowerAction::Wake {
-                assert_eq!(c.hosts[p.host.idx()].state, HostState::On);
-                woke = true;
-                break;
-            }
+            && p.action == PowerAction::Wake
+        {
+            assert_eq!(c.hosts[p.host.idx()].state, HostState::On);
+            woke = true;
+            break;
+        }
     }
     assert!(woke, "utilization {}", vsched::dpm::utilization(&c));
 }

@@ -246,12 +246,10 @@ impl DirtierConfig {
             return bad(format!("working set {:#x}..{end:#x} is not inside mapped RAM", self.ws_start));
         }
         if let Pattern::HotCold { hot_pages, hot_percent } = self.pattern
-            && (hot_pages == 0 || hot_pages >= self.ws_pages || hot_percent > 100) {
-                return bad(format!(
-                    "hot set of {hot_pages} pages at {hot_percent}% in {} pages",
-                    self.ws_pages
-                ));
-            }
+            && (hot_pages == 0 || hot_pages >= self.ws_pages || hot_percent > 100)
+        {
+            return bad(format!("hot set of {hot_pages} pages at {hot_percent}% in {} pages", self.ws_pages));
+        }
         if self.pages_per_sec > 0 && tsc_hz == 0 {
             return bad("a page rate needs the TSC frequency, which this host does not report".into());
         }

@@ -246,10 +246,9 @@ impl VirtioDevice for Balloon {
             }
             q if Some(q) == self.stats_q => {
                 let want = std::mem::take(&mut self.handle.lock().want_stats);
-                if want
-                    && let Some(head) = self.stats_head.take() {
-                        ctx.add_used(STATS_QUEUE, head, 0).map_err(DeviceError::chain(STATS_QUEUE))?;
-                    }
+                if want && let Some(head) = self.stats_head.take() {
+                    ctx.add_used(STATS_QUEUE, head, 0).map_err(DeviceError::chain(STATS_QUEUE))?;
+                }
                 while let Some(chain) = ctx.pop(STATS_QUEUE).map_err(DeviceError::chain(STATS_QUEUE))? {
                     let bytes = chain.readable().read(ctx.mem(), 10 * 64).map_err(|e| {
                         DeviceError::Chain { queue, source: ChainError::Memory(e.to_string()) }

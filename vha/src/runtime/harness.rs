@@ -216,9 +216,10 @@ impl ClusterHarness {
                 for line in BufReader::new(out).lines() {
                     let Ok(line) = line else { return };
                     if let Ok(r) = serde_json::from_str::<ReportLine>(&line)
-                        && tx.send(r).is_err() {
-                            return;
-                        }
+                        && tx.send(r).is_err()
+                    {
+                        return;
+                    }
                 }
             });
             h.children.push((id, child));

@@ -66,11 +66,13 @@ fn sweep_stale() {
             Some((pid.parse::<u32>().ok()?, n.parse::<u32>().ok()?))
         });
         if let Some((pid, n)) = ids
-            && pid != std::process::id() && super::host::process_gone(pid) {
-                let _ = ip(&["netns", "del", &name]);
-                // The namespace may outlive its name (sockets still closing): cut the pair now.
-                let _ = ip(&["link", "del", &ifname(pid, n, 'r')]);
-            }
+            && pid != std::process::id()
+            && super::host::process_gone(pid)
+        {
+            let _ = ip(&["netns", "del", &name]);
+            // The namespace may outlive its name (sockets still closing): cut the pair now.
+            let _ = ip(&["link", "del", &ifname(pid, n, 'r')]);
+        }
     }
 }
 

@@ -264,9 +264,10 @@ fn summarize(
             },
             Report::Started { vm, token } if t >= t0 => {
                 if let Some(v) = vmo.get_mut(vm)
-                    && r.host != victim {
-                        v.running_ms.get_or_insert(after(t, t0));
-                    }
+                    && r.host != victim
+                {
+                    v.running_ms.get_or_insert(after(t, t0));
+                }
                 timeline.push(line(format!("started {vm} (token {token})")));
             }
             Report::Stopped { vm, reason } if t >= t0 => {
@@ -292,9 +293,10 @@ fn summarize(
             o.stale_writes_accepted += 1;
         }
         if let Some(prev) = last_writer.insert(vm, r.host)
-            && prev != r.host {
-                retired.entry(vm).or_default().insert(prev);
-            }
+            && prev != r.host
+        {
+            retired.entry(vm).or_default().insert(prev);
+        }
     }
     // Double runs among live hosts (a killed host's VMs died with it).
     for (_, hs) in h.running() {

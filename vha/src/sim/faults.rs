@@ -22,19 +22,21 @@ impl Sim {
     /// Boots a crashed host now.
     pub fn reboot(&mut self, h: usize) {
         if let Some(host) = self.hosts.get_mut(h)
-            && !host.up() {
-                host.reboot_at = Some(self.now);
-            }
+            && !host.up()
+        {
+            host.reboot_at = Some(self.now);
+        }
     }
 
     /// Pauses (`true`) or resumes a host's agent process.
     pub fn pause(&mut self, h: usize, paused: bool) {
         if let Some(host) = self.hosts.get_mut(h)
-            && host.up() {
-                host.paused = paused;
-                self.note(format!("{} host-{h}", if paused { "PAUSE" } else { "RESUME" }));
-                self.fault_changed();
-            }
+            && host.up()
+        {
+            host.paused = paused;
+            self.note(format!("{} host-{h}", if paused { "PAUSE" } else { "RESUME" }));
+            self.fault_changed();
+        }
     }
 
     /// Blocks (`true`) or unblocks heartbeats from `from` to `to` (one way).

@@ -468,9 +468,10 @@ impl Sim {
         for i in 0..self.hosts.len() {
             let h = &self.hosts[i];
             if let Some(a) = &h.agent
-                && a.running().keys().ne(h.running.iter()) {
-                    return Err(self.violation(format!("host-{i}: agent and hypervisor disagree")));
-                }
+                && a.running().keys().ne(h.running.iter())
+            {
+                return Err(self.violation(format!("host-{i}: agent and hypervisor disagree")));
+            }
         }
         let mut down = Vec::new();
         for vm in &self.vms {

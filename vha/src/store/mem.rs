@@ -127,13 +127,15 @@ impl Inner {
             None => (rev, 1, None),
         };
         if let Some(old) = old_lease
-            && let Some(l) = self.leases.get_mut(&old.0) {
-                l.keys.remove(key);
-            }
+            && let Some(l) = self.leases.get_mut(&old.0)
+        {
+            l.keys.remove(key);
+        }
         if let Some(new) = lease
-            && let Some(l) = self.leases.get_mut(&new.0) {
-                l.keys.insert(key.to_string());
-            }
+            && let Some(l) = self.leases.get_mut(&new.0)
+        {
+            l.keys.insert(key.to_string());
+        }
         let kv = KeyValue { key: key.to_string(), value, create_revision, mod_revision: rev, version, lease };
         self.kv.insert(key.to_string(), kv.clone());
         self.emit(WatchEvent::Put(kv));
@@ -154,16 +156,17 @@ impl Inner {
 
     fn remove_lease(&mut self, id: i64) {
         if let Some(l) = self.leases.remove(&id)
-            && !l.keys.is_empty() {
-                self.revision += 1;
-                let rev = self.revision;
-                for k in l.keys {
-                    if let Some(kv) = self.kv.remove(&k) {
-                        debug_assert_eq!(kv.lease, Some(LeaseId(id)));
-                        self.emit(WatchEvent::Delete { key: k, mod_revision: rev });
-                    }
+            && !l.keys.is_empty()
+        {
+            self.revision += 1;
+            let rev = self.revision;
+            for k in l.keys {
+                if let Some(kv) = self.kv.remove(&k) {
+                    debug_assert_eq!(kv.lease, Some(LeaseId(id)));
+                    self.emit(WatchEvent::Delete { key: k, mod_revision: rev });
                 }
             }
+        }
     }
 
     fn check_lease(&self, lease: Option<LeaseId>) -> Result<(), StoreError> {

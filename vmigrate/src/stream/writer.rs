@@ -2,9 +2,7 @@
 
 use std::io::Write;
 
-use super::{
-    HEADER_LEN, Kind, MAGIC, MAX_PAGES_PER_FRAME, Message, PAGE, StreamError, frame_crc, is_zero, malformed,
-};
+use super::{HEADER_LEN, Kind, MAGIC, MAX_PAGES_PER_FRAME, Message, PAGE, StreamError, frame_crc, malformed};
 
 /// Writes frames into a large buffer and hands it to the transport in big writes.
 #[derive(Debug)]
@@ -74,7 +72,7 @@ impl<W: Write> FrameWriter<W> {
         self.end(at)
     }
 
-    /// Writes a message (for everything but page data, which [`FrameWriter::pages`] streams).
+    /// Writes a message (for everything but page data, which [`FrameWriter::guest_pages`] streams).
     pub fn message(&mut self, m: &Message<'_>) -> Result<(), StreamError> {
         match m {
             Message::Hello(h) => {
@@ -117,26 +115,32 @@ impl<W: Write> FrameWriter<W> {
         }
     }
 
-    /// Encodes `pages` guest pages from `gpa`, read through `read` (which fills a page buffer):
-    /// consecutive non-zero pages become `Pages` frames, zero pages become `ZeroPages` runs.
-    /// Each page is copied once, straight into the send buffer. Returns `(normal, zero)` pages.
-    pub fn pages(
+    /// Encodes the pages of `run`, guest memory starting at guest address `gpa` (whole pages;
+    /// a tail shorter than a page is ignored): consecutive data pages become `Pages` frames,
+    /// zero pages become `ZeroPages` runs. Returns `(normal, zero)` pages.
+    ///
+    /// Each page is checked for zeros where it lies (a zero page costs one read pass and is
+    /// never copied), and each stretch of consecutive data pages is copied once, in one piece,
+    /// straight into the send buffer. The guest may keep running: a page that changes after it
+    /// was checked or copied is dirty again and sent again, and a frame's checksum always
+    /// covers the bytes copied. Any byte slice works as a run too:
+    /// `VolatileSlice::from(&mut bytes[..])`.
+    pub fn guest_pages<B: vm_memory::bitmap::BitmapSlice>(
         &mut self,
         gpa: u64,
-        pages: u64,
-        mut read: impl FnMut(u64, &mut [u8]) -> Result<(), StreamError>,
+        run: &vm_memory::VolatileSlice<'_, B>,
     ) -> Result<(u64, u64), StreamError> {
+        let io = |e: vm_memory::VolatileMemoryError| StreamError::Io(std::io::Error::other(e.to_string()));
+        let pages = run.len() / PAGE;
+        let zero_at = |i: usize| run.subslice(i * PAGE, PAGE).map(|p| crate::sys::guest_page_is_zero(&p));
         let (mut normal, mut zero) = (0u64, 0u64);
         let mut open: Option<(usize, usize)> = None; // data frame being filled: (start, pages)
         let mut zero_run: Option<(u64, u64)> = None; // (first address, pages)
-        let mut scratch = [0u8; PAGE];
-        for i in 0..pages {
-            let addr = gpa + i * PAGE as u64;
-            let slot = self.grow(PAGE);
-            let start = slot.start;
-            read(addr, &mut self.buf[slot.clone()])?;
-            if is_zero(&self.buf[slot]) {
-                self.len = start;
+        let mut known_zero = false; // page `i` was already found to be zero
+        let mut i = 0;
+        while i < pages {
+            let addr = gpa + (i * PAGE) as u64;
+            if std::mem::take(&mut known_zero) || zero_at(i).map_err(io)? {
                 zero += 1;
                 if let Some((at, n)) = open.take() {
                     self.close_pages(at, n)?;
@@ -145,28 +149,39 @@ impl<W: Write> FrameWriter<W> {
                     Some((z, c)) => (z, c + 1),
                     None => (addr, 1),
                 });
+                i += 1;
                 continue;
             }
-            normal += 1;
-            match open.as_mut() {
-                Some((_, n)) => *n += 1,
+            let (at, n) = match open.take() {
+                Some(frame) => frame,
                 None => {
-                    // The page must follow a frame header: move it behind one.
-                    scratch.copy_from_slice(&self.buf[start..start + PAGE]);
-                    self.len = start;
                     if let Some((z, c)) = zero_run.take() {
                         self.message(&Message::ZeroPages { gpa: z, count: c })?;
                     }
                     let at = self.begin(Kind::Pages);
                     self.put(&addr.to_le_bytes());
-                    self.put(&scratch);
-                    open = Some((at, 1));
+                    (at, 0)
                 }
+            };
+            // The stretch of data pages from `i` that fits this frame.
+            let mut end = i + 1;
+            while end < pages && end - i < MAX_PAGES_PER_FRAME - n {
+                if zero_at(end).map_err(io)? {
+                    known_zero = true;
+                    break;
+                }
+                end += 1;
             }
-            if let Some((at, MAX_PAGES_PER_FRAME)) = open {
-                open = None;
+            let count = end - i;
+            let slot = self.grow(count * PAGE);
+            run.subslice(i * PAGE, count * PAGE).map_err(io)?.copy_to(&mut self.buf[slot]);
+            normal += count as u64;
+            if n + count == MAX_PAGES_PER_FRAME {
                 self.end(at)?;
+            } else {
+                open = Some((at, n + count));
             }
+            i = end;
         }
         if let Some((at, n)) = open.take() {
             self.close_pages(at, n)?;

@@ -205,10 +205,9 @@ impl<'a> Planner<'a> {
                         let (vm, to) = found[j];
                         let g = self.goodness(vm, to);
                         self.push_move(vm, to, reason.clone(), g, 0.0);
-                        if !first
-                            && let Some(m) = self.moves.last_mut() {
-                                m.with_previous = true;
-                            }
+                        if !first && let Some(m) = self.moves.last_mut() {
+                            m.with_previous = true;
+                        }
                         first = false;
                     }
                 }
@@ -266,9 +265,10 @@ impl<'a> Planner<'a> {
                 let g = self.goodness(vm, h);
                 self.push_move(vm, h, reason.clone(), g, 0.0);
                 if i > 0
-                    && let Some(m) = self.moves.last_mut() {
-                        m.with_previous = true;
-                    }
+                    && let Some(m) = self.moves.last_mut()
+                {
+                    m.with_previous = true;
+                }
             }
             return;
         }

@@ -481,9 +481,10 @@ impl EventSubscriber for MmioTransport {
         if data >= BACKEND_DATA {
             self.process_backend((data - BACKEND_DATA) as usize);
         } else if let Some(evt) = self.shared.queue_evts.get(data as usize)
-            && evt.read().is_ok() {
-                self.process_queue(data as usize);
-            }
+            && evt.read().is_ok()
+        {
+            self.process_queue(data as usize);
+        }
     }
 }
 
