@@ -41,6 +41,6 @@ pub use bus::{Bus, BusDevice, BusError};
 pub use config::{ConfigError, DirtyTracking, VmConfig};
 pub use memory::{GuestMemory, MemSlot};
 pub use state::{Snapshot, StateError, VcpuState, VmSnapshot, VmState};
-pub use vcpu::{THROTTLE_PERIOD, VcpuStats, VmEvent};
+pub use vcpu::{DirtyRingFullHandler, THROTTLE_PERIOD, VcpuStats, VmEvent};
 pub use vm::{RunState, Vm, VmBuilder, VmError};
 pub use vm_memory;

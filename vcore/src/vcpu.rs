@@ -116,6 +116,8 @@ pub struct VcpuStats {
     pub unhandled_io: AtomicU64,
     /// Throttle sleeps taken.
     pub throttled: AtomicU64,
+    /// Full dirty rings harvested by this vCPU's thread (through the handler).
+    pub ring_harvests: AtomicU64,
 }
 
 /// What the vCPU thread and the controlling threads share about one vCPU.
@@ -175,6 +177,8 @@ struct CtlState {
 #[derive(Debug)]
 pub(crate) struct Control {
     state: Mutex<CtlState>,
+    /// Called by a vCPU thread whose dirty ring is full; see [`DirtyRingFullHandler`].
+    pub(crate) ring_full_handler: HandlerSlot,
     cond: Condvar,
     /// Copy of `CtlState::out`, written under the lock, read without it by a spinning pauser.
     out_hint: AtomicUsize,
@@ -186,6 +190,7 @@ impl Control {
     pub(crate) fn new(vcpus: usize) -> Self {
         Control {
             state: Mutex::new(CtlState { target: Target::Run, out: vcpus }),
+            ring_full_handler: HandlerSlot(Mutex::new(None)),
             cond: Condvar::new(),
             out_hint: AtomicUsize::new(vcpus),
             request: AtomicBool::new(false),
@@ -343,6 +348,13 @@ impl VcpuRunner {
             }
             Ok(VcpuExit::Unsupported(EXIT_DIRTY_RING_FULL)) => {
                 drop(fd);
+                // The handler (a dirty-ring tracker) harvests the rings on this thread, as QEMU
+                // does; without one, or when it frees nothing, the vCPU waits for a harvest.
+                let handler = lock(&self.ctl.ring_full_handler.0).clone();
+                if handler.is_some_and(|h| h(id)) {
+                    self.vcpu.stats.ring_harvests.fetch_add(1, Ordering::Relaxed);
+                    return Flow::Continue;
+                }
                 if !self.ring_full.replace(true) {
                     self.events.push(VmEvent::DirtyRingFull { vcpu: id });
                 }
@@ -376,4 +388,21 @@ pub(crate) fn throttle_loop(ctl: Arc<Control>, vcpus: Vec<Arc<VcpuShared>>) {
 
 fn ctl_stopping(ctl: &Control) -> bool {
     lock(&ctl.state).target == Target::Stop
+}
+
+/// Called on a vCPU thread when that vCPU's dirty ring is full (`KVM_EXIT_DIRTY_RING_FULL`),
+/// with the vCPU's id: it should harvest the rings and `KVM_RESET_DIRTY_RINGS`, and return
+/// whether it made room. Then the vCPU re-enters the guest at once; otherwise it reports
+/// [`VmEvent::DirtyRingFull`] (once per episode) and waits, retrying every millisecond.
+pub type DirtyRingFullHandler = dyn Fn(u8) -> bool + Send + Sync;
+
+/// Where the [`DirtyRingFullHandler`] lives.
+pub(crate) struct HandlerSlot(pub(crate) Mutex<Option<Arc<DirtyRingFullHandler>>>);
+
+impl std::fmt::Debug for HandlerSlot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // try_lock: formatting must never wait (or deadlock) on a vCPU thread.
+        let set = self.0.try_lock().ok().map(|h| h.is_some());
+        f.debug_struct("HandlerSlot").field("set", &set).finish()
+    }
 }

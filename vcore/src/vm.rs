@@ -459,6 +459,13 @@ impl Vm {
         *st = RunState::Stopped;
     }
 
+    /// Installs (or, with `None`, removes) the handler a vCPU thread calls when its dirty ring is
+    /// full, so the vCPU need not wait for the next harvest (see [`DirtyRingFullHandler`]).
+    /// Dirty-ring trackers install one while they track.
+    pub fn set_dirty_ring_full_handler(&self, handler: Option<Arc<crate::DirtyRingFullHandler>>) {
+        *lock(&self.ctl.ring_full_handler.0) = handler;
+    }
+
     /// Makes every vCPU sleep `percent` % (0 to 99) of each 10 ms period: auto-converge for
     /// live migration. 0 removes the throttle.
     pub fn set_throttle(&self, percent: u8) {

@@ -5,6 +5,9 @@
 //! and the VMM's own per-region `AtomicBitmap` of writes devices make ([`VmmBitmap`]). All bitmap
 //! work is word-at-a-time.
 
+use std::os::fd::OwnedFd;
+use std::sync::{Arc, Mutex};
+
 use vcore::Vm;
 use vm_memory::GuestMemoryBackend;
 
@@ -264,46 +267,105 @@ impl DirtyTracker for KvmDirtyLog {
 
 /// KVM's per-vCPU dirty rings (`KVM_CAP_DIRTY_LOG_RING`): harvest every ring, then
 /// `KVM_RESET_DIRTY_RINGS`.
+///
+/// While it tracks, a vCPU whose ring fills up harvests all rings itself (the tracker installs
+/// a [`vcore::DirtyRingFullHandler`]) into a pending map that the next `fetch` takes, so a
+/// busy guest never waits for the migration thread.
 #[derive(Debug, Default)]
 pub struct KvmDirtyRing {
-    rings: Vec<DirtyRing>,
+    shared: Option<Arc<RingShared>>,
     started: bool,
+}
+
+/// The rings and what was harvested from them between fetches, shared with vCPU threads.
+#[derive(Debug)]
+struct RingShared {
+    state: Mutex<RingState>,
+    /// The VM's fd (a duplicate), for `KVM_RESET_DIRTY_RINGS` from a vCPU thread.
+    vm_fd: OwnedFd,
+}
+
+#[derive(Debug)]
+struct RingState {
+    rings: Vec<DirtyRing>,
+    /// Pages harvested and not fetched yet, per slot.
+    pending: Vec<DirtyBitmap>,
+    /// The first entry that named no page of the VM.
+    bad: Option<DirtyError>,
+}
+
+impl RingShared {
+    /// Harvests every ring into `pending` and resets the rings; returns the entries harvested.
+    fn harvest(&self) -> Result<u64, DirtyError> {
+        let mut guard = self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let st = &mut *guard;
+        let mut n = 0u64;
+        for ring in &mut st.rings {
+            ring.harvest(|slot, page| {
+                n += 1;
+                match st.pending.get_mut(slot as usize) {
+                    Some(m) if page < m.pages() => m.set(page),
+                    _ => {
+                        st.bad.get_or_insert(DirtyError::BadRingEntry { slot, page });
+                    }
+                }
+            });
+        }
+        if n > 0 {
+            sys::reset_dirty_rings(&self.vm_fd).map_err(|source| DirtyError::Ioctl {
+                op: "KVM_RESET_DIRTY_RINGS",
+                slot: 0,
+                source,
+            })?;
+        }
+        Ok(n)
+    }
 }
 
 impl DirtyTracker for KvmDirtyRing {
     fn start(&mut self, vm: &Vm) -> Result<(), DirtyError> {
         let entries = vm.dirty_ring_entries().ok_or(DirtyError::NoRing)?;
-        if self.rings.is_empty() {
-            for id in 0..vm.vcpu_count() {
-                let fd = vm.vcpu_raw_fd(id).ok_or(DirtyError::NoRing)?;
-                let ring =
-                    DirtyRing::map(fd, entries).map_err(|source| DirtyError::RingMap { vcpu: id, source })?;
-                self.rings.push(ring);
+        let shared = match &self.shared {
+            Some(s) => Arc::clone(s),
+            None => {
+                let mut rings = Vec::new();
+                for id in 0..vm.vcpu_count() {
+                    let fd = vm.vcpu_raw_fd(id).ok_or(DirtyError::NoRing)?;
+                    let ring = DirtyRing::map(fd, entries)
+                        .map_err(|source| DirtyError::RingMap { vcpu: id, source })?;
+                    rings.push(ring);
+                }
+                let vm_fd = sys::dup_fd(vm.vm_fd()).map_err(|source| DirtyError::Ioctl {
+                    op: "dup(vm fd)",
+                    slot: 0,
+                    source,
+                })?;
+                let state = RingState { rings, pending: empty_maps(vm), bad: None };
+                let s = Arc::new(RingShared { state: Mutex::new(state), vm_fd });
+                self.shared = Some(Arc::clone(&s));
+                s
             }
-        }
+        };
         set_logging(vm, true)?;
+        vm.set_dirty_ring_full_handler(Some(Arc::new(move |_vcpu| shared.harvest().is_ok_and(|n| n > 0))));
         self.started = true;
         Ok(())
     }
 
-    fn fetch(&mut self, vm: &Vm, maps: &mut [DirtyBitmap]) -> Result<(), DirtyError> {
-        let mut bad = None;
-        for ring in &mut self.rings {
-            ring.harvest(|slot, page| match maps.get_mut(slot as usize) {
-                Some(m) if page < m.pages() => m.set(page),
-                _ => bad = Some(DirtyError::BadRingEntry { slot, page }),
-            });
+    fn fetch(&mut self, _vm: &Vm, maps: &mut [DirtyBitmap]) -> Result<(), DirtyError> {
+        let Some(shared) = &self.shared else { return Ok(()) };
+        shared.harvest()?;
+        let mut st = shared.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        for (map, pending) in maps.iter_mut().zip(st.pending.iter_mut()) {
+            map.merge(pending);
+            pending.clear();
         }
-        sys::reset_dirty_rings(vm.vm_fd()).map_err(|source| DirtyError::Ioctl {
-            op: "KVM_RESET_DIRTY_RINGS",
-            slot: 0,
-            source,
-        })?;
-        bad.map_or(Ok(()), Err)
+        st.bad.take().map_or(Ok(()), Err)
     }
 
     fn stop(&mut self, vm: &Vm) -> Result<(), DirtyError> {
         if self.started {
+            vm.set_dirty_ring_full_handler(None);
             set_logging(vm, false)?;
             self.started = false;
         }

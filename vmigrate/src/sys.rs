@@ -1,6 +1,6 @@
 //! Every `unsafe` operation of vmigrate: dirty-log ioctls kvm-ioctls lacks, and the dirty ring.
 
-use std::os::fd::RawFd;
+use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicU32, Ordering};
 
 use kvm_bindings::{KVM_DIRTY_LOG_PAGE_OFFSET, kvm_clear_dirty_log, kvm_dirty_gfn};
@@ -36,7 +36,7 @@ pub(crate) fn clear_dirty_log(
 }
 
 /// `KVM_RESET_DIRTY_RINGS`: re-protects the pages of every harvested ring entry.
-pub(crate) fn reset_dirty_rings(vm: &VmFd) -> std::io::Result<()> {
+pub(crate) fn reset_dirty_rings(vm: &impl AsRawFd) -> std::io::Result<()> {
     // SAFETY: an argument-less ioctl on a VM fd we borrow for the call.
     let rc = unsafe { ioctl(vm, KVM_RESET_DIRTY_RINGS()) };
     if rc < 0 { Err(std::io::Error::last_os_error()) } else { Ok(()) }
@@ -162,4 +162,11 @@ pub(crate) fn guest_page_is_zero<B: vm_memory::bitmap::BitmapSlice>(
         }
     }
     true
+}
+
+/// A duplicate of `fd` (for example the VM's, to issue VM ioctls from another thread).
+pub(crate) fn dup_fd(fd: &impl AsRawFd) -> std::io::Result<OwnedFd> {
+    // SAFETY: `fd` is open for the duration of this borrow, which is all `borrow_raw` needs; the
+    // duplicate is a new descriptor we own.
+    unsafe { BorrowedFd::borrow_raw(fd.as_raw_fd()) }.try_clone_to_owned()
 }

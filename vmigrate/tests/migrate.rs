@@ -272,6 +272,8 @@ fn a_full_dirty_ring_holds_the_vcpu_until_harvested() {
     let vm = vcore::VmBuilder::new(cfg).payload(vcore::guest::Dirtier(d)).build().unwrap();
     let mut ring = KvmDirtyRing::default();
     ring.start(&vm).unwrap();
+    // Without the tracker's handler, nothing harvests on the vCPU thread.
+    vm.set_dirty_ring_full_handler(None);
     vm.start().unwrap();
     assert_eq!(vm.next_event(Duration::from_secs(20)), Some(vcore::VmEvent::DirtyRingFull { vcpu: 0 }));
     let stuck = read_progress(vm.memory()).pages_written;
@@ -283,5 +285,53 @@ fn a_full_dirty_ring_holds_the_vcpu_until_harvested() {
     let harvested: u64 = maps.iter().map(|m| m.count()).sum();
     assert!(harvested >= 32, "harvested {harvested} pages");
     assert!(wait_until(Duration::from_secs(20), || read_progress(vm.memory()).pages_written > stuck + 16));
+    ring.stop(&vm).unwrap();
+}
+
+#[test]
+fn a_full_dirty_ring_is_harvested_by_its_vcpu_and_nothing_is_lost() {
+    require_kvm!();
+    use vmigrate::dirty::{DirtyTracker, KvmDirtyRing, empty_maps};
+    let cfg =
+        VmConfig { mem_mib: 32, dirty_tracking: DirtyTracking::Ring { entries: 256 }, ..Default::default() };
+    // 3,000 pages written once each: over eleven times the ring.
+    let d = DirtierConfig { ws_pages: 4096, ..Default::default() };
+    let vm = vcore::VmBuilder::new(cfg).payload(vcore::guest::Dirtier(d)).build().unwrap();
+    let mut ring = KvmDirtyRing::default();
+    ring.start(&vm).unwrap();
+    let t0 = std::time::Instant::now();
+    vm.start().unwrap();
+    assert!(
+        wait_until(Duration::from_secs(20), || read_progress(vm.memory()).pages_written >= 3000),
+        "the guest keeps going although its ring filled up: {:?}",
+        read_progress(vm.memory())
+    );
+    vm.pause().unwrap();
+    let elapsed = t0.elapsed();
+    let written = read_progress(vm.memory()).pages_written;
+    assert!(written < 4096, "still in the first pass: {written}");
+    let harvests = vm.vcpu_stats(0).unwrap().ring_harvests.load(std::sync::atomic::Ordering::Relaxed);
+    eprintln!(
+        "ring of 256 entries: {written} pages written in {elapsed:?} ({:.0} pages/s), {harvests} harvests on the vCPU",
+        written as f64 / elapsed.as_secs_f64()
+    );
+    assert_eq!(vm.next_event(Duration::ZERO), None, "no DirtyRingFull: the vCPU harvested");
+    assert!(harvests >= 10, "{harvests} harvests");
+    let mut maps = empty_maps(&vm);
+    ring.fetch(&vm, &mut maps).unwrap();
+    // Every page the guest wrote is in the harvest, whichever thread harvested it.
+    let slot = vm
+        .slots()
+        .iter()
+        .position(|s| s.guest_addr <= d.ws_start && d.ws_start < s.guest_addr + s.size)
+        .unwrap();
+    let first = (d.ws_start - vm.slots()[slot].guest_addr) / 4096;
+    let missing: Vec<u64> = (0..written).filter(|&p| !maps[slot].is_set(first + p)).collect();
+    assert!(
+        missing.is_empty(),
+        "{} of {written} written pages not harvested, first {:?}",
+        missing.len(),
+        &missing[..missing.len().min(8)]
+    );
     ring.stop(&vm).unwrap();
 }
