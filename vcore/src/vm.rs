@@ -460,7 +460,7 @@ impl Vm {
     }
 
     /// Installs (or, with `None`, removes) the handler a vCPU thread calls when its dirty ring is
-    /// full, so the vCPU need not wait for the next harvest (see [`DirtyRingFullHandler`]).
+    /// full, so the vCPU need not wait for the next harvest (see [`DirtyRingFullHandler`](crate::DirtyRingFullHandler)).
     /// Dirty-ring trackers install one while they track.
     pub fn set_dirty_ring_full_handler(&self, handler: Option<Arc<crate::DirtyRingFullHandler>>) {
         *lock(&self.ctl.ring_full_handler.0) = handler;
