@@ -12,7 +12,7 @@ use vinfra::vcore::config::RamRange;
 use vinfra::vcore::guest::{Dirtier, DirtierConfig, Pattern, read_progress};
 use vinfra::vcore::memory::create_guest_memory;
 use vinfra::vcore::vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
-use vinfra::vcore::{Vm, VmBuilder, VmConfig};
+use vinfra::vcore::{DirtyTracking, Vm, VmBuilder, VmConfig};
 use vinfra::vmigrate::dirty::{DirtyBitmap, DirtyTracker, KvmDirtyLog, VmmBitmap, empty_maps};
 use vinfra::vmigrate::receive::apply_memory;
 use vinfra::vmigrate::stream::{Crc32c, FrameReader, FrameWriter, Layout, SEND_BUFFER, is_zero};
@@ -213,9 +213,9 @@ fn raw_tcp(c: &mut Criterion) {
     receiver.join().unwrap();
 }
 
-fn source(d: DirtierConfig) -> Vm {
-    let vm =
-        VmBuilder::new(VmConfig { mem_mib: 256, ..Default::default() }).payload(Dirtier(d)).build().unwrap();
+fn source(d: DirtierConfig, tracking: DirtyTracking) -> Vm {
+    let cfg = VmConfig { mem_mib: 256, dirty_tracking: tracking, ..Default::default() };
+    let vm = VmBuilder::new(cfg).payload(Dirtier(d)).build().unwrap();
     vm.start().unwrap();
     // Running, and (unless idle) through its working set once.
     let want = if d.pages_per_sec < 100 { 1 } else { d.ws_pages };
@@ -226,8 +226,8 @@ fn source(d: DirtierConfig) -> Vm {
 }
 
 /// One migration; returns (total, downtime).
-fn migrate_once(d: DirtierConfig, tcp: bool) -> (Duration, Duration) {
-    let src = source(d);
+fn migrate_once(d: DirtierConfig, tcp: bool, tracking: DirtyTracking) -> (Duration, Duration) {
+    let src = source(d, tracking);
     let dst = VmBuilder::new(VmConfig { mem_mib: 256, ..Default::default() }).build().unwrap();
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
@@ -274,27 +274,38 @@ fn end_to_end(c: &mut Criterion) {
         pages_per_sec: 50_000,
         ..Default::default()
     };
-    for (name, d) in [("idle", idle), ("dirty_5k_pps", slow), ("dirty_50k_pps", fast)] {
-        for (transport, tcp) in [("in_process", false), ("tcp", true)] {
-            let mut downtimes = Vec::new();
-            g.bench_function(BenchmarkId::new(transport, name), |b| {
-                b.iter_custom(|iters| {
-                    let mut total = Duration::ZERO;
-                    for _ in 0..iters {
-                        let (t, down) = migrate_once(d, tcp);
-                        total += t;
-                        downtimes.push(down);
-                    }
-                    total
-                })
-            });
-            downtimes.sort();
-            if let (Some(min), Some(max)) = (downtimes.first(), downtimes.last()) {
-                let median = downtimes[downtimes.len() / 2];
-                eprintln!(
-                    "migrate_256MiB/{transport}/{name}: downtime median {median:?} (min {min:?}, max {max:?})"
-                );
-            }
+    // The KVM dirty log (the default), and per-vCPU dirty rings of 4096 entries for the fast
+    // guest over TCP.
+    let log = DirtyTracking::None; // the migration turns the dirty log on per slot
+    let ring = DirtyTracking::Ring { entries: 4096 };
+    let rows = [
+        ("idle", idle, "in_process", false, log),
+        ("idle", idle, "tcp", true, log),
+        ("dirty_5k_pps", slow, "in_process", false, log),
+        ("dirty_5k_pps", slow, "tcp", true, log),
+        ("dirty_50k_pps", fast, "in_process", false, log),
+        ("dirty_50k_pps", fast, "tcp", true, log),
+        ("dirty_50k_pps", fast, "tcp_dirty_ring", true, ring),
+    ];
+    for (name, d, transport, tcp, tracking) in rows {
+        let mut downtimes = Vec::new();
+        g.bench_function(BenchmarkId::new(transport, name), |b| {
+            b.iter_custom(|iters| {
+                let mut total = Duration::ZERO;
+                for _ in 0..iters {
+                    let (t, down) = migrate_once(d, tcp, tracking);
+                    total += t;
+                    downtimes.push(down);
+                }
+                total
+            })
+        });
+        downtimes.sort();
+        if let (Some(min), Some(max)) = (downtimes.first(), downtimes.last()) {
+            let median = downtimes[downtimes.len() / 2];
+            eprintln!(
+                "migrate_256MiB/{transport}/{name}: downtime median {median:?} (min {min:?}, max {max:?})"
+            );
         }
     }
     g.finish();
