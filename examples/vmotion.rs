@@ -17,7 +17,9 @@ use vinfra::vcore::guest::{Dirtier, DirtierConfig, MIN_WS_START, Pattern, read_p
 use vinfra::vcore::vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 use vinfra::vcore::{DirtyTracking, Vm, VmBuilder, VmConfig};
 use vinfra::vmigrate::transport::{DEFAULT_PEER_TIMEOUT, tcp_accept, tcp_connect};
-use vinfra::vmigrate::{ConvergencePolicy, Destination, MigrationStats, Progress, ReceiveStats, Source};
+use vinfra::vmigrate::{
+    ConvergencePolicy, Destination, MigrationStats, Progress, ReceiveStats, Source, probe_dirty_rate,
+};
 
 /// Migrate a running VM (the built-in dirtier guest) and prove nothing was lost.
 #[derive(Parser, Debug)]
@@ -251,6 +253,8 @@ struct Summary {
     rate_pps: u64,
     pattern: String,
     dirty_tracking: String,
+    /// Dirty rate measured by `probe_dirty_rate` for 200 ms before migrating (pages/s).
+    probed_dirty_pps: Option<f64>,
     total_ms: f64,
     setup_ms: f64,
     downtime_ms: f64,
@@ -317,8 +321,14 @@ fn keeps_running(vm: &Vm, from: u64) -> (bool, u64) {
     (false, read_progress(vm.memory()).pages_written)
 }
 
+/// What the source guest dirties, probed for a moment before migrating (as a scheduler would).
+fn probe(vm: &Vm) -> Result<f64> {
+    Ok(probe_dirty_rate(vm, Duration::from_millis(200)).context("dirty-rate probe")?.pages_per_sec)
+}
+
 fn local(cli: &Cli) -> Result<Summary> {
     let src = start_source(&cli.vm)?;
+    let probed = probe(&src)?;
     let dst = VmBuilder::new(cli.vm.config()).build().context("building the destination VM")?;
     let listener = TcpListener::bind("127.0.0.1:0")?;
     let addr = listener.local_addr()?;
@@ -346,6 +356,7 @@ fn local(cli: &Cli) -> Result<Summary> {
         Ok(stats)
     })?;
     let mut s = summary_for("local", &cli.vm);
+    s.probed_dirty_pps = Some(probed);
     fill(&mut s, &stats);
     let (digest, verification) = arrived.lock().unwrap().clone();
     s.verification_ms = ms(verification);
@@ -369,6 +380,15 @@ fn print_table(s: &Summary) {
         ),
         ("total time", format!("{:.1} ms", s.total_ms)),
     ];
+    if let Some(pps) = s.probed_dirty_pps {
+        rows.push((
+            "dirty rate (probe)",
+            format!(
+                "{pps:.0} pages/s ({:.1} MiB/s), sampled 200 ms before migrating",
+                pps * 4096.0 / 1048576.0
+            ),
+        ));
+    }
     if migrating {
         rows.push(("setup", format!("{:.1} ms", s.setup_ms)));
         rows.push((
@@ -425,11 +445,13 @@ fn main() -> Result<()> {
         None => local(&cli)?,
         Some(Command::Send { to }) => {
             let src = start_source(&cli.vm)?;
+            let probed = probe(&src)?;
             let conn = tcp_connect(to.as_str(), DEFAULT_PEER_TIMEOUT)
                 .with_context(|| format!("connecting to {to}"))?;
             let stats =
                 Source::new(&src, cli.policy.policy()).progress(progress_printer(cli.json)).run(conn)?;
             let mut s = summary_for("send", &cli.vm);
+            s.probed_dirty_pps = Some(probed);
             fill(&mut s, &stats);
             s.guest_pages_at_pause = read_progress(src.memory()).pages_written;
             s

@@ -15,6 +15,6 @@ pub mod transport;
 pub use dirty::{DirtyBitmap, DirtyTracker};
 pub use precopy::{ConvergencePolicy, MigrationError, MigrationHandle, Source, Strategy};
 pub use receive::{Destination, ReceiveStats, save_snapshot};
-pub use stats::{MigrationStats, Progress};
+pub use stats::{DirtyRate, MigrationStats, Progress, probe_dirty_rate};
 pub use stream::StreamError;
 mod sys;

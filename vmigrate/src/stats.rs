@@ -1,8 +1,11 @@
 //! Migration statistics, as a final struct and as progress events.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde::Serialize;
+use vcore::Vm;
+
+use crate::dirty::{DirtyBitmap, DirtyError, DirtyTracker, empty_maps, trackers_for};
 
 /// One pre-copy iteration.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Default)]
@@ -100,4 +103,81 @@ pub enum Progress {
     },
     /// The destination runs the guest.
     Done,
+}
+
+/// What a dirty-rate probe saw: how fast the guest dirties memory, measured without migrating.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct DirtyRate {
+    /// How long the probe sampled.
+    pub duration: Duration,
+    /// Distinct pages dirtied during it (by the vCPUs and by devices).
+    pub pages: u64,
+    /// Distinct pages dirtied per second.
+    pub pages_per_sec: f64,
+    /// The same in MiB/s: what `vsched`'s `VmSpec::dirty_mib_s` takes for its migration cost.
+    pub mib_per_sec: f64,
+}
+
+/// Samples how fast `vm` dirties its memory, without migrating (like QEMU's `calc-dirty-rate`):
+/// starts the trackers a migration would use, clears what they report at once (with
+/// initially-all-set dirty logs that is every page), waits `duration`, and counts the distinct
+/// pages dirtied meanwhile. Tracking is stopped again whatever happens; the guest runs on
+/// throughout. A page written many times counts once, as it would cost one resend.
+pub fn probe_dirty_rate(vm: &Vm, duration: Duration) -> Result<DirtyRate, DirtyError> {
+    let mut trackers = trackers_for(vm);
+    let result = sample(vm, &mut trackers, duration);
+    let mut stopped = Ok(());
+    for t in &mut trackers {
+        let r = t.stop(vm);
+        if stopped.is_ok() {
+            stopped = r;
+        }
+    }
+    let rate = result?;
+    stopped.map(|()| rate)
+}
+
+fn sample(
+    vm: &Vm,
+    trackers: &mut [Box<dyn DirtyTracker>],
+    duration: Duration,
+) -> Result<DirtyRate, DirtyError> {
+    for t in trackers.iter_mut() {
+        t.start(vm)?;
+    }
+    // The baseline: take what is reported now and re-arm it, as a pre-copy pass would.
+    let mut maps = empty_maps(vm);
+    for t in trackers.iter_mut() {
+        t.fetch(vm, &mut maps)?;
+    }
+    for (slot, map) in vm.slots().iter().zip(&maps) {
+        for t in trackers.iter_mut() {
+            rearm(t.as_mut(), vm, slot.slot, map)?;
+        }
+    }
+    let start = Instant::now();
+    std::thread::sleep(duration);
+    let mut maps = empty_maps(vm);
+    for t in trackers.iter_mut() {
+        t.fetch(vm, &mut maps)?;
+    }
+    let elapsed = start.elapsed().max(Duration::from_micros(1));
+    let pages: u64 = maps.iter().map(DirtyBitmap::count).sum();
+    let pages_per_sec = pages as f64 / elapsed.as_secs_f64();
+    Ok(DirtyRate {
+        duration: elapsed,
+        pages,
+        pages_per_sec,
+        mib_per_sec: pages_per_sec * crate::stream::PAGE as f64 / (1 << 20) as f64,
+    })
+}
+
+/// Re-arms `map`'s pages of `slot` in chunks of 128 MiB (what a pre-copy pass does before
+/// reading them).
+fn rearm(t: &mut dyn DirtyTracker, vm: &Vm, slot: u32, map: &DirtyBitmap) -> Result<(), DirtyError> {
+    const CHUNK_WORDS: usize = 32768 / 64;
+    for (i, words) in map.words().chunks(CHUNK_WORDS).enumerate() {
+        t.before_send(vm, slot, (i * CHUNK_WORDS * 64) as u64, words)?;
+    }
+    Ok(())
 }
