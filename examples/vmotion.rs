@@ -112,6 +112,10 @@ struct PolicyArgs {
     /// Most pre-copy iterations.
     #[arg(long, default_value_t = 30, global = true)]
     max_iterations: u32,
+    /// LZ4-compress page frames that shrink by at least an eighth (for slow links, with
+    /// --bandwidth-mib).
+    #[arg(long, global = true)]
+    compress: bool,
 }
 
 impl VmArgs {
@@ -150,6 +154,7 @@ impl PolicyArgs {
             bandwidth_limit_bps: (self.bandwidth_mib > 0).then_some(self.bandwidth_mib << 20),
             auto_converge: !self.no_auto_converge,
             max_iterations: self.max_iterations,
+            compress: self.compress,
             ..Default::default()
         }
     }
@@ -267,6 +272,7 @@ struct Summary {
     bytes_sent: u64,
     normal_pages: u64,
     zero_pages: u64,
+    compressed_pages: u64,
     throughput_mib_s: f64,
     max_throttle_percent: u8,
     memory_equal_at_pause: Option<bool>,
@@ -291,6 +297,7 @@ fn fill(s: &mut Summary, st: &MigrationStats) {
     s.bytes_sent = st.bytes_sent;
     s.normal_pages = st.normal_pages;
     s.zero_pages = st.zero_pages;
+    s.compressed_pages = st.compressed_pages;
     s.throughput_mib_s = st.throughput_bps / (1 << 20) as f64;
     s.max_throttle_percent = st.max_throttle_percent;
 }
@@ -417,6 +424,9 @@ fn print_table(s: &Summary) {
     } else {
         ("transferred", format!("{bytes}: {} pages with data, {} zero pages", s.normal_pages, s.zero_pages))
     });
+    if s.compressed_pages > 0 {
+        rows.push(("compressed (LZ4)", format!("{} of the data pages", s.compressed_pages)));
+    }
     if let Some(eq) = s.memory_equal_at_pause {
         rows.push(("memory equal at pause", if eq { "yes".into() } else { "NO".into() }));
     }

@@ -11,7 +11,10 @@ use vcore::{GuestMemory, Vm, VmSnapshot};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
 use crate::precopy::{MigrationError, hello_for, host_cpu_features};
-use crate::stream::{FrameReader, FrameWriter, Hello, Layout, Message, PAGE, PROTOCOL_VERSIONS, StreamError};
+use crate::stream::{
+    COMPRESSION_VERSION, FrameReader, FrameWriter, Hello, Kind, Layout, Message, PAGE, PROTOCOL_VERSIONS,
+    StreamError,
+};
 use crate::transport::Transport;
 
 /// What the destination received.
@@ -47,6 +50,28 @@ pub fn apply_memory(
             layout.check(gpa, data.len() as u64)?;
             mem.write_slice(data, GuestAddress(gpa)).map_err(io)?;
             Ok(((data.len() / PAGE) as u64, 0))
+        }
+        Message::CompressedPages { gpa, count, data } => {
+            let len = count as usize * PAGE;
+            layout.check(gpa, len as u64)?;
+            let mut pages = vec![0u8; len];
+            match lz4_flex::block::decompress_into(data, &mut pages) {
+                Ok(n) if n == len => {}
+                Ok(n) => {
+                    return Err(StreamError::Malformed {
+                        kind: Kind::CompressedPages,
+                        reason: format!("{n} bytes decompressed, {count} pages expected"),
+                    });
+                }
+                Err(e) => {
+                    return Err(StreamError::Malformed {
+                        kind: Kind::CompressedPages,
+                        reason: e.to_string(),
+                    });
+                }
+            }
+            mem.write_slice(&pages, GuestAddress(gpa)).map_err(io)?;
+            Ok((u64::from(count), 0))
         }
         Message::ZeroPages { gpa, count } => {
             let len =
@@ -194,7 +219,13 @@ impl<'a> Destination<'a> {
             let msg = r.read_frame_into(vm.memory(), &hello.layout)?;
             match msg {
                 Message::PagesWritten { pages, .. } => stats.normal_pages += pages,
-                Message::Pages { .. } | Message::ZeroPages { .. } => {
+                Message::CompressedPages { .. } if version < COMPRESSION_VERSION => {
+                    return Err(MigrationError::Protocol {
+                        expected: "no compressed pages in protocol version 1",
+                        got: "CompressedPages".into(),
+                    });
+                }
+                Message::Pages { .. } | Message::ZeroPages { .. } | Message::CompressedPages { .. } => {
                     let (n, z) = apply_memory(vm.memory(), &hello.layout, &msg, known_zero.as_deref())?;
                     stats.normal_pages += n;
                     stats.zero_pages += z;

@@ -53,6 +53,8 @@ pub struct MigrationStats {
     pub normal_pages: u64,
     /// Pages sent as zero runs.
     pub zero_pages: u64,
+    /// Data pages sent LZ4-compressed ([`ConvergencePolicy::compress`](crate::ConvergencePolicy)).
+    pub compressed_pages: u64,
     /// Pre-copy iterations, in order.
     pub iterations: Vec<Iteration>,
     /// Pages sent during the stop-and-copy phase.

@@ -56,6 +56,8 @@ fn outside_untouched(mem: &GuestMemory) -> bool {
 fn valid_stream(pages: &[(u64, u8)]) -> Vec<u8> {
     let mut out = Vec::new();
     let mut w = FrameWriter::new(&mut out, 1 << 20);
+    // Pages of one repeated byte compress: the stream carries CompressedPages frames too.
+    w.set_compress(pages.len().is_multiple_of(2));
     let hello =
         Hello { min_version: 1, max_version: 1, vcpus: 1, layout: layout(), cpu: CpuFeatures::default() };
     w.message(&Message::Hello(hello)).unwrap();
@@ -92,7 +94,8 @@ proptest! {
 
     #[test]
     fn arbitrary_frames_with_valid_checksums_never_escape(
-        frames in proptest::collection::vec((0u16..14, any::<u64>(), any::<u64>(), 0usize..3), 1..20)
+        frames in proptest::collection::vec((0u16..15, any::<u64>(), any::<u64>(), 0usize..3), 1..20),
+        lz4 in proptest::collection::vec(any::<u8>(), 0..256),
     ) {
         // Well-formed headers and checksums around hostile contents: addresses anywhere.
         let mut out = Vec::new();
@@ -102,6 +105,15 @@ proptest! {
             match kind {
                 4 => payload.extend(std::iter::repeat_n(0x5a, pages.max(1) * PAGE)),
                 5 => payload.extend_from_slice(&(b % 1024).to_le_bytes()),
+                // Address, a page count, and a hostile LZ4 block (or a real one of 0x5a pages).
+                13 => {
+                    payload.extend_from_slice(&((b % 300) as u32).to_le_bytes());
+                    if pages == 2 {
+                        payload.extend(lz4_flex::block::compress(&vec![0x5a; (b % 300) as usize * PAGE]));
+                    } else {
+                        payload.extend_from_slice(&lz4);
+                    }
+                }
                 _ => payload.extend_from_slice(&b.to_le_bytes()),
             }
             if let Some(k) = kind_of(kind) { let _ = w.frame(k, &payload[..payload.len().min(k.max_len())]); }
@@ -148,6 +160,7 @@ fn kind_of(k: u16) -> Option<vmigrate::stream::Kind> {
         Ready,
         Commit,
         Started,
+        CompressedPages,
     ]
     .into_iter()
     .find(|x| *x as u16 == k)

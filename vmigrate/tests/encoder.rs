@@ -23,6 +23,7 @@ proptest! {
         pages in proptest::collection::vec(page_strategy(), 0..700),
         first in 0u64..64,
         flush_at in prop_oneof![Just(0usize), Just(64 << 10), Just(1 << 20)],
+        compress in any::<bool>(),
     ) {
         let mut bytes = vec![0u8; pages.len() * PAGE];
         for (i, p) in pages.iter().enumerate() {
@@ -33,9 +34,12 @@ proptest! {
         let gpa = BASE + first * PAGE as u64;
         let mut out = Vec::new();
         let mut w = FrameWriter::new(&mut out, flush_at);
+        w.set_compress(compress);
         let mut model = bytes.clone();
         let (normal, zero) = w.guest_pages(gpa, &VolatileSlice::from(&mut model[..])).unwrap();
         w.flush().unwrap();
+        // Pages of one non-zero byte compress far more than an eighth: all of them go compressed.
+        prop_assert_eq!(w.compressed_pages, if compress { normal } else { 0 });
         drop(w);
         let data_pages = pages.iter().filter(|p| p.is_some()).count() as u64;
         prop_assert_eq!(normal, data_pages);
@@ -51,6 +55,10 @@ proptest! {
             if let Message::Pages { data, .. } = &m {
                 prop_assert!(data.len() / PAGE <= MAX_PAGES_PER_FRAME);
                 prop_assert!(data.chunks(PAGE).all(|p| !is_zero(p)), "a zero page inside a data frame");
+            }
+            if let Message::CompressedPages { count, data, .. } = &m {
+                let pages = lz4_flex::block::decompress(data, *count as usize * PAGE).unwrap();
+                prop_assert!(pages.chunks(PAGE).all(|p| !is_zero(p)), "a zero page inside a compressed frame");
             }
             let (n, z) = apply_memory(&mem, &layout, &m, None).unwrap();
             sent_normal += n;

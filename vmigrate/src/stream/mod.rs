@@ -21,7 +21,9 @@
 use serde::{Deserialize, Serialize};
 
 /// Protocol versions this build speaks (oldest, newest).
-pub const PROTOCOL_VERSIONS: (u16, u16) = (1, 1);
+pub const PROTOCOL_VERSIONS: (u16, u16) = (1, 2);
+/// The first version with [`Kind::CompressedPages`].
+pub const COMPRESSION_VERSION: u16 = 2;
 /// Frame magic.
 pub const MAGIC: [u8; 4] = *b"VMIG";
 /// Header size.
@@ -63,6 +65,8 @@ pub enum Kind {
     Commit = 11,
     /// Destination → source: the guest runs.
     Started = 12,
+    /// A run of guest pages, LZ4-compressed (protocol version 2).
+    CompressedPages = 13,
 }
 
 impl Kind {
@@ -81,6 +85,7 @@ impl Kind {
             10 => Ready,
             11 => Commit,
             12 => Started,
+            13 => CompressedPages,
             _ => return None,
         })
     }
@@ -89,6 +94,8 @@ impl Kind {
     pub fn max_len(self) -> usize {
         match self {
             Kind::Pages => 8 + MAX_PAGES_PER_FRAME * PAGE,
+            // Only sent when smaller than the pages themselves.
+            Kind::CompressedPages => 12 + MAX_PAGES_PER_FRAME * PAGE,
             Kind::CpuState | Kind::Device => 32 << 20,
             Kind::Hello => 4096,
             Kind::Abort => 1024,
@@ -238,6 +245,15 @@ pub enum Message<'a> {
         /// Page contents.
         data: &'a [u8],
     },
+    /// `count` pages starting at `gpa`, LZ4-compressed (a raw LZ4 block) in `data`.
+    CompressedPages {
+        /// First page's guest address.
+        gpa: u64,
+        /// Pages (1 to [`MAX_PAGES_PER_FRAME`]).
+        count: u32,
+        /// The LZ4 block; it must decompress to exactly `count` pages.
+        data: &'a [u8],
+    },
     /// Pages already written into guest memory by [`FrameReader::read_frame_into`].
     PagesWritten {
         /// First page's guest address.
@@ -310,6 +326,17 @@ impl Message<'_> {
                     return Err(malformed(kind, format!("unaligned address {gpa:#x}")));
                 }
                 Message::Pages { gpa, data: &payload[8..] }
+            }
+            Kind::CompressedPages => {
+                if payload.len() < 12 {
+                    return Err(malformed(kind, "no address and count"));
+                }
+                let gpa = u64_at(payload, 0);
+                let count = u32::from_le_bytes([payload[8], payload[9], payload[10], payload[11]]);
+                if !gpa.is_multiple_of(PAGE as u64) || count == 0 || count as usize > MAX_PAGES_PER_FRAME {
+                    return Err(malformed(kind, format!("{count} pages at {gpa:#x}")));
+                }
+                Message::CompressedPages { gpa, count, data: &payload[12..] }
             }
             Kind::ZeroPages => {
                 exact(16)?;

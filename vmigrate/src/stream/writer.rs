@@ -15,13 +15,53 @@ pub struct FrameWriter<W: Write> {
     flush_at: usize,
     /// Bytes handed to the transport so far (headers included).
     pub bytes: u64,
+    /// LZ4-compress page frames when that saves at least an eighth ([`FrameWriter::set_compress`]).
+    compress: bool,
+    /// Compression output, reused.
+    scratch: Vec<u8>,
+    /// Pages sent in `CompressedPages` frames so far.
+    pub compressed_pages: u64,
 }
 
 impl<W: Write> FrameWriter<W> {
     /// Wraps `inner`, flushing once `flush_at` bytes are buffered.
     pub fn new(inner: W, flush_at: usize) -> Self {
         let cap = flush_at + Kind::Pages.max_len() + 2 * HEADER_LEN;
-        FrameWriter { inner, buf: Vec::with_capacity(cap), len: 0, flush_at, bytes: 0 }
+        FrameWriter {
+            inner,
+            buf: Vec::with_capacity(cap),
+            len: 0,
+            flush_at,
+            bytes: 0,
+            compress: false,
+            scratch: Vec::new(),
+            compressed_pages: 0,
+        }
+    }
+
+    /// Sends each frame of pages LZ4-compressed (as `CompressedPages`, protocol version 2)
+    /// when that makes it at least an eighth smaller; otherwise as it is. For slow links: on a
+    /// fast one the compression costs more time than the bytes it saves.
+    pub fn set_compress(&mut self, on: bool) {
+        self.compress = on;
+    }
+
+    /// Replaces the pages of the `Pages` frame at `at` by their LZ4 block if that is worth it.
+    fn try_compress(&mut self, at: usize) {
+        let data = at + HEADER_LEN + 8;
+        let raw = self.len - data;
+        self.scratch.resize(lz4_flex::block::get_maximum_output_size(raw), 0);
+        let Ok(n) = lz4_flex::block::compress_into(&self.buf[data..self.len], &mut self.scratch) else {
+            return;
+        };
+        if 4 + n > raw - raw / 8 {
+            return;
+        }
+        self.buf[at + 4..at + 6].copy_from_slice(&(Kind::CompressedPages as u16).to_le_bytes());
+        self.buf[data..data + 4].copy_from_slice(&((raw / PAGE) as u32).to_le_bytes());
+        self.buf[data + 4..data + 4 + n].copy_from_slice(&self.scratch[..n]);
+        self.len = data + 4 + n;
+        self.compressed_pages += (raw / PAGE) as u64;
     }
 
     /// Makes `buf[..len + n]` addressable, zero-filling only beyond the high-water mark.
@@ -54,6 +94,9 @@ impl<W: Write> FrameWriter<W> {
     }
 
     fn end(&mut self, at: usize) -> Result<(), StreamError> {
+        if self.compress && self.buf[at + 4..at + 6] == (Kind::Pages as u16).to_le_bytes() {
+            self.try_compress(at);
+        }
         let len = (self.len - at - HEADER_LEN) as u32;
         self.buf[at + 8..at + 12].copy_from_slice(&len.to_le_bytes());
         // One pass over the whole payload: far faster than page-sized CRC calls.
@@ -88,6 +131,13 @@ impl<W: Write> FrameWriter<W> {
             Message::Pages { gpa, data } => {
                 let at = self.begin(Kind::Pages);
                 self.put(&gpa.to_le_bytes());
+                self.put(data);
+                self.end(at)
+            }
+            Message::CompressedPages { gpa, count, data } => {
+                let at = self.begin(Kind::CompressedPages);
+                self.put(&gpa.to_le_bytes());
+                self.put(&count.to_le_bytes());
                 self.put(data);
                 self.end(at)
             }
