@@ -67,6 +67,13 @@ impl DirtyBitmap {
         }
     }
 
+    /// Marks page `page` clean (ignored past the end).
+    pub fn unset(&mut self, page: u64) {
+        if page < self.pages {
+            self.words[(page / 64) as usize] &= !(1 << (page % 64));
+        }
+    }
+
     /// Whether page `page` is dirty.
     pub fn is_set(&self, page: u64) -> bool {
         page < self.pages && self.words[(page / 64) as usize] & (1 << (page % 64)) != 0
@@ -440,6 +447,7 @@ mod tests {
             pages in 1u64..700,
             sets in proptest::collection::vec(0u64..800, 0..200),
             others in proptest::collection::vec(0u64..800, 0..100),
+            unsets in proptest::collection::vec(0u64..800, 0..100),
         ) {
             let mut model = vec![false; pages as usize];
             let mut b = DirtyBitmap::new(pages);
@@ -447,6 +455,7 @@ mod tests {
             let mut o = DirtyBitmap::new(pages);
             for &p in &others { o.set(p); if p < pages { model[p as usize] = true; } }
             b.merge(&o);
+            for &p in &unsets { b.unset(p); if p < pages { model[p as usize] = false; } }
             prop_assert_eq!(b.count(), model.iter().filter(|&&x| x).count() as u64);
             for p in 0..pages { prop_assert_eq!(b.is_set(p), model[p as usize]); }
             prop_assert_eq!(b.runs().collect::<Vec<_>>(), model_runs(&model));

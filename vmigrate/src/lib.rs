@@ -9,6 +9,7 @@ pub mod dirty;
 pub mod precopy;
 pub mod receive;
 pub mod stats;
+pub mod storage;
 pub mod stream;
 pub mod transport;
 
@@ -16,5 +17,6 @@ pub use dirty::{DirtyBitmap, DirtyTracker};
 pub use precopy::{ConvergencePolicy, MigrationError, MigrationHandle, Source, Strategy};
 pub use receive::{Destination, ReceiveStats, save_snapshot};
 pub use stats::{DirtyRate, MigrationStats, Progress, probe_dirty_rate};
+pub use storage::{DiskMirror, MirrorStats, StorageError};
 pub use stream::StreamError;
 mod sys;

@@ -133,6 +133,30 @@ pub struct Block {
     stats: BlockStats,
     /// Reads or writes parsed but not yet served (empty between notifications).
     batch: Batch,
+    /// Told of every write and discard once it reached the file, before the guest sees it done.
+    observer: Observer,
+}
+
+/// Called with `(offset, length)` in bytes after each write or discard reached the image file,
+/// before the request completes: a disk mirror (Storage vMotion) hooks in here.
+pub type WriteObserver = dyn Fn(u64, u64) + Send + Sync;
+
+/// The optional [`WriteObserver`] of a [`Block`].
+#[derive(Clone, Default)]
+struct Observer(Option<std::sync::Arc<WriteObserver>>);
+
+impl Observer {
+    fn wrote(&self, offset: u64, len: u64) {
+        if let Some(f) = &self.0 {
+            f(offset, len);
+        }
+    }
+}
+
+impl std::fmt::Debug for Observer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_some() { "Observer(set)" } else { "Observer(none)" })
+    }
 }
 
 impl Block {
@@ -151,7 +175,14 @@ impl Block {
             file,
             stats: BlockStats::default(),
             batch: Batch::default(),
+            observer: Observer::default(),
         })
+    }
+
+    /// Installs `observer`, told of every write and discard (see [`WriteObserver`]).
+    pub fn with_write_observer(mut self, observer: std::sync::Arc<WriteObserver>) -> Self {
+        self.observer = Observer(Some(observer));
+        self
     }
 
     /// Counters.
@@ -206,8 +237,11 @@ impl Block {
                     return (IOERR, 0);
                 }
                 let segs = rdata.0.iter().copied();
-                match crate::sys::write_from_guest(&self.file, sector * SECTOR_SIZE, mem, segs, rdata.0.len())
-                {
+                let done =
+                    crate::sys::write_from_guest(&self.file, sector * SECTOR_SIZE, mem, segs, rdata.0.len());
+                // Even a failed write may have changed part of the range.
+                self.observer.wrote(sector * SECTOR_SIZE, len);
+                match done {
                     Ok(n) if n == len => {
                         self.stats.writes += 1;
                         self.stats.bytes_written += len;
@@ -240,9 +274,12 @@ impl Block {
                     let start = u64::from_le_bytes(s[0..8].try_into().unwrap_or_default());
                     let num = u64::from(u32::from_le_bytes(s[8..12].try_into().unwrap_or_default()));
                     let len = num * SECTOR_SIZE;
-                    if !self.in_bounds(start, len)
-                        || crate::sys::punch_hole(&self.file, start * SECTOR_SIZE, len).is_err()
-                    {
+                    if !self.in_bounds(start, len) {
+                        return (IOERR, 0);
+                    }
+                    let punched = crate::sys::punch_hole(&self.file, start * SECTOR_SIZE, len);
+                    self.observer.wrote(start * SECTOR_SIZE, len);
+                    if punched.is_err() {
                         return (IOERR, 0);
                     }
                 }
@@ -278,9 +315,12 @@ impl Block {
 
     /// Completes the batched requests: their status bytes, counters and used-ring entries.
     fn submit(&mut self, queue: usize, ctx: &mut QueueCtx<'_>) -> Result<usize, ChainError> {
-        let Block { batch, file, stats, .. } = self;
+        let Block { batch, file, stats, observer, .. } = self;
         let mem = ctx.mem();
         batch.submit(mem, file, |r, d: Done| {
+            if r.write {
+                observer.wrote(r.offset, r.len);
+            }
             let st = if d.ok { req_status::OK } else { req_status::IOERR };
             mem.write_obj(st, GuestAddress(r.status)).map_err(|e| ChainError::Memory(e.to_string()))?;
             if !d.ok {

@@ -1,0 +1,318 @@
+//! Storage vMotion: mirroring a running VM's disk image to another file.
+//!
+//! A [`DiskMirror`] copies the source image block by block while the guest keeps writing to
+//! it. The disk device reports every write it made (offset and length, after the bytes reached
+//! the source file) through the [`DiskMirror::observer`] callback; `vdevices`' block device takes
+//! it as its write observer, and `vmigrate` never depends on `vdevices`.
+//!
+//! 1. **Bulk copy**: every block is copied once; a write to a block during this phase marks it
+//!    dirty again.
+//! 2. **Dirty passes**: dirty blocks are copied again, until few remain (or a pass limit).
+//! 3. **Synchronous mirroring**: from the switch on, the observer copies each written range to
+//!    the destination itself before the device completes the request (QEMU's
+//!    `copy-mode=write-blocking`); the blocks still dirty are copied once more. When none is
+//!    left, the mirror is *ready*: the destination equals the source, and stays equal for as long
+//!    as the observer stays installed.
+//!
+//! One lock orders every copy of the copier and of the observer, and the switch to synchronous
+//! mode happens under it: a write either marked its blocks dirty before the switch (and they
+//! are copied after it) or is copied by the observer itself after it. Copies read the source
+//! file after the device's write reached it, so a copy is never older than a completed write.
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+use crate::dirty::DirtyBitmap;
+
+/// Errors of a disk mirror.
+#[derive(Debug, thiserror::Error)]
+pub enum StorageError {
+    /// Opening, reading or writing an image failed.
+    #[error("{what} {path}")]
+    Io {
+        /// What was being done.
+        what: &'static str,
+        /// The image.
+        path: String,
+        /// The error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The block size is 0, not a multiple of 512, or above 16 MiB.
+    #[error("block size {0} must be a multiple of 512 between 512 and 16 MiB")]
+    BlockSize(u32),
+    /// The observer failed to mirror a guest write (the first such error).
+    #[error("mirroring a guest write of {len} bytes at {offset}")]
+    Mirror {
+        /// Offset of the write.
+        offset: u64,
+        /// Its length.
+        len: u64,
+        /// The error.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// What a disk mirror did.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Default)]
+pub struct MirrorStats {
+    /// Image size in bytes.
+    pub size: u64,
+    /// Blocks copied by the copier (the bulk copy included).
+    pub blocks_copied: u64,
+    /// Guest writes the observer mirrored synchronously.
+    pub writes_mirrored: u64,
+    /// Passes over dirty blocks after the bulk copy.
+    pub dirty_passes: u32,
+    /// Time until the mirror was ready.
+    pub time_to_ready: Duration,
+}
+
+/// The callback a disk device calls after each write: `(offset, length)` in bytes.
+pub type WriteObserver = dyn Fn(u64, u64) + Send + Sync;
+
+/// Mirrors a disk image to another file while the guest writes to it (see the module docs).
+#[derive(Debug, Clone)]
+pub struct DiskMirror {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    src: File,
+    dst: File,
+    src_path: String,
+    dst_path: String,
+    size: u64,
+    block: u64,
+    /// Dirty blocks, the synchronous-mode flag, and the order of all copies.
+    state: Mutex<State>,
+    ready: AtomicBool,
+    writes_mirrored: AtomicU64,
+    failed: Mutex<Option<StorageError>>,
+}
+
+#[derive(Debug)]
+struct State {
+    dirty: DirtyBitmap,
+    sync: bool,
+}
+
+impl DiskMirror {
+    /// Prepares to mirror the image at `src` into `dst` (created, or truncated, to the source's
+    /// size) in blocks of `block_size` bytes.
+    pub fn new(src: &Path, dst: &Path, block_size: u32) -> Result<Self, StorageError> {
+        if block_size == 0 || !block_size.is_multiple_of(512) || block_size > 16 << 20 {
+            return Err(StorageError::BlockSize(block_size));
+        }
+        let (src_path, dst_path) = (src.display().to_string(), dst.display().to_string());
+        let io = |what, path: &str| {
+            let path = path.to_string();
+            move |source| StorageError::Io { what, path, source }
+        };
+        let src_file = File::open(src).map_err(io("opening", &src_path))?;
+        let size = src_file.metadata().map_err(io("reading the size of", &src_path))?.len();
+        let dst_file = File::options()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(dst)
+            .map_err(io("creating", &dst_path))?;
+        dst_file.set_len(size).map_err(io("sizing", &dst_path))?;
+        let block = u64::from(block_size);
+        let blocks = size.div_ceil(block);
+        Ok(DiskMirror {
+            inner: Arc::new(Inner {
+                src: src_file,
+                dst: dst_file,
+                src_path,
+                dst_path,
+                size,
+                block,
+                state: Mutex::new(State { dirty: DirtyBitmap::all_set(blocks), sync: false }),
+                ready: AtomicBool::new(false),
+                writes_mirrored: AtomicU64::new(0),
+                failed: Mutex::new(None),
+            }),
+        })
+    }
+
+    /// The callback to install as the disk device's write observer before [`DiskMirror::run`]
+    /// starts, and to keep installed until the VM runs on the destination image.
+    pub fn observer(&self) -> Arc<WriteObserver> {
+        let inner = Arc::clone(&self.inner);
+        Arc::new(move |offset, len| inner.observe(offset, len))
+    }
+
+    /// Copies until the destination equals the source and synchronous mirroring keeps it so;
+    /// `max_dirty_passes` bounds the passes over dirty blocks before switching to synchronous
+    /// mode. `progress` gets `(blocks copied, blocks dirty)` after each pass.
+    pub fn run(
+        &self,
+        max_dirty_passes: u32,
+        mut progress: impl FnMut(u64, u64),
+    ) -> Result<MirrorStats, StorageError> {
+        let start = Instant::now();
+        let inner = &self.inner;
+        let mut stats = MirrorStats { size: inner.size, ..Default::default() };
+        let mut pass = 0u32;
+        loop {
+            let (copied, left) = inner.copy_dirty()?;
+            stats.blocks_copied += copied;
+            progress(stats.blocks_copied, left);
+            inner.check()?;
+            let mut st = inner.lock();
+            if st.sync {
+                if st.dirty.is_empty() {
+                    break;
+                }
+            } else if pass >= max_dirty_passes || st.dirty.count() <= 16 {
+                // From here the observer mirrors writes itself; what is still dirty was written
+                // before and is copied by one more pass.
+                st.sync = true;
+            }
+            drop(st);
+            pass += 1;
+        }
+        stats.dirty_passes = pass;
+        inner.ready.store(true, Ordering::Release);
+        stats.writes_mirrored = inner.writes_mirrored.load(Ordering::Relaxed);
+        stats.time_to_ready = start.elapsed();
+        Ok(stats)
+    }
+
+    /// Guest writes the observer has mirrored synchronously so far.
+    pub fn writes_mirrored(&self) -> u64 {
+        self.inner.writes_mirrored.load(Ordering::Relaxed)
+    }
+
+    /// Whether the destination equals the source (and synchronous mirroring keeps it so).
+    pub fn is_ready(&self) -> bool {
+        self.inner.ready.load(Ordering::Acquire)
+    }
+
+    /// The first error the observer met mirroring a guest write, if any: after one, the
+    /// destination can no longer be trusted.
+    pub fn check(&self) -> Result<(), StorageError> {
+        self.inner.check()
+    }
+}
+
+impl Inner {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn check(&self) -> Result<(), StorageError> {
+        match self.failed.lock().unwrap_or_else(PoisonError::into_inner).take() {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    /// A guest write of `[offset, offset + len)` reached the source.
+    fn observe(&self, offset: u64, len: u64) {
+        let end = offset.saturating_add(len).min(self.size);
+        if offset >= end {
+            return;
+        }
+        let mut st = self.lock();
+        if st.sync {
+            if let Err(source) = self.copy(offset, end - offset) {
+                let mut failed = self.failed.lock().unwrap_or_else(PoisonError::into_inner);
+                failed.get_or_insert(StorageError::Mirror { offset, len, source });
+            }
+            self.writes_mirrored.fetch_add(1, Ordering::Relaxed);
+        } else {
+            for b in offset / self.block..end.div_ceil(self.block) {
+                st.dirty.set(b);
+            }
+        }
+    }
+
+    /// Copies every block dirty now, each under the lock; returns (copied, dirty after).
+    fn copy_dirty(&self) -> Result<(u64, u64), StorageError> {
+        let todo: Vec<u64> = {
+            let st = self.lock();
+            st.dirty.runs().flat_map(|(first, n)| first..first + n).collect()
+        };
+        let mut copied = 0;
+        for b in todo {
+            let mut st = self.lock();
+            if !st.dirty.is_set(b) {
+                continue;
+            }
+            st.dirty.unset(b);
+            let at = b * self.block;
+            self.copy(at, self.block.min(self.size - at)).map_err(|source| StorageError::Io {
+                what: "copying a block to",
+                path: self.dst_path.clone(),
+                source,
+            })?;
+            copied += 1;
+        }
+        Ok((copied, self.lock().dirty.count()))
+    }
+
+    /// Copies `[offset, offset + len)` from the source to the destination (caller holds the lock).
+    fn copy(&self, offset: u64, len: u64) -> std::io::Result<()> {
+        let mut buf = vec![0u8; len as usize];
+        self.src.read_exact_at(&mut buf, offset).map_err(|e| {
+            std::io::Error::new(e.kind(), format!("reading {} at {offset}: {e}", self.src_path))
+        })?;
+        self.dst.write_all_at(&buf, offset)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn image(name: &str, len: usize) -> std::path::PathBuf {
+        let p = std::env::temp_dir().join(format!("vmigrate-storage-{}-{name}", std::process::id()));
+        std::fs::write(&p, (0..len).map(|i| (i * 7 + i / 999) as u8).collect::<Vec<u8>>()).unwrap();
+        p
+    }
+
+    #[test]
+    fn bad_block_sizes_and_missing_images_are_typed_errors() {
+        let src = image("bs-src", 4096);
+        let dst = std::env::temp_dir().join(format!("vmigrate-storage-{}-bs-dst", std::process::id()));
+        for bs in [0, 100, 513, 32 << 20] {
+            assert!(matches!(DiskMirror::new(&src, &dst, bs), Err(StorageError::BlockSize(b)) if b == bs));
+        }
+        let missing = std::env::temp_dir().join("vmigrate-storage-no-such-image");
+        assert!(matches!(
+            DiskMirror::new(&missing, &dst, 4096),
+            Err(StorageError::Io { what: "opening", .. })
+        ));
+        let _ = std::fs::remove_file(src);
+    }
+
+    #[test]
+    fn an_idle_disk_mirrors_exactly_including_a_partial_last_block() {
+        let src = image("idle-src", (1 << 20) + 1234);
+        let dst = std::env::temp_dir().join(format!("vmigrate-storage-{}-idle-dst", std::process::id()));
+        let m = DiskMirror::new(&src, &dst, 64 << 10).unwrap();
+        let stats = m.run(3, |_, _| {}).unwrap();
+        assert!(m.is_ready());
+        assert_eq!(stats.blocks_copied, 17);
+        assert_eq!(std::fs::read(&src).unwrap(), std::fs::read(&dst).unwrap());
+        // Once ready, a write reported to the observer is mirrored at once.
+        let f = File::options().write(true).open(&src).unwrap();
+        f.write_all_at(b"mirrored", 1 << 20).unwrap();
+        (m.observer())(1 << 20, 8);
+        assert_eq!(m.writes_mirrored(), 1);
+        assert_eq!(std::fs::read(&src).unwrap(), std::fs::read(&dst).unwrap());
+        let _ = std::fs::remove_file(src);
+        let _ = std::fs::remove_file(dst);
+    }
+}
