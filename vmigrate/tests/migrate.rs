@@ -267,16 +267,24 @@ fn killing_the_destination_process_leaves_the_source_running() {
     common::assert_source_alive(&src, &d);
 }
 
-#[test]
-fn a_full_dirty_ring_holds_the_vcpu_until_harvested() {
-    require_kvm!();
-    use vmigrate::dirty::{DirtyTracker, KvmDirtyRing, empty_maps};
+/// A flat-out sequential dirtier over 4,096 pages with a 256-entry dirty ring, tracked by a
+/// started (not yet running) `KvmDirtyRing`.
+fn small_ring_vm() -> (vcore::Vm, vmigrate::dirty::KvmDirtyRing, DirtierConfig) {
+    use vmigrate::dirty::{DirtyTracker, KvmDirtyRing};
     let cfg =
         VmConfig { mem_mib: 32, dirty_tracking: DirtyTracking::Ring { entries: 256 }, ..Default::default() };
     let d = DirtierConfig { ws_pages: 4096, ..Default::default() };
     let vm = vcore::VmBuilder::new(cfg).payload(vcore::guest::Dirtier(d)).build().unwrap();
     let mut ring = KvmDirtyRing::default();
     ring.start(&vm).unwrap();
+    (vm, ring, d)
+}
+
+#[test]
+fn a_full_dirty_ring_holds_the_vcpu_until_harvested() {
+    require_kvm!();
+    use vmigrate::dirty::{DirtyTracker, empty_maps};
+    let (vm, mut ring, _) = small_ring_vm();
     // Without the tracker's handler, nothing harvests on the vCPU thread.
     vm.set_dirty_ring_full_handler(None);
     vm.start().unwrap();
@@ -296,14 +304,9 @@ fn a_full_dirty_ring_holds_the_vcpu_until_harvested() {
 #[test]
 fn a_full_dirty_ring_is_harvested_by_its_vcpu_and_nothing_is_lost() {
     require_kvm!();
-    use vmigrate::dirty::{DirtyTracker, KvmDirtyRing, empty_maps};
-    let cfg =
-        VmConfig { mem_mib: 32, dirty_tracking: DirtyTracking::Ring { entries: 256 }, ..Default::default() };
+    use vmigrate::dirty::{DirtyTracker, empty_maps};
     // 3,000 pages written once each: over eleven times the ring.
-    let d = DirtierConfig { ws_pages: 4096, ..Default::default() };
-    let vm = vcore::VmBuilder::new(cfg).payload(vcore::guest::Dirtier(d)).build().unwrap();
-    let mut ring = KvmDirtyRing::default();
-    ring.start(&vm).unwrap();
+    let (vm, mut ring, d) = small_ring_vm();
     let t0 = std::time::Instant::now();
     vm.start().unwrap();
     assert!(
