@@ -96,7 +96,9 @@ struct Inner {
     state: Mutex<State>,
     ready: AtomicBool,
     writes_mirrored: AtomicU64,
-    failed: Mutex<Option<StorageError>>,
+    /// The first write the observer failed to mirror: `(offset, len, error kind, message)`.
+    /// Sticky: every later check reports it again.
+    failed: Mutex<Option<(u64, u64, std::io::ErrorKind, String)>>,
 }
 
 #[derive(Debug)]
@@ -199,8 +201,8 @@ impl DiskMirror {
         self.inner.ready.load(Ordering::Acquire)
     }
 
-    /// The first error the observer met mirroring a guest write, if any: after one, the
-    /// destination can no longer be trusted.
+    /// The first error the observer met mirroring a guest write, if any (reported again on every
+    /// call): after one, the destination can no longer be trusted.
     pub fn check(&self) -> Result<(), StorageError> {
         self.inner.check()
     }
@@ -212,8 +214,12 @@ impl Inner {
     }
 
     fn check(&self) -> Result<(), StorageError> {
-        match self.failed.lock().unwrap_or_else(PoisonError::into_inner).take() {
-            Some(e) => Err(e),
+        match &*self.failed.lock().unwrap_or_else(PoisonError::into_inner) {
+            Some((offset, len, kind, msg)) => Err(StorageError::Mirror {
+                offset: *offset,
+                len: *len,
+                source: std::io::Error::new(*kind, msg.clone()),
+            }),
             None => Ok(()),
         }
     }
@@ -228,7 +234,7 @@ impl Inner {
         if st.sync {
             if let Err(source) = self.copy(offset, end - offset) {
                 let mut failed = self.failed.lock().unwrap_or_else(PoisonError::into_inner);
-                failed.get_or_insert(StorageError::Mirror { offset, len, source });
+                failed.get_or_insert((offset, len, source.kind(), source.to_string()));
             }
             self.writes_mirrored.fetch_add(1, Ordering::Relaxed);
         } else {
@@ -312,6 +318,22 @@ mod tests {
         (m.observer())(1 << 20, 8);
         assert_eq!(m.writes_mirrored(), 1);
         assert_eq!(std::fs::read(&src).unwrap(), std::fs::read(&dst).unwrap());
+        let _ = std::fs::remove_file(src);
+        let _ = std::fs::remove_file(dst);
+    }
+
+    #[test]
+    fn a_write_the_observer_cannot_mirror_is_reported_and_stays_reported() {
+        let src = image("fail-src", 64 << 10);
+        let dst = std::env::temp_dir().join(format!("vmigrate-storage-{}-fail-dst", std::process::id()));
+        let m = DiskMirror::new(&src, &dst, 4096).unwrap();
+        m.run(0, |_, _| {}).unwrap();
+        // The source shrinks under the mirror: the range the device reports can no longer be read.
+        File::options().write(true).open(&src).unwrap().set_len(4096).unwrap();
+        (m.observer())(8192, 4096);
+        for _ in 0..2 {
+            assert!(matches!(m.check(), Err(StorageError::Mirror { offset: 8192, len: 4096, .. })));
+        }
         let _ = std::fs::remove_file(src);
         let _ = std::fs::remove_file(dst);
     }
