@@ -135,19 +135,7 @@ pub(crate) fn read_to_guest(
     segs: impl IntoIterator<Item = (u64, u32)>,
     hint: usize,
 ) -> io::Result<u64> {
-    let slices = guest_slices(mem, segs, hint)?;
-    let guards: Vec<_> = slices.iter().map(|s| s.ptr_guard_mut()).collect();
-    let mut iov: Vec<libc::iovec> =
-        guards.iter().map(|g| libc::iovec { iov_base: g.as_ptr().cast(), iov_len: g.len() }).collect();
-    // SAFETY: each iovec is one `VolatileSlice` of guest memory (a writable anonymous mapping that
-    // lives as long as `mem`, which is borrowed for this whole function), of exactly the slice's
-    // length, and `guards` keeps any per-access mapping alive until after the call.
-    let res = unsafe { vectored_at(file, offset, &mut iov, false) };
-    for s in &slices {
-        s.bitmap().mark_dirty(0, s.len());
-    }
-    drop(guards);
-    res
+    guest_vectored(file, offset, mem, segs, hint, false)
 }
 
 /// Writes the guest buffers `segs` (guest address, length; at most `hint` of them expected) to
@@ -161,16 +149,34 @@ pub(crate) fn write_from_guest(
     segs: impl IntoIterator<Item = (u64, u32)>,
     hint: usize,
 ) -> io::Result<u64> {
+    guest_vectored(file, offset, mem, segs, hint, true)
+}
+
+/// `preadv` into (`write` false) or `pwritev` from (`write` true) the guest buffers `segs`, all
+/// checked against guest memory first; buffers a read may have filled are marked dirty.
+fn guest_vectored(
+    file: &File,
+    offset: u64,
+    mem: &GuestMemory,
+    segs: impl IntoIterator<Item = (u64, u32)>,
+    hint: usize,
+    write: bool,
+) -> io::Result<u64> {
     let slices = guest_slices(mem, segs, hint)?;
-    let guards: Vec<_> = slices.iter().map(|s| s.ptr_guard()).collect();
-    let mut iov: Vec<libc::iovec> = guards
-        .iter()
-        .map(|g| libc::iovec { iov_base: g.as_ptr().cast_mut().cast(), iov_len: g.len() })
-        .collect();
-    // SAFETY: each iovec is one `VolatileSlice` of guest memory (a mapping that lives as long as
-    // `mem`, borrowed for this whole function), of exactly the slice's length; `pwritev` only
-    // reads it, and `guards` keeps any per-access mapping alive until after the call.
-    unsafe { vectored_at(file, offset, &mut iov, true) }
+    let guards: Vec<_> = slices.iter().map(|s| s.ptr_guard_mut()).collect();
+    let mut iov: Vec<libc::iovec> =
+        guards.iter().map(|g| libc::iovec { iov_base: g.as_ptr().cast(), iov_len: g.len() }).collect();
+    // SAFETY: each iovec is one `VolatileSlice` of guest memory (a writable anonymous mapping that
+    // lives as long as `mem`, which is borrowed for this whole function), of exactly the slice's
+    // length, and `guards` keeps any per-access mapping alive until after the call.
+    let res = unsafe { vectored_at(file, offset, &mut iov, write) };
+    if !write {
+        for s in &slices {
+            s.bitmap().mark_dirty(0, s.len());
+        }
+    }
+    drop(guards);
+    res
 }
 
 /// Machine code of the built-in `virtio_rng` guest (see `guest`).

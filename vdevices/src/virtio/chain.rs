@@ -5,7 +5,7 @@ use std::sync::atomic::Ordering;
 
 use vcore::GuestMemory;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, ReadVolatile, WriteVolatile};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
 /// How the guest broke the split-queue protocol.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -141,43 +141,6 @@ impl Segs {
             done += n;
         }
         Ok(done)
-    }
-    /// Fills the buffers from `src` (a file or socket), straight into guest memory; stops early at
-    /// end of input. Returns the bytes transferred.
-    pub fn fill_from<F: ReadVolatile>(&self, mem: &GuestMemory, src: &mut F) -> std::io::Result<usize> {
-        let mut total = 0;
-        for &(addr, len) in &self.0 {
-            let mut off = 0usize;
-            while off < len as usize {
-                let n = mem
-                    .read_volatile_from(GuestAddress(addr + off as u64), src, len as usize - off)
-                    .map_err(std::io::Error::other)?;
-                if n == 0 {
-                    return Ok(total);
-                }
-                off += n;
-                total += n;
-            }
-        }
-        Ok(total)
-    }
-    /// Drains the buffers into `dst` (a file or socket), straight from guest memory.
-    pub fn drain_to<F: WriteVolatile>(&self, mem: &GuestMemory, dst: &mut F) -> std::io::Result<usize> {
-        let mut total = 0;
-        for &(addr, len) in &self.0 {
-            let mut off = 0usize;
-            while off < len as usize {
-                let n = mem
-                    .write_volatile_to(GuestAddress(addr + off as u64), dst, len as usize - off)
-                    .map_err(std::io::Error::other)?;
-                if n == 0 {
-                    return Err(std::io::ErrorKind::WriteZero.into());
-                }
-                off += n;
-                total += n;
-            }
-        }
-        Ok(total)
     }
 }
 
