@@ -94,7 +94,7 @@ fn guest_write(d: &mut Driver, bufs: (u64, u64, u64), offset: u64, len: u32, fil
     d.mem().write_slice(&hdr, GuestAddress(h))?;
     d.mem().write_slice(&vec![fill; len as usize], GuestAddress(data))?;
     let head = d.post_raw(0, &[(h, 16, 0), (data, len, 0), (st, 1, DESC_F_WRITE)])?;
-    d.notify(0);
+    d.kick(0).unwrap();
     d.wait_head(0, head, Duration::from_secs(10))?;
     ensure!(d.mem().read_obj::<u8>(GuestAddress(st))? == 0, "the device failed a write");
     Ok(())

@@ -40,7 +40,7 @@ fn write(d: &mut Driver, bufs: (u64, u64, u64), offset: u64, len: u32, fill: u8)
     d.mem().write_slice(&hdr, GuestAddress(h)).unwrap();
     d.mem().write_slice(&vec![fill; len as usize], GuestAddress(data)).unwrap();
     let head = d.post_raw(0, &[(h, 16, 0), (data, len, 0), (st, 1, DESC_F_WRITE)]).unwrap();
-    d.notify(0);
+    d.kick(0).unwrap();
     d.wait_head(0, head, T).unwrap();
     assert_eq!(d.mem().read_obj::<u8>(GuestAddress(st)).unwrap(), 0, "write OK");
 }

@@ -60,6 +60,8 @@ struct DriverQueue {
     free: Vec<u16>,
     avail_idx: u16,
     last_used: u16,
+    /// The available index at the last [`Driver::kick`].
+    kicked: u16,
     chains: HashMap<u16, Vec<u16>>,
 }
 
@@ -99,6 +101,8 @@ pub struct Driver {
     epoll: Epoll,
     interrupts: u64,
     wait_poll: Duration,
+    event_idx: bool,
+    kicks: u64,
 }
 
 impl Driver {
@@ -141,6 +145,8 @@ impl Driver {
             epoll,
             interrupts: 0,
             wait_poll: Duration::ZERO,
+            event_idx: false,
+            kicks: 0,
         })
     }
 
@@ -160,6 +166,7 @@ impl Driver {
         d.queues = self.queues;
         d.next_buf = self.next_buf;
         d.done = self.done;
+        d.event_idx = self.event_idx;
         Ok(d)
     }
 
@@ -213,6 +220,7 @@ impl Driver {
         self.write_reg(reg::STATUS, status::ACKNOWLEDGE);
         self.write_reg(reg::STATUS, status::ACKNOWLEDGE | status::DRIVER);
         let features = self.device_features() & wanted;
+        self.event_idx = features & crate::virtio::VIRTIO_F_RING_EVENT_IDX != 0;
         self.write_reg(reg::DRIVER_FEATURES_SEL, 0);
         self.write_reg(reg::DRIVER_FEATURES, features as u32);
         self.write_reg(reg::DRIVER_FEATURES_SEL, 1);
@@ -239,6 +247,7 @@ impl Driver {
                 free: (0..size).rev().collect(),
                 avail_idx: 0,
                 last_used: 0,
+                kicked: 0,
                 chains: HashMap::new(),
             };
             self.mem.write_slice(&[0u8; 0x4000], GuestAddress(base))?;
@@ -359,9 +368,40 @@ impl Driver {
         Ok(head)
     }
 
-    /// Notifies queue `q` through the `QueueNotify` register.
+    /// Notifies queue `q` through the `QueueNotify` register, unconditionally.
     pub fn notify(&self, q: usize) {
         self.write_reg(reg::QUEUE_NOTIFY, q as u32);
+    }
+
+    /// Notifies queue `q` only if the device asked for it, as Linux's `virtqueue_kick` does:
+    /// with `VIRTIO_F_RING_EVENT_IDX` when the entries published since the last kick pass the
+    /// device's `avail_event`, otherwise unless the device set `VRING_USED_F_NO_NOTIFY`.
+    /// Returns whether it notified. A device that never re-arms `avail_event` stops hearing
+    /// from this driver (and from Linux) after its first request.
+    pub fn kick(&mut self, q: usize) -> Result<bool, HarnessError> {
+        let dq = self.queues.get_mut(q).ok_or(HarnessError::Queue(q))?;
+        // The avail index must be visible before the device's suppression state is read.
+        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+        let (old, new) = (dq.kicked, dq.avail_idx);
+        dq.kicked = new;
+        let need = if self.event_idx {
+            let event: u16 = self.mem.read_obj(GuestAddress(dq.used + 4 + 8 * u64::from(dq.size)))?;
+            // vring_need_event(event, new, old)
+            new.wrapping_sub(event).wrapping_sub(1) < new.wrapping_sub(old)
+        } else {
+            let flags: u16 = self.mem.read_obj(GuestAddress(dq.used))?;
+            flags & 1 == 0 && new != old
+        };
+        if need {
+            self.kicks += 1;
+            self.notify(q);
+        }
+        Ok(need)
+    }
+
+    /// Notifications [`Driver::kick`] sent so far.
+    pub fn kicks(&self) -> u64 {
+        self.kicks
     }
 
     /// Waits up to `timeout` for an interrupt; reads and acknowledges `InterruptStatus`.
@@ -470,7 +510,7 @@ impl Driver {
     /// Posts, notifies and waits: one whole request.
     pub fn request(&mut self, q: usize, out: &[&[u8]], in_lens: &[u32]) -> Result<Completion, HarnessError> {
         let p = self.post(q, out, in_lens)?;
-        self.notify(q);
+        self.kick(q)?;
         self.wait(&p, Duration::from_secs(5))
     }
 

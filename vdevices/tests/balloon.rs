@@ -59,7 +59,7 @@ fn inflate_deflate_stats_and_target() {
         stats.extend_from_slice(&val.to_le_bytes());
     }
     let p = r.driver.post(STATS_QUEUE, &[&stats], &[]).unwrap();
-    r.driver.notify(STATS_QUEUE);
+    r.driver.kick(STATS_QUEUE).unwrap();
     let t = std::time::Instant::now();
     while handle.stats_updates() == 0 {
         assert!(t.elapsed() < Duration::from_secs(5));
@@ -98,7 +98,7 @@ fn free_page_reporting_discards_reported_ranges() {
     mem.write_slice(&[0x77; 4096], GuestAddress(b)).unwrap();
     mem.write_slice(&[0x77; 4096], GuestAddress(b + 4096)).unwrap(); // not reported: keeps data
     let head = r.driver.post_raw(REPORTING_QUEUE, &[(a, 2 << 20, 2), (b, 4096, 2)]).unwrap();
-    r.driver.notify(REPORTING_QUEUE);
+    r.driver.kick(REPORTING_QUEUE).unwrap();
     r.driver.wait_head(REPORTING_QUEUE, head, Duration::from_secs(5)).unwrap();
     let mut buf = vec![0u8; 2 << 20];
     mem.read_slice(&mut buf, GuestAddress(a)).unwrap();

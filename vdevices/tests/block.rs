@@ -92,7 +92,7 @@ fn many_requests_in_flight_complete_once() {
     r.driver.init(u64::MAX, 128).unwrap();
     let pending: Vec<_> =
         (0..32u64).map(|i| r.driver.post(0, &[&blk_hdr(req::IN, i * 8)], &[4096, 1]).unwrap()).collect();
-    r.driver.notify(0);
+    r.driver.kick(0).unwrap();
     let file = std::fs::read(&path).unwrap();
     for (i, p) in pending.iter().enumerate() {
         let c = r.driver.wait(p, Duration::from_secs(5)).unwrap();
@@ -134,7 +134,7 @@ fn adjacent_requests_merge_and_keep_their_data() {
             }
         })
         .collect();
-    r.driver.notify(0);
+    r.driver.kick(0).unwrap();
     for p in &writes {
         let c = r.driver.wait(p, Duration::from_secs(5)).unwrap();
         assert_eq!((c.len, c.data[0][0]), (1, req_status::OK));
@@ -158,7 +158,7 @@ fn adjacent_requests_merge_and_keep_their_data() {
                 .unwrap()
         })
         .collect();
-    r.driver.notify(0);
+    r.driver.kick(0).unwrap();
     for (i, p) in reads.iter().enumerate() {
         let c = r.driver.wait(p, Duration::from_secs(5)).unwrap();
         assert_eq!(c.len, 4097);
@@ -190,7 +190,7 @@ fn mixed_batch_keeps_order_and_fails_only_the_bad_request() {
         r.driver.post(0, &[&blk_hdr(req::IN, 0)], &[1024, 1]).unwrap(), // sees the write
         r.driver.post(0, &[&blk_hdr(req::IN, 2)], &[2048, 1]).unwrap(),
     ];
-    r.driver.notify(0);
+    r.driver.kick(0).unwrap();
     let c: Vec<_> = ps.iter().map(|p| r.driver.wait(p, Duration::from_secs(5)).unwrap()).collect();
     let st: Vec<u8> = c.iter().map(|c| c.data.last().unwrap()[0]).collect();
     use req_status::{IOERR, OK};
@@ -223,7 +223,7 @@ fn short_merged_read_falls_back_to_single_requests() {
     let ps: Vec<_> = (0..4u64)
         .map(|i| r.driver.post(0, &[&blk_hdr(req::IN, 2016 + 8 * i)], &[4096, 1]).unwrap())
         .collect();
-    r.driver.notify(0);
+    r.driver.kick(0).unwrap();
     let c: Vec<_> = ps.iter().map(|p| r.driver.wait(p, Duration::from_secs(5)).unwrap()).collect();
     let st: Vec<u8> = c.iter().map(|c| c.data[1][0]).collect();
     assert_eq!(st, [req_status::OK, req_status::OK, req_status::IOERR, req_status::IOERR]);
@@ -327,7 +327,7 @@ mod fuzz {
                     };
                     posted.push((sector, len, p));
                 }
-                r.driver.notify(0);
+                r.driver.kick(0).unwrap();
                 for (sector, len, (p, data)) in &posted {
                     let c = r.driver.wait(p, Duration::from_secs(5)).unwrap();
                     let status = c.data.last().unwrap()[0];

@@ -44,7 +44,7 @@ fn console_moves_bytes_both_ways() {
 
     // A buffer waiting, then input.
     let p = r.driver.post(0, &[], &[4]).unwrap();
-    r.driver.notify(0);
+    r.driver.kick(0).unwrap();
     (&host).write_all(b"abcdef").unwrap();
     let c = r.driver.wait(&p, Duration::from_secs(5)).unwrap();
     assert_eq!(&c.data[0][..], b"abcd");

@@ -67,7 +67,7 @@ fn save_mid_io_restore_and_complete() {
     dc.request(1, &[b"before "], &[]).unwrap();
     // One more completes, but the guest has not taken the interrupt yet when the VM is saved.
     let done_unseen = db.post(0, &[&blk_hdr(req::OUT, 2), &sector_data(2)], &[1]).unwrap();
-    db.notify(0);
+    db.kick(0).unwrap();
     let deadline = std::time::Instant::now() + T;
     while db.used_idx(0).unwrap() != 2 {
         assert!(std::time::Instant::now() < deadline, "second write never completed");
@@ -83,18 +83,18 @@ fn save_mid_io_restore_and_complete() {
     let writes: Vec<_> =
         (20..28u64).map(|s| db.post(0, &[&blk_hdr(req::OUT, s), &sector_data(s)], &[1]).unwrap()).collect();
     let reads: Vec<_> = (1..3u64).map(|s| db.post(0, &[&blk_hdr(req::IN, s)], &[512, 1]).unwrap()).collect();
-    db.notify(0);
+    db.kick(0).unwrap();
     let rng_req = dr.post(0, &[], &[32]).unwrap();
-    dr.notify(0);
+    dr.kick(0).unwrap();
     let tx = dc.post(1, &[b"after"], &[]).unwrap();
     let rx = dc.post(0, &[], &[16]).unwrap();
-    dc.notify(1);
-    dc.notify(0);
+    dc.kick(1).unwrap();
+    dc.kick(0).unwrap();
     (&host).write_all(b"typed").unwrap();
     let inflate = dbal.post(0, &[&pfns(&[0x3002, 0x3003, 0x3004])], &[]).unwrap();
-    dbal.notify(0);
+    dbal.kick(0).unwrap();
     let deflate = dbal.post(1, &[&pfns(&[0x3000])], &[]).unwrap();
-    dbal.notify(1);
+    dbal.kick(1).unwrap();
 
     // Save, through bytes.
     let states: Vec<TransportState> = [&blk, &rng, &con, &bal]

@@ -237,22 +237,34 @@ impl MmioTransport {
     pub fn process_queue(&self, q: usize) {
         let mut inner = self.lock();
         inner.stats.notifications += 1;
-        self.serve(&mut inner, |dev, ctx| dev.process_queue(q, ctx));
+        loop {
+            let before = inner.queues.get(q).map(|x| x.next_avail());
+            let pending = self.serve(&mut inner, |dev, ctx| dev.process_queue(q, ctx));
+            // Requests the driver published while we served did not notify (avail_event was
+            // behind them): serve them now. A queue whose device took nothing this round (an rx
+            // queue waiting for data) is left for its backend.
+            let progressed = inner.queues.get(q).map(|x| x.next_avail()) != before;
+            if pending & (1 << q) == 0 || !progressed {
+                break;
+            }
+        }
     }
 
     /// Serves the device's backend fd number `index` now.
     pub fn process_backend(&self, index: usize) {
         let mut inner = self.lock();
-        self.serve(&mut inner, |dev, ctx| dev.process_backend(index, ctx));
+        let _ = self.serve(&mut inner, |dev, ctx| dev.process_backend(index, ctx));
     }
 
+    /// Runs `work` on the device, raises the interrupts it calls for and re-arms every ready
+    /// queue's notifications. Returns the mask of queues with entries the device has not popped.
     fn serve(
         &self,
         inner: &mut Inner,
         work: impl FnOnce(&mut dyn VirtioDevice, &mut QueueCtx<'_>) -> Result<(), DeviceError>,
-    ) {
+    ) -> u64 {
         if !inner.activated || inner.broken.is_some() {
-            return;
+            return 0;
         }
         let Inner { device, mem, queues, .. } = inner;
         let mut ctx = QueueCtx::new(mem, queues);
@@ -272,6 +284,27 @@ impl MmioTransport {
             self.raise(inner);
         }
         self.after_work(inner, used);
+        Self::rearm(inner)
+    }
+
+    /// Asks the driver to notify again for what it publishes next: with
+    /// `VIRTIO_F_RING_EVENT_IDX` this moves `avail_event` to where the device stopped (without
+    /// it, notifications are never suppressed). A driver that honours `avail_event`, as Linux
+    /// does, notifies only for entries past it, so a device that skipped this would hear nothing
+    /// after its first request. Returns the mask of queues with entries still unpopped.
+    fn rearm(inner: &mut Inner) -> u64 {
+        if !inner.activated || inner.broken.is_some() {
+            return 0;
+        }
+        let mut pending = 0;
+        for (q, queue) in inner.queues.iter_mut().enumerate() {
+            // A ring outside guest memory fails here and again at the next pop, which breaks
+            // the device with the reason.
+            if queue.ready() && queue.enable_notification(&inner.mem).unwrap_or(false) {
+                pending |= 1 << q;
+            }
+        }
+        pending
     }
 
     fn after_work(&self, inner: &mut Inner, used: u64) {
@@ -299,6 +332,13 @@ impl MmioTransport {
         let _ = self.shared.irq_evt.write(1);
     }
 
+    /// The features offered: the device's, plus `VIRTIO_F_RING_EVENT_IDX`, which the transport
+    /// implements for every device (used-ring interrupts follow `used_event`, and [`Self::rearm`]
+    /// keeps `avail_event` current).
+    fn offered(inner: &Inner) -> u64 {
+        inner.device.features() | super::VIRTIO_F_RING_EVENT_IDX
+    }
+
     fn reset(inner: &mut Inner) {
         inner.device.reset();
         for q in &mut inner.queues {
@@ -321,7 +361,7 @@ impl MmioTransport {
         }
         let mut value = value & !status::DEVICE_NEEDS_RESET;
         if value & status::FEATURES_OK != 0 && inner.status & status::FEATURES_OK == 0 {
-            let offered = inner.device.features();
+            let offered = Self::offered(inner);
             let ok = inner.driver_features & !offered == 0 && inner.driver_features & VIRTIO_F_VERSION_1 != 0;
             if !ok {
                 value &= !status::FEATURES_OK;
@@ -396,8 +436,8 @@ impl BusDevice for MmioTransport {
             reg::DEVICE_ID => inner.device.device_type(),
             reg::VENDOR_ID => VENDOR_ID,
             reg::DEVICE_FEATURES => match inner.device_features_sel {
-                0 => inner.device.features() as u32,
-                1 => (inner.device.features() >> 32) as u32,
+                0 => Self::offered(&inner) as u32,
+                1 => (Self::offered(&inner) >> 32) as u32,
                 _ => 0,
             },
             reg::QUEUE_NUM_MAX => q.map_or(0, |q| u32::from(q.max_size())),
