@@ -385,7 +385,7 @@ impl Driver {
         let (old, new) = (dq.kicked, dq.avail_idx);
         dq.kicked = new;
         let need = if self.event_idx {
-            let event: u16 = self.mem.read_obj(GuestAddress(dq.used + 4 + 8 * u64::from(dq.size)))?;
+            let event = self.avail_event(q)?;
             // vring_need_event(event, new, old)
             new.wrapping_sub(event).wrapping_sub(1) < new.wrapping_sub(old)
         } else {
@@ -397,6 +397,12 @@ impl Driver {
             self.notify(q);
         }
         Ok(need)
+    }
+
+    /// The device's `avail_event` for queue `q` (where it asked to be notified next).
+    pub fn avail_event(&self, q: usize) -> Result<u16, HarnessError> {
+        let dq = self.queues.get(q).ok_or(HarnessError::Queue(q))?;
+        Ok(self.mem.read_obj(GuestAddress(dq.used + 4 + 8 * u64::from(dq.size)))?)
     }
 
     /// Notifications [`Driver::kick`] sent so far.
@@ -443,6 +449,57 @@ impl Driver {
         // With VIRTIO_F_RING_EVENT_IDX: interrupt me on the next used entry (used_event).
         self.mem.write_obj(dq.last_used, GuestAddress(dq.avail + 4 + 2 * u64::from(dq.size)))?;
         Ok(n)
+    }
+
+    /// Takes the new used-ring entries of queue `q` as `(head, len)` pairs in ring order,
+    /// appended to `out`, and frees their descriptors; returns how many. For drivers that
+    /// track their own requests (a streaming benchmark): entries taken here never reach
+    /// [`Driver::wait`] or [`Driver::wait_head`].
+    pub fn reap(&mut self, q: usize, out: &mut Vec<(u16, u32)>) -> Result<usize, HarnessError> {
+        let dq = self.queues.get_mut(q).ok_or(HarnessError::Queue(q))?;
+        let used_idx: u16 = self.mem.read_obj(GuestAddress(dq.used + 2))?;
+        // The entries must be read after the index that published them.
+        std::sync::atomic::fence(std::sync::atomic::Ordering::Acquire);
+        let n = used_idx.wrapping_sub(dq.last_used);
+        for _ in 0..n {
+            let slot = u64::from(dq.last_used % dq.size);
+            let mut e = [0u8; 8];
+            self.mem.read_slice(&mut e, GuestAddress(dq.used + 4 + 8 * slot))?;
+            let head = u32::from_le_bytes([e[0], e[1], e[2], e[3]]) as u16;
+            if let Some(descs) = dq.chains.remove(&head) {
+                dq.free.extend(descs);
+            }
+            out.push((head, u32::from_le_bytes([e[4], e[5], e[6], e[7]])));
+            dq.last_used = dq.last_used.wrapping_add(1);
+        }
+        if n > 0 {
+            // With VIRTIO_F_RING_EVENT_IDX: interrupt me on the next used entry (used_event).
+            self.mem.write_obj(dq.last_used, GuestAddress(dq.avail + 4 + 2 * u64::from(dq.size)))?;
+        }
+        Ok(usize::from(n))
+    }
+
+    /// Waits until queue `q` has used entries not yet taken: polls the used index for up to
+    /// the [`Driver::set_wait_poll`] time, then sleeps on the interrupt.
+    pub fn wait_used(&mut self, q: usize, timeout: Duration) -> Result<(), HarnessError> {
+        let start = Instant::now();
+        let deadline = start + timeout;
+        loop {
+            let dq = self.queues.get(q).ok_or(HarnessError::Queue(q))?;
+            let last = dq.last_used;
+            if self.used_idx(q)? != last {
+                return Ok(());
+            }
+            if start.elapsed() < self.wait_poll {
+                std::hint::spin_loop();
+                continue;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(HarnessError::Timeout("a used-ring entry"));
+            }
+            self.wait_interrupt(left.min(Duration::from_millis(50)));
+        }
     }
 
     /// The used index the device has published for queue `q`.

@@ -317,25 +317,27 @@ impl Block {
     fn submit(&mut self, queue: usize, ctx: &mut QueueCtx<'_>) -> Result<usize, ChainError> {
         let Block { batch, file, stats, observer, .. } = self;
         let mem = ctx.mem();
-        batch.submit(mem, file, |r, d: Done| {
-            if r.write {
-                observer.wrote(r.offset, r.len);
-            }
-            let st = if d.ok { req_status::OK } else { req_status::IOERR };
-            mem.write_obj(st, GuestAddress(r.status)).map_err(|e| ChainError::Memory(e.to_string()))?;
-            if !d.ok {
-                stats.errors += 1;
-            } else if r.write {
-                stats.writes += 1;
-                stats.bytes_written += d.len;
-            } else {
-                stats.reads += 1;
-                stats.bytes_read += d.len;
-            }
-            stats.merged += u64::from(d.ok && d.merged);
-            let n = if d.ok && !r.write { d.len as u32 } else { 0 };
-            ctx.add_used(queue, d.head, n.saturating_add(1))
-        })
+        batch
+            .submit(mem, file, |r, d: Done| {
+                if r.write {
+                    observer.wrote(r.offset, r.len);
+                }
+                let st = if d.ok { req_status::OK } else { req_status::IOERR };
+                mem.write_obj(st, GuestAddress(r.status)).map_err(|e| ChainError::Memory(e.to_string()))?;
+                if !d.ok {
+                    stats.errors += 1;
+                } else if r.write {
+                    stats.writes += 1;
+                    stats.bytes_written += d.len;
+                } else {
+                    stats.reads += 1;
+                    stats.bytes_read += d.len;
+                }
+                stats.merged += u64::from(d.ok && d.merged);
+                let n = if d.ok && !r.write { d.len as u32 } else { 0 };
+                ctx.add_used(queue, d.head, n.saturating_add(1))
+            })
+            .inspect(|_| ctx.signal_used(queue))
     }
 
     /// Serves every available request of `queue`: adjacent reads (or writes) are merged into one

@@ -206,12 +206,43 @@ pub struct QueueCtx<'a> {
     mem: &'a GuestMemory,
     queues: &'a mut [Queue],
     used: u64,
+    irq: Irq<'a>,
+}
+
+/// The transport's interrupt, for [`QueueCtx::signal_used`].
+#[derive(Debug)]
+pub(crate) struct Irq<'a> {
+    /// The transport's `InterruptStatus`.
+    pub status: &'a std::sync::atomic::AtomicU32,
+    /// The irqfd.
+    pub evt: &'a vmm_sys_util::eventfd::EventFd,
+    /// The transport's interrupt counter.
+    pub raised: &'a mut u64,
 }
 
 impl<'a> QueueCtx<'a> {
-    /// A context over `queues` in `mem`.
-    pub(crate) fn new(mem: &'a GuestMemory, queues: &'a mut [Queue]) -> Self {
-        QueueCtx { mem, queues, used: 0 }
+    /// A context over `queues` in `mem` that can raise the used-buffer interrupt while the
+    /// device works.
+    pub(crate) fn with_irq(mem: &'a GuestMemory, queues: &'a mut [Queue], irq: Irq<'a>) -> Self {
+        QueueCtx { mem, queues, used: 0, irq }
+    }
+    /// Interrupts the driver now for the used entries added to queue `q` so far, if it asked
+    /// for it (`used_event`), instead of when the device has served everything: a driver then
+    /// reaps and posts new requests while the device goes on with the rest. The transport
+    /// signals what is left when the device returns.
+    pub fn signal_used(&mut self, q: usize) {
+        let Some(queue) = self.queues.get_mut(q) else { return };
+        let irq = &mut self.irq;
+        if self.used & (1 << q) == 0 {
+            return;
+        }
+        // A ring the guest moved out of memory: interrupt anyway, the driver resyncs.
+        if queue.needs_notification(self.mem).unwrap_or(true) {
+            irq.status.fetch_or(crate::virtio::mmio::INT_VRING, std::sync::atomic::Ordering::AcqRel);
+            *irq.raised += 1;
+            // A full eventfd counter only means the interrupt is already pending.
+            let _ = irq.evt.write(1);
+        }
     }
     /// Guest memory.
     pub fn mem(&self) -> &'a GuestMemory {

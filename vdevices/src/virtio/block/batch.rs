@@ -13,7 +13,7 @@ use super::{SECTOR_SIZE, req};
 use crate::sys::{IOV_MAX, read_to_guest, write_from_guest};
 
 /// Largest merged I/O in bytes (a single request may be larger; it is never split).
-pub(super) const MAX_MERGE_BYTES: u64 = 4 << 20;
+pub(super) const MAX_MERGE_BYTES: u64 = 512 << 10;
 
 /// A well-formed, in-bounds read or write, ready to be served.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

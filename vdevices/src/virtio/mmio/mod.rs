@@ -7,6 +7,7 @@
 //! that is an irqfd in a KVM VM and a plain event the harness waits on otherwise.
 
 use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use event_manager::{EventOps, EventSet, EventSubscriber, Events};
@@ -16,6 +17,7 @@ use vcore::{BusDevice, GuestMemory, Snapshot, StateError};
 use virtio_queue::{Queue, QueueState, QueueT};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
+use super::chain::Irq;
 use super::{DeviceError, DeviceState, QueueCtx, VIRTIO_F_VERSION_1, VirtioDevice};
 
 /// Size of one virtio-mmio device's register window.
@@ -114,7 +116,6 @@ struct Inner {
     driver_features_sel: u32,
     driver_features: u64,
     queue_sel: u32,
-    interrupt_status: u32,
     config_generation: u32,
     activated: bool,
     broken: Option<String>,
@@ -124,6 +125,9 @@ struct Inner {
 #[derive(Debug)]
 struct Shared {
     inner: Mutex<Inner>,
+    /// `InterruptStatus`, outside the lock: the driver's interrupt handler reads and
+    /// acknowledges it while the device thread may hold the lock for a long batch of I/O.
+    interrupt_status: AtomicU32,
     queue_evts: Vec<EventFd>,
     irq_evt: EventFd,
 }
@@ -152,14 +156,18 @@ impl MmioTransport {
             driver_features_sel: 0,
             driver_features: 0,
             queue_sel: 0,
-            interrupt_status: 0,
             config_generation: 0,
             activated: false,
             broken: None,
             stats: TransportStats::default(),
         };
         Ok(MmioTransport {
-            shared: Arc::new(Shared { inner: Mutex::new(inner), queue_evts, irq_evt: eventfd()? }),
+            shared: Arc::new(Shared {
+                inner: Mutex::new(inner),
+                interrupt_status: AtomicU32::new(0),
+                queue_evts,
+                irq_evt: eventfd()?,
+            }),
         })
     }
 
@@ -266,8 +274,13 @@ impl MmioTransport {
         if !inner.activated || inner.broken.is_some() {
             return 0;
         }
-        let Inner { device, mem, queues, .. } = inner;
-        let mut ctx = QueueCtx::new(mem, queues);
+        let Inner { device, mem, queues, stats, .. } = inner;
+        let irq = Irq {
+            status: &self.shared.interrupt_status,
+            evt: &self.shared.irq_evt,
+            raised: &mut stats.interrupts,
+        };
+        let mut ctx = QueueCtx::with_irq(mem, queues, irq);
         let res = work(device.as_mut(), &mut ctx);
         let used = ctx.used_mask();
         if let Err(e) = res {
@@ -280,7 +293,7 @@ impl MmioTransport {
             }
             inner.broken = Some(msg);
             inner.status |= status::DEVICE_NEEDS_RESET;
-            inner.interrupt_status |= INT_CONFIG;
+            self.shared.interrupt_status.fetch_or(INT_CONFIG, Ordering::AcqRel);
             self.raise(inner);
         }
         self.after_work(inner, used);
@@ -310,7 +323,7 @@ impl MmioTransport {
     fn after_work(&self, inner: &mut Inner, used: u64) {
         if inner.device.take_config_changed() {
             inner.config_generation = inner.config_generation.wrapping_add(1);
-            inner.interrupt_status |= INT_CONFIG;
+            self.shared.interrupt_status.fetch_or(INT_CONFIG, Ordering::AcqRel);
             self.raise(inner);
         }
         let mut notify = false;
@@ -321,7 +334,7 @@ impl MmioTransport {
             }
         }
         if notify {
-            inner.interrupt_status |= INT_VRING;
+            self.shared.interrupt_status.fetch_or(INT_VRING, Ordering::AcqRel);
             self.raise(inner);
         }
     }
@@ -349,7 +362,6 @@ impl MmioTransport {
         inner.device_features_sel = 0;
         inner.driver_features_sel = 0;
         inner.queue_sel = 0;
-        inner.interrupt_status = 0;
         inner.activated = false;
         inner.broken = None;
     }
@@ -357,6 +369,7 @@ impl MmioTransport {
     fn write_status(&self, inner: &mut Inner, value: u32) {
         if value == 0 {
             Self::reset(inner);
+            self.shared.interrupt_status.store(0, Ordering::Release);
             return;
         }
         let mut value = value & !status::DEVICE_NEEDS_RESET;
@@ -420,6 +433,11 @@ impl MmioTransport {
 
 impl BusDevice for MmioTransport {
     fn read(&self, offset: u64, data: &mut [u8]) {
+        if offset == reg::INTERRUPT_STATUS && data.len() == 4 {
+            let v = self.shared.interrupt_status.load(Ordering::Acquire);
+            data.copy_from_slice(&v.to_le_bytes());
+            return;
+        }
         let inner = self.lock();
         if offset >= reg::CONFIG {
             inner.device.read_config(offset - reg::CONFIG, data);
@@ -442,7 +460,6 @@ impl BusDevice for MmioTransport {
             },
             reg::QUEUE_NUM_MAX => q.map_or(0, |q| u32::from(q.max_size())),
             reg::QUEUE_READY => q.map_or(0, |q| u32::from(q.ready())),
-            reg::INTERRUPT_STATUS => inner.interrupt_status,
             reg::STATUS => inner.status,
             reg::CONFIG_GENERATION => inner.config_generation,
             _ => 0,
@@ -451,6 +468,23 @@ impl BusDevice for MmioTransport {
     }
 
     fn write(&self, offset: u64, data: &[u8]) {
+        // The registers of the I/O path do not wait for a device thread that holds the lock.
+        if let Ok(bytes) = <[u8; 4]>::try_from(data) {
+            let v = u32::from_le_bytes(bytes);
+            match offset {
+                reg::QUEUE_NOTIFY => {
+                    if let Some(evt) = self.shared.queue_evts.get(v as usize) {
+                        let _ = evt.write(1);
+                    }
+                    return;
+                }
+                reg::INTERRUPT_ACK => {
+                    self.shared.interrupt_status.fetch_and(!v, Ordering::AcqRel);
+                    return;
+                }
+                _ => {}
+            }
+        }
         let mut inner = self.lock();
         if offset >= reg::CONFIG {
             inner.device.write_config(offset - reg::CONFIG, data);
@@ -478,12 +512,6 @@ impl BusDevice for MmioTransport {
                 }
             }
             reg::QUEUE_SEL => inner.queue_sel = v,
-            reg::QUEUE_NOTIFY => {
-                if let Some(evt) = self.shared.queue_evts.get(v as usize) {
-                    let _ = evt.write(1);
-                }
-            }
-            reg::INTERRUPT_ACK => inner.interrupt_status &= !v,
             reg::STATUS => self.write_status(&mut inner, v),
             _ => Self::queue_write(&mut inner, offset, v),
         }

@@ -91,7 +91,7 @@ impl Snapshot for MmioTransport {
             device_features_sel: inner.device_features_sel,
             driver_features_sel: inner.driver_features_sel,
             queue_sel: inner.queue_sel,
-            interrupt_status: inner.interrupt_status,
+            interrupt_status: self.shared.interrupt_status.load(Ordering::Acquire),
             config_generation: inner.config_generation,
             activated: inner.activated,
             broken: inner.broken.clone(),
@@ -132,7 +132,7 @@ impl Snapshot for MmioTransport {
             inner.device_features_sel = s.device_features_sel;
             inner.driver_features_sel = s.driver_features_sel;
             inner.queue_sel = s.queue_sel;
-            inner.interrupt_status = s.interrupt_status;
+            t.shared.interrupt_status.store(s.interrupt_status, Ordering::Release);
             inner.config_generation = s.config_generation;
             inner.activated = s.activated;
             inner.broken = s.broken.clone();
