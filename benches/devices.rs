@@ -74,7 +74,7 @@ impl BlkSlots {
 fn blk_batch(d: &mut Driver, s: &BlkSlots, pos: &mut u64, kind: u32, len: u32) {
     let mut heads = Vec::with_capacity(s.slots.len());
     for &(h, data, st) in &s.slots {
-        d.mem().write_slice(&hdr(kind, *pos / 512), GuestAddress(h)).unwrap();
+        d.guest().write_slice(&hdr(kind, *pos / 512), GuestAddress(h)).unwrap();
         let data_flags = if kind == req::OUT { 0 } else { DESC_F_WRITE };
         heads.push(d.post_raw(0, &[(h, 16, 0), (data, len, data_flags), (st, 1, DESC_F_WRITE)]).unwrap());
         *pos = (*pos + u64::from(len)) % IMAGE;
@@ -82,7 +82,7 @@ fn blk_batch(d: &mut Driver, s: &BlkSlots, pos: &mut u64, kind: u32, len: u32) {
     d.notify(0);
     for (&head, &(_, _, st)) in heads.iter().zip(&s.slots) {
         d.wait_head(0, head, T).unwrap();
-        assert_eq!(d.mem().read_obj::<u8>(GuestAddress(st)).unwrap(), 0, "status OK");
+        assert_eq!(d.guest().read_obj::<u8>(GuestAddress(st)).unwrap(), 0, "status OK");
     }
 }
 
@@ -114,7 +114,7 @@ impl BlkStream {
         let mut hdr = [0u8; 16];
         hdr[..4].copy_from_slice(&self.kind.to_le_bytes());
         hdr[8..].copy_from_slice(&(self.pos / 512).to_le_bytes());
-        d.mem().write_slice(&hdr, GuestAddress(h)).unwrap();
+        d.guest().write_slice(&hdr, GuestAddress(h)).unwrap();
         let data_flags = if self.kind == req::OUT { 0 } else { DESC_F_WRITE };
         let head = d.post_raw(0, &[(h, 16, 0), (data, self.len, data_flags), (st, 1, DESC_F_WRITE)]).unwrap();
         self.by_head[usize::from(head)] = i;
@@ -133,7 +133,7 @@ impl BlkStream {
             for k in 0..self.reaped.len() {
                 let i = self.by_head[usize::from(self.reaped[k].0)];
                 let st = self.slots.slots[i].2;
-                assert_eq!(d.mem().read_obj::<u8>(GuestAddress(st)).unwrap(), 0, "status OK");
+                assert_eq!(d.guest().read_obj::<u8>(GuestAddress(st)).unwrap(), 0, "status OK");
                 self.post(d, i);
             }
             done += self.reaped.len();
@@ -211,7 +211,7 @@ fn virtio_blk(c: &mut Criterion) {
                 b.iter(|| {
                     let mut heads = Vec::with_capacity(32);
                     for &(h, data, st) in &slots.slots {
-                        d.mem().write_slice(&hdr(req::IN, pos / 512), GuestAddress(h)).unwrap();
+                        d.guest().write_slice(&hdr(req::IN, pos / 512), GuestAddress(h)).unwrap();
                         heads.push(
                             d.post_raw(0, &[(h, 16, 0), (data, len, DESC_F_WRITE), (st, 1, DESC_F_WRITE)])
                                 .unwrap(),
@@ -307,7 +307,7 @@ fn virtio_net(c: &mut Criterion) {
     frame.extend_from_slice(&[0x02, 0, 0, 0, 0, 1, 0x88, 0xb5]);
     frame.resize(HDR_LEN + 1514, 0x42);
     let buf = d.alloc(frame.len() as u64).unwrap();
-    d.mem().write_slice(&frame, GuestAddress(buf)).unwrap();
+    d.guest().write_slice(&frame, GuestAddress(buf)).unwrap();
     let mut g = c.benchmark_group("virtio_net");
     g.sample_size(10).measurement_time(Duration::from_secs(3)).warm_up_time(Duration::from_millis(500));
     for (name, bytes) in [("tx_1514b_x64", true), ("tx_1514b_x64_frames", false)] {

@@ -62,7 +62,8 @@ struct DriverQueue {
     last_used: u16,
     /// The available index at the last [`Driver::kick`].
     kicked: u16,
-    chains: HashMap<u16, Vec<u16>>,
+    /// The descriptors of each chain in flight, by head (empty when none).
+    chains: Vec<Vec<u16>>,
 }
 
 /// A request posted by [`Driver::post`].
@@ -90,6 +91,7 @@ pub struct Completion {
 pub struct Driver {
     bus: Bus,
     mem: GuestMemory,
+    guest: GuestView,
     transport: MmioTransport,
     queues: Vec<DriverQueue>,
     next_buf: u64,
@@ -133,6 +135,7 @@ impl Driver {
         )?;
         Ok(Driver {
             bus,
+            guest: guest_view(&mem)?,
             mem,
             transport,
             queues: Vec::new(),
@@ -175,9 +178,14 @@ impl Driver {
         &self.transport
     }
 
-    /// Guest memory.
+    /// Guest memory (the VMM's view: writes through it are marked in its dirty bitmap).
     pub fn mem(&self) -> &GuestMemory {
         &self.mem
+    }
+
+    /// Guest memory as the guest sees it (see [`GuestView`]): what the driver itself uses.
+    pub fn guest(&self) -> &GuestView {
+        &self.guest
     }
 
     /// Interrupts seen so far.
@@ -248,9 +256,9 @@ impl Driver {
                 avail_idx: 0,
                 last_used: 0,
                 kicked: 0,
-                chains: HashMap::new(),
+                chains: vec![Vec::new(); usize::from(size)],
             };
-            self.mem.write_slice(&[0u8; 0x4000], GuestAddress(base))?;
+            self.guest.write_slice(&[0u8; 0x4000], GuestAddress(base))?;
             self.write_reg(reg::QUEUE_NUM, u32::from(size));
             for (lo, hi, addr) in [
                 (reg::QUEUE_DESC_LOW, reg::QUEUE_DESC_HIGH, dq.desc),
@@ -304,7 +312,7 @@ impl Driver {
         d[8..12].copy_from_slice(&len.to_le_bytes());
         d[12..14].copy_from_slice(&flags.to_le_bytes());
         d[14..].copy_from_slice(&next.to_le_bytes());
-        self.mem.write_slice(&d, GuestAddress(dq.desc + 16 * u64::from(i)))?;
+        self.guest.write_slice(&d, GuestAddress(dq.desc + 16 * u64::from(i)))?;
         Ok(())
     }
 
@@ -312,10 +320,10 @@ impl Driver {
     pub fn publish(&mut self, q: usize, head: u16) -> Result<(), HarnessError> {
         let dq = self.queues.get_mut(q).ok_or(HarnessError::Queue(q))?;
         let slot = dq.avail_idx % dq.size;
-        self.mem.write_obj(head, GuestAddress(dq.avail + 4 + 2 * u64::from(slot)))?;
+        self.guest.write_obj(head, GuestAddress(dq.avail + 4 + 2 * u64::from(slot)))?;
         dq.avail_idx = dq.avail_idx.wrapping_add(1);
         std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
-        self.mem.write_obj(dq.avail_idx, GuestAddress(dq.avail + 2))?;
+        self.guest.write_obj(dq.avail_idx, GuestAddress(dq.avail + 2))?;
         Ok(())
     }
 
@@ -323,7 +331,7 @@ impl Driver {
     pub fn set_avail_idx(&mut self, q: usize, idx: u16) -> Result<(), HarnessError> {
         let dq = self.queues.get_mut(q).ok_or(HarnessError::Queue(q))?;
         dq.avail_idx = idx;
-        self.mem.write_obj(idx, GuestAddress(dq.avail + 2))?;
+        self.guest.write_obj(idx, GuestAddress(dq.avail + 2))?;
         Ok(())
     }
 
@@ -333,13 +341,13 @@ impl Driver {
         let mut bufs = Vec::new();
         for o in out {
             let a = self.alloc(o.len() as u64)?;
-            self.mem.write_slice(o, GuestAddress(a))?;
+            self.guest.write_slice(o, GuestAddress(a))?;
             bufs.push((a, o.len() as u32, 0u16));
         }
         let mut in_bufs = Vec::new();
         for &l in in_lens {
             let a = self.alloc(u64::from(l))?;
-            self.mem.write_slice(&vec![0xaa; l as usize], GuestAddress(a))?;
+            self.guest.write_slice(&vec![0xaa; l as usize], GuestAddress(a))?;
             bufs.push((a, l, DESC_F_WRITE));
             in_bufs.push((a, l));
         }
@@ -353,8 +361,11 @@ impl Driver {
         if bufs.is_empty() || dq.free.len() < bufs.len() {
             return Err(HarnessError::Exhausted("descriptors"));
         }
-        let idx: Vec<u16> = (0..bufs.len()).filter_map(|_| dq.free.pop()).collect();
-        let head = idx[0];
+        // The chain's descriptor list reuses the allocation of the head's previous chain.
+        let head = *dq.free.last().ok_or(HarnessError::Exhausted("descriptors"))?;
+        let mut idx = std::mem::take(&mut dq.chains[usize::from(head)]);
+        idx.clear();
+        idx.extend((0..bufs.len()).filter_map(|_| dq.free.pop()));
         for (k, &(addr, len, flags)) in bufs.iter().enumerate() {
             let last = k + 1 == bufs.len();
             let flags = if last { flags } else { flags | DESC_F_NEXT };
@@ -362,7 +373,7 @@ impl Driver {
             self.write_desc(q, idx[k], addr, len, flags, next)?;
         }
         if let Some(dq) = self.queues.get_mut(q) {
-            dq.chains.insert(head, idx);
+            dq.chains[usize::from(head)] = idx;
         }
         self.publish(q, head)?;
         Ok(head)
@@ -389,7 +400,7 @@ impl Driver {
             // vring_need_event(event, new, old)
             new.wrapping_sub(event).wrapping_sub(1) < new.wrapping_sub(old)
         } else {
-            let flags: u16 = self.mem.read_obj(GuestAddress(dq.used))?;
+            let flags: u16 = self.guest.read_obj(GuestAddress(dq.used))?;
             flags & 1 == 0 && new != old
         };
         if need {
@@ -402,7 +413,7 @@ impl Driver {
     /// The device's `avail_event` for queue `q` (where it asked to be notified next).
     pub fn avail_event(&self, q: usize) -> Result<u16, HarnessError> {
         let dq = self.queues.get(q).ok_or(HarnessError::Queue(q))?;
-        Ok(self.mem.read_obj(GuestAddress(dq.used + 4 + 8 * u64::from(dq.size)))?)
+        Ok(self.guest.read_obj(GuestAddress(dq.used + 4 + 8 * u64::from(dq.size)))?)
     }
 
     /// Notifications [`Driver::kick`] sent so far.
@@ -429,15 +440,17 @@ impl Driver {
     /// Moves new used-ring entries of queue `q` into the completion table; returns how many.
     pub fn collect_used(&mut self, q: usize) -> Result<usize, HarnessError> {
         let dq = self.queues.get_mut(q).ok_or(HarnessError::Queue(q))?;
-        let used_idx: u16 = self.mem.read_obj(GuestAddress(dq.used + 2))?;
+        let used_idx: u16 = self.guest.read_obj(GuestAddress(dq.used + 2))?;
         let mut n = 0;
         while dq.last_used != used_idx {
             let slot = u64::from(dq.last_used % dq.size);
-            let id: u32 = self.mem.read_obj(GuestAddress(dq.used + 4 + 8 * slot))?;
-            let len: u32 = self.mem.read_obj(GuestAddress(dq.used + 8 + 8 * slot))?;
+            let id: u32 = self.guest.read_obj(GuestAddress(dq.used + 4 + 8 * slot))?;
+            let len: u32 = self.guest.read_obj(GuestAddress(dq.used + 8 + 8 * slot))?;
             let head = id as u16;
-            if let Some(descs) = dq.chains.remove(&head) {
-                dq.free.extend(descs);
+            // Emptied, so that a head completed twice frees nothing twice.
+            if let Some(descs) = dq.chains.get_mut(usize::from(head)) {
+                dq.free.extend_from_slice(descs);
+                descs.clear();
             }
             // A head completed twice would be a device bug: the test sees the second insert.
             if self.done.insert((q, head), len).is_some() {
@@ -447,7 +460,7 @@ impl Driver {
             n += 1;
         }
         // With VIRTIO_F_RING_EVENT_IDX: interrupt me on the next used entry (used_event).
-        self.mem.write_obj(dq.last_used, GuestAddress(dq.avail + 4 + 2 * u64::from(dq.size)))?;
+        self.guest.write_obj(dq.last_used, GuestAddress(dq.avail + 4 + 2 * u64::from(dq.size)))?;
         Ok(n)
     }
 
@@ -457,24 +470,26 @@ impl Driver {
     /// [`Driver::wait`] or [`Driver::wait_head`].
     pub fn reap(&mut self, q: usize, out: &mut Vec<(u16, u32)>) -> Result<usize, HarnessError> {
         let dq = self.queues.get_mut(q).ok_or(HarnessError::Queue(q))?;
-        let used_idx: u16 = self.mem.read_obj(GuestAddress(dq.used + 2))?;
+        let used_idx: u16 = self.guest.read_obj(GuestAddress(dq.used + 2))?;
         // The entries must be read after the index that published them.
         std::sync::atomic::fence(std::sync::atomic::Ordering::Acquire);
         let n = used_idx.wrapping_sub(dq.last_used);
         for _ in 0..n {
             let slot = u64::from(dq.last_used % dq.size);
             let mut e = [0u8; 8];
-            self.mem.read_slice(&mut e, GuestAddress(dq.used + 4 + 8 * slot))?;
+            self.guest.read_slice(&mut e, GuestAddress(dq.used + 4 + 8 * slot))?;
             let head = u32::from_le_bytes([e[0], e[1], e[2], e[3]]) as u16;
-            if let Some(descs) = dq.chains.remove(&head) {
-                dq.free.extend(descs);
+            // Emptied, so that a head completed twice frees nothing twice.
+            if let Some(descs) = dq.chains.get_mut(usize::from(head)) {
+                dq.free.extend_from_slice(descs);
+                descs.clear();
             }
             out.push((head, u32::from_le_bytes([e[4], e[5], e[6], e[7]])));
             dq.last_used = dq.last_used.wrapping_add(1);
         }
         if n > 0 {
             // With VIRTIO_F_RING_EVENT_IDX: interrupt me on the next used entry (used_event).
-            self.mem.write_obj(dq.last_used, GuestAddress(dq.avail + 4 + 2 * u64::from(dq.size)))?;
+            self.guest.write_obj(dq.last_used, GuestAddress(dq.avail + 4 + 2 * u64::from(dq.size)))?;
         }
         Ok(usize::from(n))
     }
@@ -505,7 +520,7 @@ impl Driver {
     /// The used index the device has published for queue `q`.
     pub fn used_idx(&self, q: usize) -> Result<u16, HarnessError> {
         let dq = self.queues.get(q).ok_or(HarnessError::Queue(q))?;
-        Ok(self.mem.read_obj(GuestAddress(dq.used + 2))?)
+        Ok(self.guest.read_obj(GuestAddress(dq.used + 2))?)
     }
 
     /// Whether some chain was completed twice (a device bug).
@@ -551,7 +566,7 @@ impl Driver {
                 let mut data = Vec::new();
                 for &(a, l) in &p.in_bufs {
                     let mut b = vec![0u8; l as usize];
-                    self.mem.read_slice(&mut b, GuestAddress(a))?;
+                    self.guest.read_slice(&mut b, GuestAddress(a))?;
                     data.push(b);
                 }
                 return Ok(Completion { len, data });
@@ -582,6 +597,38 @@ impl Driver {
         }
         self.read_reg(reg::STATUS) & status::DEVICE_NEEDS_RESET != 0
     }
+}
+
+/// Guest memory as the guest sees it: the same mappings without the VMM's dirty bitmap. Under
+/// KVM the guest's own writes are KVM's to track (dirty log or ring); the bitmap records only
+/// what the VMM writes (device DMA). The harness plays the guest, so its ring and buffer
+/// accesses go through this view: they neither pay for the bitmap nor contend with the device
+/// thread on its words.
+pub type GuestView = vm_memory::GuestMemoryMmap<()>;
+
+/// A [`GuestView`] of `mem`. It does not own the mappings: it must not outlive `mem` (the
+/// [`Driver`] keeps both).
+fn guest_view(mem: &GuestMemory) -> Result<GuestView, HarnessError> {
+    use vm_memory::{GuestMemoryRegion, GuestRegionMmap, MmapRegion};
+    let mut regions = Vec::new();
+    for r in mem.iter() {
+        let len = usize::try_from(r.len()).map_err(|_| HarnessError::Exhausted("address space"))?;
+        // SAFETY: `r.as_ptr()` is the start of a live, page-aligned mapping of `len` bytes
+        // owned by `mem`'s region; the raw region built here never unmaps it (not owned), and
+        // the Driver holds a clone of `mem` (keeping the mapping alive) for as long as it holds
+        // this view.
+        let m = unsafe {
+            MmapRegion::<()>::build_raw(
+                r.as_ptr(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_ANONYMOUS | libc::MAP_PRIVATE,
+            )
+        }
+        .map_err(|e| std::io::Error::other(e.to_string()))?;
+        regions.push(GuestRegionMmap::new(m, r.start_addr()).ok_or(HarnessError::Exhausted("address space"))?);
+    }
+    vm_memory::GuestMemoryMmap::from_regions(regions).map_err(|e| std::io::Error::other(e.to_string()).into())
 }
 
 /// Guest memory for harness tests: `mib` MiB from address 0.
