@@ -19,10 +19,32 @@ use crate::cpu::{self, CpuError};
 
 /// Current snapshot format: major must match, minor may be older.
 pub const SNAPSHOT_VERSION: (u16, u16) = (1, 0);
-const SNAPSHOT_MAGIC: [u8; 8] = *b"VINFRAVM";
-const HEADER_LEN: usize = 8 + 2 + 2 + 8 + 4;
 /// Largest snapshot payload accepted when decoding.
 pub const MAX_SNAPSHOT_BYTES: u64 = 64 << 20;
+/// The envelope of VM snapshots.
+pub const VM_SNAPSHOT: Envelope =
+    Envelope { magic: *b"VINFRAVM", version: SNAPSHOT_VERSION, max_payload: MAX_SNAPSHOT_BYTES };
+
+/// A versioned, checksummed container for one saved structure: magic (8 bytes), major and
+/// minor version (u16 each), payload length (u64), CRC32C of the payload (u32), then the
+/// `postcard` payload. VM snapshots and device state use it, each with its own magic and
+/// version.
+///
+/// Versioning rule: a reader accepts its own major version and any minor version up to its
+/// own. Adding or changing a field of a saved structure changes its postcard layout, so it
+/// bumps the version; a reader that still accepts the old layout decodes it into the old
+/// structure and converts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Envelope {
+    /// Identifies what the bytes hold.
+    pub magic: [u8; 8],
+    /// (major, minor) written, and the newest readable.
+    pub version: (u16, u16),
+    /// Largest payload accepted when decoding.
+    pub max_payload: u64,
+}
+
+const HEADER_LEN: usize = 8 + 2 + 2 + 8 + 4;
 
 /// State that a component saves and restores (devices implement it for their queues and config).
 pub trait Snapshot: Sized {
@@ -39,29 +61,36 @@ pub trait Snapshot: Sized {
 /// Errors of saving, encoding, decoding and restoring state.
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
-    /// The bytes do not start with the snapshot magic.
-    #[error("not a vinfra snapshot (bad magic)")]
-    BadMagic,
-    /// The snapshot was written by an incompatible version.
-    #[error("snapshot version {found_major}.{found_minor} is not readable by {}.{}", SNAPSHOT_VERSION.0, SNAPSHOT_VERSION.1)]
+    /// The bytes do not start with the expected magic.
+    #[error("not vinfra state of this kind (expected magic {expected:?})")]
+    BadMagic {
+        /// The magic expected, as text.
+        expected: String,
+    },
+    /// The state was written by an incompatible version.
+    #[error("state version {found_major}.{found_minor} is not readable by {readable_major}.{readable_minor}")]
     Version {
         /// Major version found.
         found_major: u16,
         /// Minor version found.
         found_minor: u16,
+        /// Major version this build reads.
+        readable_major: u16,
+        /// Newest minor version this build reads.
+        readable_minor: u16,
     },
     /// The declared length is larger than allowed or than the input.
-    #[error(
-        "snapshot payload of {declared} bytes: {available} available, at most {MAX_SNAPSHOT_BYTES} allowed"
-    )]
+    #[error("state payload of {declared} bytes: {available} available, at most {max} allowed")]
     Length {
         /// Length in the header.
         declared: u64,
         /// Bytes present.
         available: u64,
+        /// Largest payload accepted.
+        max: u64,
     },
-    /// The payload checksum does not match: the snapshot is corrupt.
-    #[error("snapshot checksum mismatch: header says {expected:#010x}, payload has {found:#010x}")]
+    /// The payload checksum does not match: the state is corrupt.
+    #[error("state checksum mismatch: header says {expected:#010x}, payload has {found:#010x}")]
     Checksum {
         /// Checksum in the header.
         expected: u32,
@@ -380,42 +409,70 @@ fn crc32c(bytes: &[u8]) -> u32 {
     crc_fast::checksum(crc_fast::CrcAlgorithm::Crc32Iscsi, bytes) as u32
 }
 
-impl VmSnapshot {
-    /// Encodes the snapshot: magic, version, payload length, CRC32C, postcard payload.
-    pub fn to_bytes(&self) -> Vec<u8> {
-        let payload = postcard::to_stdvec(self).unwrap_or_default();
+impl Envelope {
+    /// Encodes `value` in this envelope.
+    pub fn encode<T: Serialize>(&self, value: &T) -> Vec<u8> {
+        let payload = postcard::to_stdvec(value).unwrap_or_default();
         let mut out = Vec::with_capacity(HEADER_LEN + payload.len());
-        out.extend_from_slice(&SNAPSHOT_MAGIC);
-        out.extend_from_slice(&SNAPSHOT_VERSION.0.to_le_bytes());
-        out.extend_from_slice(&SNAPSHOT_VERSION.1.to_le_bytes());
+        out.extend_from_slice(&self.magic);
+        out.extend_from_slice(&self.version.0.to_le_bytes());
+        out.extend_from_slice(&self.version.1.to_le_bytes());
         out.extend_from_slice(&(payload.len() as u64).to_le_bytes());
         out.extend_from_slice(&crc32c(&payload).to_le_bytes());
         out.extend_from_slice(&payload);
         out
     }
 
-    /// Decodes and verifies bytes made by [`VmSnapshot::to_bytes`]; never trusts the input.
-    pub fn from_bytes(bytes: &[u8]) -> Result<Self, StateError> {
-        if bytes.len() < HEADER_LEN || bytes[..8] != SNAPSHOT_MAGIC {
-            return Err(StateError::BadMagic);
+    /// Checks magic, version, length and checksum of `bytes`; returns the found version and
+    /// the payload. Never trusts the input.
+    pub fn open<'b>(&self, bytes: &'b [u8]) -> Result<((u16, u16), &'b [u8]), StateError> {
+        if bytes.len() < HEADER_LEN || bytes[..8] != self.magic {
+            return Err(StateError::BadMagic { expected: String::from_utf8_lossy(&self.magic).into_owned() });
         }
         let u16_at = |o: usize| u16::from_le_bytes([bytes[o], bytes[o + 1]]);
         let (major, minor) = (u16_at(8), u16_at(10));
-        if major != SNAPSHOT_VERSION.0 || minor > SNAPSHOT_VERSION.1 {
-            return Err(StateError::Version { found_major: major, found_minor: minor });
+        if major != self.version.0 || minor > self.version.1 {
+            return Err(StateError::Version {
+                found_major: major,
+                found_minor: minor,
+                readable_major: self.version.0,
+                readable_minor: self.version.1,
+            });
         }
         let mut len = [0u8; 8];
         len.copy_from_slice(&bytes[12..20]);
         let declared = u64::from_le_bytes(len);
         let payload = &bytes[HEADER_LEN..];
-        if declared > MAX_SNAPSHOT_BYTES || declared != payload.len() as u64 {
-            return Err(StateError::Length { declared, available: payload.len() as u64 });
+        if declared > self.max_payload || declared != payload.len() as u64 {
+            return Err(StateError::Length {
+                declared,
+                available: payload.len() as u64,
+                max: self.max_payload,
+            });
         }
         let expected = u32::from_le_bytes([bytes[20], bytes[21], bytes[22], bytes[23]]);
         let found = crc32c(payload);
         if expected != found {
             return Err(StateError::Checksum { expected, found });
         }
+        Ok(((major, minor), payload))
+    }
+
+    /// Decodes bytes made by [`Envelope::encode`] of the current version.
+    pub fn decode<T: DeserializeOwned>(&self, bytes: &[u8]) -> Result<T, StateError> {
+        let (_, payload) = self.open(bytes)?;
         postcard::from_bytes(payload).map_err(StateError::Decode)
+    }
+}
+
+impl VmSnapshot {
+    /// Encodes the snapshot in [`VM_SNAPSHOT`]'s envelope.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        VM_SNAPSHOT.encode(self)
+    }
+
+    /// Decodes and verifies bytes made by [`VmSnapshot::to_bytes`]; never trusts the input.
+    pub fn from_bytes(bytes: &[u8]) -> Result<Self, StateError> {
+        VM_SNAPSHOT.decode(bytes)
     }
 }

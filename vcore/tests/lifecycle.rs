@@ -122,7 +122,10 @@ fn bad_input_gives_typed_errors() {
     flipped[last] ^= 0x40;
     assert!(matches!(VmSnapshot::from_bytes(&flipped), Err(StateError::Checksum { .. })));
     assert!(matches!(VmSnapshot::from_bytes(&good[..good.len() - 3]), Err(StateError::Length { .. })));
-    assert!(matches!(VmSnapshot::from_bytes(b"garbage!garbage!garbage!garbage!"), Err(StateError::BadMagic)));
+    assert!(matches!(
+        VmSnapshot::from_bytes(b"garbage!garbage!garbage!garbage!"),
+        Err(StateError::BadMagic { .. })
+    ));
     let mut version = good.clone();
     version[8] = 9;
     assert!(matches!(VmSnapshot::from_bytes(&version), Err(StateError::Version { .. })));

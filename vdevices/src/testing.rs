@@ -626,7 +626,8 @@ fn guest_view(mem: &GuestMemory) -> Result<GuestView, HarnessError> {
             )
         }
         .map_err(|e| std::io::Error::other(e.to_string()))?;
-        regions.push(GuestRegionMmap::new(m, r.start_addr()).ok_or(HarnessError::Exhausted("address space"))?);
+        regions
+            .push(GuestRegionMmap::new(m, r.start_addr()).ok_or(HarnessError::Exhausted("address space"))?);
     }
     vm_memory::GuestMemoryMmap::from_regions(regions).map_err(|e| std::io::Error::other(e.to_string()).into())
 }

@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::rig;
+use vcore::Snapshot;
 use vdevices::virtio::mmio::{INT_VRING, reg};
 use vdevices::virtio::rng::RngState;
 use vdevices::virtio::{
@@ -108,5 +109,26 @@ fn interrupts_reach_the_driver_while_the_device_still_works() {
     go.send(()).unwrap();
     r.driver.wait_head(0, head3, Duration::from_secs(5)).unwrap();
     assert_eq!(r.driver.kicks(), 2);
+    assert!(r.driver.transport().broken().is_none());
+}
+
+#[test]
+fn a_paused_transport_serves_nothing_until_resumed() {
+    let mut r = rig(Box::new(vdevices::virtio::rng::Rng::new()));
+    r.driver.init(u64::MAX, 16).unwrap();
+    let first = r.driver.request(0, &[], &[32]).unwrap();
+    assert_eq!(first.len, 32);
+
+    r.driver.transport().pause();
+    let p = r.driver.post(0, &[], &[32]).unwrap();
+    r.driver.kick(0).unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(r.driver.used_idx(0).unwrap(), 1, "nothing served (or written) while paused");
+    let state = r.driver.transport().save();
+    assert_eq!(state.queues[0].next_avail, 1, "the saved state is the paused one");
+
+    r.driver.transport().resume();
+    let c = r.driver.wait(&p, Duration::from_secs(5)).unwrap();
+    assert_eq!(c.len, 32, "served after resume, from the notification that came while paused");
     assert!(r.driver.transport().broken().is_none());
 }

@@ -5,12 +5,13 @@
 //!    dirty, while the predicted downtime (dirty bytes / measured bandwidth) exceeds the limit.
 //!    Auto-converge throttles the vCPUs when the dirty rate outruns the link; stall detection
 //!    and a total timeout each end in the strategy the caller picked.
-//! 3. Pause, send the rest, the vCPU/VM state and device sections, `Complete`; wait for `Ready`.
+//! 3. Pause the vCPUs, then the devices ([`SourceDevices`]); send the rest, the vCPU/VM state
+//!    and device sections, `Complete`; wait for `Ready`.
 //! 4. **Point of no return**: send `Commit`, wait for `Started`.
 //!
 //! Before the point of no return, any error, a cancel, a dead peer or a timeout turns dirty
-//! logging off, removes the throttle and resumes the source VM (if it was paused); its memory was
-//! only read. If the connection fails after `Commit` was handed to the transport, the source
+//! logging off, removes the throttle and resumes the source VM and its devices (if they were
+//! paused); its memory was only read. If the connection fails after `Commit` was handed to the transport, the source
 //! cannot know whether the destination started the guest: it returns
 //! [`MigrationError::CommitUncertain`] and leaves the VM **paused**, never resumed; the caller
 //! (for example HA, through its fencing tokens) must decide. After `Started` the source VM is
@@ -127,6 +128,9 @@ pub enum MigrationError {
     /// A VM operation failed (pause, state save or restore, start).
     #[error("VM operation")]
     Vm(#[from] vcore::VmError),
+    /// The source's devices could not be paused or saved.
+    #[error("saving device state: {0}")]
+    Devices(String),
     /// The peer refused the handshake or aborted.
     #[error("the peer aborted: {0}")]
     PeerAborted(String),
@@ -211,15 +215,30 @@ const CHUNK_PAGES: u64 = 32768;
 /// Flush the send buffer at this size.
 const FLUSH_BYTES: usize = crate::stream::SEND_BUFFER;
 
-/// Device state captured after the pause: `(name, bytes)` sections.
-pub type DeviceSaver<'a> = dyn FnMut() -> Vec<(String, Vec<u8>)> + 'a;
+/// The devices of a migrating VM, as the source sees them. vmigrate knows devices only through
+/// this trait: their state travels as opaque named sections.
+///
+/// Devices run on their own threads and write guest memory (DMA) whatever the vCPUs do, so
+/// pausing the vCPUs is not enough: a device that completed a request after the last memory
+/// pass would leave its used-ring entry behind while its saved state says it was done. The
+/// engine therefore pauses the devices right after the vCPUs, before that pass.
+pub trait SourceDevices {
+    /// The vCPUs are paused and the last memory pass is about to start: stop the devices' own
+    /// work so that they write nothing more into guest memory (their last writes then travel
+    /// with that pass), and return their state as `(name, bytes)` sections.
+    fn pause_and_save(&mut self) -> Result<Vec<(String, Vec<u8>)>, String>;
+    /// The migration failed before the point of no return and the source VM runs again: so
+    /// must its devices (called only after [`SourceDevices::pause_and_save`]).
+    fn resume(&mut self);
+}
 
 /// The source side of a live migration.
 pub struct Source<'a> {
     vm: &'a Vm,
     policy: ConvergencePolicy,
     handle: MigrationHandle,
-    devices: Option<Box<DeviceSaver<'a>>>,
+    devices: Option<Box<dyn SourceDevices + 'a>>,
+    devices_paused: bool,
     progress: Box<dyn FnMut(&Progress) + 'a>,
     trackers: Vec<Box<dyn DirtyTracker>>,
 }
@@ -243,6 +262,7 @@ impl<'a> Source<'a> {
             policy,
             handle: MigrationHandle::new(),
             devices: None,
+            devices_paused: false,
             progress: Box::new(|_| {}),
             trackers: trackers_for(vm),
         }
@@ -254,9 +274,10 @@ impl<'a> Source<'a> {
         self
     }
 
-    /// Called once the VM is paused to collect device state sections.
-    pub fn devices(mut self, saver: impl FnMut() -> Vec<(String, Vec<u8>)> + 'a) -> Self {
-        self.devices = Some(Box::new(saver));
+    /// The VM's devices: paused and saved right after the vCPUs (see [`SourceDevices`]),
+    /// resumed with the VM if the migration fails before the point of no return.
+    pub fn devices(mut self, devices: impl SourceDevices + 'a) -> Self {
+        self.devices = Some(Box::new(devices));
         self
     }
 
@@ -288,6 +309,11 @@ impl<'a> Source<'a> {
                     let mut w = FrameWriter::new(&mut transport, 0);
                     let _ = w.message(&Message::Abort(e.to_string()));
                     if paused {
+                        if self.devices_paused
+                            && let Some(d) = self.devices.as_mut()
+                        {
+                            d.resume();
+                        }
                         let _ = self.vm.resume();
                     }
                 }
@@ -559,6 +585,14 @@ impl<'a> Source<'a> {
         vm.pause()?;
         *paused = true;
         stats.pause_latency = pause_at.elapsed();
+        // Devices stop before the last pass, so that it carries everything they wrote.
+        let sections = match self.devices.as_mut() {
+            Some(d) => {
+                self.devices_paused = true;
+                d.pause_and_save().map_err(MigrationError::Devices)?
+            }
+            None => Vec::new(),
+        };
         self.fetch(&mut to_send)?;
         let remaining_pages = to_send.iter().map(DirtyBitmap::count).sum();
         (self.progress)(&Progress::Paused { remaining_pages });
@@ -569,7 +603,6 @@ impl<'a> Source<'a> {
         let state = vm.save_state()?.to_bytes();
         stats.final_copy = pause_at.elapsed() - stats.pause_latency;
         w.message(&Message::CpuState(&state))?;
-        let sections = self.devices.as_mut().map(|f| f()).unwrap_or_default();
         for (name, data) in &sections {
             w.message(&Message::Device { name: name.clone(), data })?;
         }

@@ -118,6 +118,8 @@ struct Inner {
     queue_sel: u32,
     config_generation: u32,
     activated: bool,
+    /// Host-side pause (see [`MmioTransport::pause`]); not part of the device state.
+    paused: bool,
     broken: Option<String>,
     stats: TransportStats,
 }
@@ -158,6 +160,7 @@ impl MmioTransport {
             queue_sel: 0,
             config_generation: 0,
             activated: false,
+            paused: false,
             broken: None,
             stats: TransportStats::default(),
         };
@@ -241,6 +244,31 @@ impl MmioTransport {
         self.after_work(&mut inner, 0);
     }
 
+    /// Stops the device's own work: from when this returns (after any serve in progress), the
+    /// device serves nothing and writes nothing into guest memory until
+    /// [`MmioTransport::resume`]; notifications that arrive meanwhile are served then. A
+    /// migration pauses the devices right after the vCPUs, so that the last memory pass carries
+    /// everything they wrote and the state saved afterwards is final.
+    pub fn pause(&self) {
+        self.lock().paused = true;
+    }
+
+    /// Undoes [`MmioTransport::pause`] and serves what arrived meanwhile.
+    pub fn resume(&self) {
+        let backends = {
+            let mut inner = self.lock();
+            inner.paused = false;
+            inner.device.backend_fds().len()
+        };
+        // The event loop serves the queues; backend fds are edge-triggered, so look now.
+        for evt in &self.shared.queue_evts {
+            let _ = evt.write(1);
+        }
+        for i in 0..backends {
+            self.process_backend(i);
+        }
+    }
+
     /// Serves queue `q` now, on the calling thread (what the event loop does on a notification).
     pub fn process_queue(&self, q: usize) {
         let mut inner = self.lock();
@@ -271,7 +299,7 @@ impl MmioTransport {
         inner: &mut Inner,
         work: impl FnOnce(&mut dyn VirtioDevice, &mut QueueCtx<'_>) -> Result<(), DeviceError>,
     ) -> u64 {
-        if !inner.activated || inner.broken.is_some() {
+        if inner.paused || !inner.activated || inner.broken.is_some() {
             return 0;
         }
         let Inner { device, mem, queues, stats, .. } = inner;
@@ -563,4 +591,4 @@ impl AsRawFd for MmioTransport {
 }
 
 mod state;
-pub use state::{QueueSnapshot, TransportArgs, TransportState};
+pub use state::{DEVICE_STATE, DEVICE_STATE_VERSION, QueueSnapshot, TransportArgs, TransportState};

@@ -2,6 +2,29 @@
 
 use super::*;
 
+/// Version of encoded device state ([`TransportState::to_bytes`]). Any change to a saved
+/// structure of the transport or a device changes the encoding and bumps it; decoding an older
+/// version that is still accepted goes through the old structures (see [`vcore::Envelope`]).
+pub const DEVICE_STATE_VERSION: (u16, u16) = (1, 0);
+
+/// The envelope of encoded device state.
+pub const DEVICE_STATE: vcore::Envelope =
+    vcore::Envelope { magic: *b"VINFRADV", version: DEVICE_STATE_VERSION, max_payload: 16 << 20 };
+
+impl TransportState {
+    /// Encodes the state (transport and device) for a snapshot or a migration section:
+    /// versioned and checksummed ([`DEVICE_STATE`]).
+    pub fn to_bytes(&self) -> Vec<u8> {
+        DEVICE_STATE.encode(self)
+    }
+
+    /// Decodes bytes made by [`TransportState::to_bytes`]; a wrong kind, an unreadable version,
+    /// a bad length or checksum, or a payload that does not decode is a typed error.
+    pub fn from_bytes(bytes: &[u8]) -> Result<Self, StateError> {
+        DEVICE_STATE.decode(bytes)
+    }
+}
+
 /// One queue's saved registers and ring positions.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct QueueSnapshot {
