@@ -13,7 +13,16 @@ use super::{SECTOR_SIZE, req};
 use crate::sys::{IOV_MAX, read_to_guest, write_from_guest};
 
 /// Largest merged I/O in bytes (a single request may be larger; it is never split).
+///
+/// Both limits bound the work done before the device signals completions: I/O here is
+/// synchronous, so a batch completes as a whole, and a driver that keeps its queue full can
+/// refill only what was completed. In pieces, it refills the first while the device serves the
+/// next (measured with 32 requests in flight: 64 KiB reads went from 0.65x to 0.9x of direct
+/// reads with 512 KiB instead of 4 MiB; 4 KiB reads from 0.4x to 0.6x with 16 requests, where
+/// 8, 12 and 24 did worse).
 pub(super) const MAX_MERGE_BYTES: u64 = 512 << 10;
+/// Largest number of requests merged into one I/O (see [`MAX_MERGE_BYTES`]).
+pub(super) const MAX_MERGE_REQS: usize = 16;
 
 /// A well-formed, in-bounds read or write, ready to be served.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -140,13 +149,14 @@ impl Batch {
 
     /// Whether `r` can join the batch: same direction, starts where the
     /// batch ends in the image, and the merged I/O stays within [`IOV_MAX`] buffers and
-    /// [`MAX_MERGE_BYTES`].
+    /// [`MAX_MERGE_BYTES`] and [`MAX_MERGE_REQS`].
     pub fn accepts(&self, r: &RwReq) -> bool {
         let (Some(first), Some(last)) = (self.reqs.first(), self.reqs.last()) else { return true };
         self.write == r.write
             && last.offset + last.len == r.offset
             && r.end - first.start <= IOV_MAX
             && last.offset + last.len - first.offset + r.len <= MAX_MERGE_BYTES
+            && self.reqs.len() < MAX_MERGE_REQS
     }
 
     /// Adds `r` (parsed last, so its buffers are the last ones) to the batch.
