@@ -490,7 +490,7 @@ fn main() -> Result<()> {
             let src = start_source(&cli.vm)?;
             let t = Instant::now();
             let mut f = std::fs::File::create(file)?;
-            let bytes = vinfra::vmigrate::save_snapshot(&src, &mut f, &[])?;
+            let bytes = vinfra::vmigrate::save_snapshot(&src, &mut f, None)?;
             let mut s = summary_for("save", &cli.vm);
             s.total_ms = ms(t.elapsed());
             s.bytes_sent = bytes;

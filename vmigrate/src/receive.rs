@@ -273,16 +273,21 @@ impl<'a> Destination<'a> {
     }
 }
 
-/// Saves `vm` (paused by this call if running) to `file`: the handshake, every page, vCPU/VM
-/// state and `devices`, then `Complete`. The VM stays paused.
+/// Saves `vm` to `file`: the handshake, every page, vCPU/VM state and the device sections, then
+/// `Complete`. The VM is paused by this call if it runs, then `devices` (as a migration does,
+/// before memory is read: see [`SourceDevices`](crate::SourceDevices)); both stay paused.
 pub fn save_snapshot(
     vm: &Vm,
     file: &mut std::fs::File,
-    devices: &[(String, Vec<u8>)],
+    devices: Option<&mut dyn crate::SourceDevices>,
 ) -> Result<u64, MigrationError> {
     if vm.run_state() == vcore::RunState::Running {
         vm.pause()?;
     }
+    let devices = match devices {
+        Some(d) => d.pause_and_save().map_err(MigrationError::Devices)?,
+        None => Vec::new(),
+    };
     let mut w = FrameWriter::new(file, crate::stream::SEND_BUFFER);
     w.message(&Message::Hello(hello_for(vm)))?;
     for s in vm.slots() {
@@ -293,7 +298,7 @@ pub fn save_snapshot(
         w.guest_pages(s.guest_addr, &run)?;
     }
     w.message(&Message::CpuState(&vm.save_state()?.to_bytes()))?;
-    for (name, data) in devices {
+    for (name, data) in &devices {
         w.message(&Message::Device { name: name.clone(), data })?;
     }
     w.message(&Message::Complete)?;

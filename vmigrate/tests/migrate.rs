@@ -122,7 +122,20 @@ fn snapshot_to_file_and_back() {
     let src = source_vm(&cfg, d);
     let path = std::env::temp_dir().join(format!("vmigrate-snap-{}", std::process::id()));
     let mut f = std::fs::File::create(&path).unwrap();
-    let bytes = save_snapshot(&src, &mut f, &[("probe".into(), vec![1, 2, 3])]).unwrap();
+    /// A device whose state is three bytes.
+    struct Probe(bool);
+    impl vmigrate::SourceDevices for Probe {
+        fn pause_and_save(&mut self) -> Result<Vec<(String, Vec<u8>)>, String> {
+            self.0 = true;
+            Ok(vec![("probe".into(), vec![1, 2, 3])])
+        }
+        fn resume(&mut self) {
+            self.0 = false;
+        }
+    }
+    let mut probe = Probe(false);
+    let bytes = save_snapshot(&src, &mut f, Some(&mut probe)).unwrap();
+    assert!(probe.0, "the device was paused for the snapshot and stays paused");
     assert!(bytes < 64 << 20, "zero pages are not stored: {bytes} bytes");
     let dst = dest_vm(&cfg);
     let mut f = std::fs::File::open(&path).unwrap();
@@ -133,6 +146,7 @@ fn snapshot_to_file_and_back() {
     });
     let stats = stats.restore_file(&mut f).unwrap();
     assert_eq!(stats.devices, 1);
+    assert_eq!(devices, [("probe".to_string(), vec![1u8, 2, 3])]);
     assert!(dump(&src) == dump(&dst), "restored memory equals the saved memory");
     assert_eq!(dst.run_state(), RunState::Created);
     let saved = read_progress(src.memory());
