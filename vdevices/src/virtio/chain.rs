@@ -231,17 +231,16 @@ impl<'a> QueueCtx<'a> {
     /// reaps and posts new requests while the device goes on with the rest. The transport
     /// signals what is left when the device returns.
     pub fn signal_used(&mut self, q: usize) {
-        let Some(queue) = self.queues.get_mut(q) else { return };
-        let irq = &mut self.irq;
         if self.used & (1 << q) == 0 {
             return;
         }
+        let Some(queue) = self.queues.get_mut(q) else { return };
         // A ring the guest moved out of memory: interrupt anyway, the driver resyncs.
         if queue.needs_notification(self.mem).unwrap_or(true) {
-            irq.status.fetch_or(crate::virtio::mmio::INT_VRING, std::sync::atomic::Ordering::AcqRel);
-            *irq.raised += 1;
+            self.irq.status.fetch_or(crate::virtio::mmio::INT_VRING, std::sync::atomic::Ordering::AcqRel);
+            *self.irq.raised += 1;
             // A full eventfd counter only means the interrupt is already pending.
-            let _ = irq.evt.write(1);
+            let _ = self.irq.evt.write(1);
         }
     }
     /// Guest memory.

@@ -74,6 +74,9 @@ pub const INT_VRING: u32 = 1;
 /// `InterruptStatus` bit: the configuration changed (or the device broke).
 pub const INT_CONFIG: u32 = 2;
 
+/// Serve rounds of one queue per notification before the event loop gets a turn.
+const MAX_ROUNDS: u32 = 16;
+
 /// Event data of backend fds starts here (queue events use the queue index).
 const BACKEND_DATA: u32 = 0x1_0000;
 
@@ -273,7 +276,7 @@ impl MmioTransport {
     pub fn process_queue(&self, q: usize) {
         let mut inner = self.lock();
         inner.stats.notifications += 1;
-        loop {
+        for round in 1.. {
             let before = inner.queues.get(q).map(|x| x.next_avail());
             let pending = self.serve(&mut inner, |dev, ctx| dev.process_queue(q, ctx));
             // Requests the driver published while we served did not notify (avail_event was
@@ -281,6 +284,14 @@ impl MmioTransport {
             // queue waiting for data) is left for its backend.
             let progressed = inner.queues.get(q).map(|x| x.next_avail()) != before;
             if pending & (1 << q) == 0 || !progressed {
+                break;
+            }
+            // A driver that never lets the queue run dry must not keep the other devices of the
+            // event loop waiting: come back through the loop (the eventfd stays set).
+            if round == MAX_ROUNDS {
+                if let Some(evt) = self.shared.queue_evts.get(q) {
+                    let _ = evt.write(1);
+                }
                 break;
             }
         }
