@@ -4,8 +4,10 @@
 //! directory; the virtio driver harness plays the guest and writes random extents through the
 //! device. Meanwhile a `vmigrate::DiskMirror` copies the image to a second file: bulk copy,
 //! passes over the blocks the guest dirtied, then synchronous mirroring of each write. Once the
-//! mirror is ready the guest writes on (each write now mirrored before it completes); at the end
-//! the two images are compared byte for byte. No KVM, kernel or flags needed.
+//! mirror is ready the guest writes on (each write now mirrored before it completes); then the
+//! two images are compared byte for byte, and the device switches to the copy between two
+//! requests: the guest writes on, into the copy only, and the source image is left as it was.
+//! No KVM, kernel or flags needed.
 
 use std::fs::File;
 use std::io::Write;
@@ -19,9 +21,10 @@ use clap::Parser;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde::Serialize;
 use vinfra::vcore::vm_memory::{Bytes, GuestAddress};
+use vinfra::vcore::{Snapshot, StateError};
 use vinfra::vdevices::testing::{DESC_F_WRITE, Driver, guest_memory};
 use vinfra::vdevices::virtio::block::{Block, BlockConfig, req};
-use vinfra::vdevices::{EventLoop, MmioTransport};
+use vinfra::vdevices::{DeviceState, EventLoop, MmioTransport};
 use vinfra::vmigrate::DiskMirror;
 
 /// Mirror a disk image under guest writes (Storage vMotion) and check the copy.
@@ -43,6 +46,9 @@ struct Cli {
     /// Guest writes once the mirror is ready (each mirrored before it completes).
     #[arg(long, default_value_t = 500)]
     writes_after_ready: u64,
+    /// Guest writes after the device switched to the copy.
+    #[arg(long, default_value_t = 100)]
+    writes_after_switch: u64,
     /// Largest guest write in KiB (each is 4 KiB to this, 4 KiB aligned).
     #[arg(long, default_value_t = 256)]
     max_write_kib: u64,
@@ -64,6 +70,10 @@ struct Summary {
     writes_mirrored: u64,
     guest_write_mean_us: f64,
     images_equal: bool,
+    switch_us: f64,
+    writes_after_switch: u64,
+    source_untouched_after_switch: bool,
+    copy_has_every_write: bool,
 }
 
 /// splitmix64: reproducible offsets, lengths and contents.
@@ -168,8 +178,35 @@ fn run(cli: &Cli) -> Result<Summary> {
     })?;
     bar.finish_and_clear();
     mirror.check()?;
+    let (src_at_switch, mut expect) = (std::fs::read(&images.0)?, std::fs::read(&images.1)?);
+    let equal = src_at_switch == expect;
+
+    // Switch-over: the device moves to the copy between two requests (under the transport's
+    // lock, so the mirror sees every write up to then and none after).
+    let transport = d.transport().clone();
+    let t = Instant::now();
+    transport.replace_device(|state| {
+        mirror.check().map_err(|e| StateError::Device { device: "mirror".into(), reason: e.to_string() })?;
+        let DeviceState::Block(mut b) = state else {
+            return Err(StateError::Device {
+                device: "svmotion".into(),
+                reason: "not a block device".into(),
+            });
+        };
+        b.config.path = images.1.clone();
+        Ok(Box::new(Block::restore((), &b)?))
+    })?;
+    let switch_us = t.elapsed().as_secs_f64() * 1e6;
+    for _ in 0..cli.writes_after_switch {
+        let len = (next(&mut x) % (max_write / 4096) + 1) * 4096;
+        let offset = (next(&mut x) % ((size.saturating_sub(len)) / 4096 + 1)) * 4096;
+        let fill = next(&mut x) as u8;
+        guest_write(&mut d, bufs, offset, len as u32, fill)?;
+        expect[offset as usize..(offset + len) as usize].fill(fill);
+    }
     drop(events);
-    let equal = std::fs::read(&images.0)? == std::fs::read(&images.1)?;
+    let source_untouched = std::fs::read(&images.0)? == src_at_switch;
+    let copy_has_every_write = std::fs::read(&images.1)? == expect;
     let secs = stats.time_to_ready.as_secs_f64().max(1e-9);
     Ok(Summary {
         size_mib: cli.size_mib,
@@ -183,6 +220,10 @@ fn run(cli: &Cli) -> Result<Summary> {
         writes_mirrored: mirror.writes_mirrored(),
         guest_write_mean_us: write_time.as_secs_f64() * 1e6 / (before + after).max(1) as f64,
         images_equal: equal,
+        switch_us,
+        writes_after_switch: cli.writes_after_switch,
+        source_untouched_after_switch: source_untouched,
+        copy_has_every_write,
     })
 }
 
@@ -210,6 +251,16 @@ fn main() -> Result<()> {
         ("mirrored synchronously", s.writes_mirrored.to_string()),
         ("guest write latency", format!("{:.1} µs mean (notify to used ring)", s.guest_write_mean_us)),
         ("images equal", if s.images_equal { "yes".into() } else { "NO".into() }),
+        (
+            "switch to the copy",
+            format!(
+                "{:.0} µs; then {} guest writes: source {}, copy {}",
+                s.switch_us,
+                s.writes_after_switch,
+                if s.source_untouched_after_switch { "untouched" } else { "CHANGED" },
+                if s.copy_has_every_write { "has every write" } else { "MISSES WRITES" }
+            ),
+        ),
     ];
     println!("\nsvmotion");
     println!("{:-<80}", "");
@@ -217,5 +268,9 @@ fn main() -> Result<()> {
         println!("{k:<24} {v}");
     }
     ensure!(s.images_equal, "the mirror differs from the source image");
+    ensure!(
+        s.source_untouched_after_switch && s.copy_has_every_write,
+        "the switch to the copy lost or misplaced writes"
+    );
     Ok(())
 }

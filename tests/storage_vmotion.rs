@@ -1,7 +1,8 @@
 //! Storage vMotion end to end (no KVM needed): a virtio-blk device, served by the event loop,
 //! takes writes from the driver harness (playing the guest) while a `DiskMirror` copies its
 //! image to another file. The mirror becomes ready while writes go on, more writes follow, and
-//! then the two files are equal byte for byte.
+//! then the two files are equal byte for byte. Then the device switches to the copy between two
+//! requests, and later writes land there only.
 
 use std::fs::File;
 use std::io::Write;
@@ -9,10 +10,11 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use vinfra::vcore::Snapshot;
 use vinfra::vcore::vm_memory::{Bytes, GuestAddress};
 use vinfra::vdevices::testing::{DESC_F_WRITE, Driver, guest_memory};
 use vinfra::vdevices::virtio::block::{Block, BlockConfig, req};
-use vinfra::vdevices::{EventLoop, MmioTransport};
+use vinfra::vdevices::{DeviceState, EventLoop, MmioTransport};
 use vinfra::vmigrate::DiskMirror;
 
 const IMAGE: u64 = 128 << 20;
@@ -82,14 +84,49 @@ fn a_disk_mirrored_while_the_guest_writes_ends_equal() {
         copier.join().unwrap()
     });
     mirror.check().unwrap();
-    drop(events);
     let (a, b) = (std::fs::read(&src).unwrap(), std::fs::read(&dst).unwrap());
-    let _ = std::fs::remove_file(&src);
-    let _ = std::fs::remove_file(&dst);
     eprintln!("{before_ready} writes before ready, {after_ready} after; {stats:?}");
     assert!(before_ready >= 10, "writes raced the copy: {before_ready}");
     assert!(stats.blocks_copied >= IMAGE / (16 << 10), "{stats:?}");
     assert!(mirror.writes_mirrored() >= u64::from(after_ready), "{}", mirror.writes_mirrored());
     let first_diff = a.iter().zip(&b).position(|(x, y)| x != y);
     assert!(a.len() == b.len() && first_diff.is_none(), "images differ at {first_diff:?}");
+
+    // Switch-over: the device moves to the copy between two requests. The guest goes on
+    // writing and reading; everything lands in the copy, the source is not touched again.
+    let t = d.transport().clone();
+    let before = t.save();
+    t.replace_device(|state| {
+        mirror.check().map_err(|e| vinfra::vcore::StateError::Device {
+            device: "mirror".into(),
+            reason: e.to_string(),
+        })?;
+        let DeviceState::Block(mut b) = state else { unreachable!("a block device") };
+        b.config.path = dst.clone();
+        Ok(Box::new(Block::restore((), &b)?))
+    })
+    .unwrap();
+    let DeviceState::Block(after) = t.save().device else { unreachable!() };
+    assert_eq!(after.config.path, dst);
+    assert_eq!(t.save().queues, before.queues, "the guest's queues are untouched");
+    let mut written = Vec::new();
+    for _ in 0..50 {
+        let len = ((next(&mut x) % 16 + 1) * 4096) as u32;
+        let offset = (next(&mut x) % (IMAGE / 512 - u64::from(len) / 512)) * 512;
+        let fill = next(&mut x) as u8;
+        write(&mut d, bufs, offset, len, fill);
+        written.push((offset, len, fill));
+    }
+    let writes_mirrored = mirror.writes_mirrored();
+    drop(events);
+    let (a2, b2) = (std::fs::read(&src).unwrap(), std::fs::read(&dst).unwrap());
+    let _ = std::fs::remove_file(&src);
+    let _ = std::fs::remove_file(&dst);
+    assert!(a2 == a, "the source image is not written after the switch");
+    let mut expect = b;
+    for (offset, len, fill) in written {
+        expect[offset as usize..(offset + u64::from(len)) as usize].fill(fill);
+    }
+    assert!(b2 == expect, "every write after the switch is in the copy");
+    assert!(mirror.writes_mirrored() == writes_mirrored, "the mirror no longer sees writes");
 }

@@ -23,9 +23,18 @@ struct Stepper {
     go: Arc<Mutex<Receiver<()>>>,
 }
 
+impl Stepper {
+    /// A stepper nobody drives (for tests that only need a device of another kind).
+    fn idle() -> Self {
+        let (started, _) = channel();
+        let (_, go) = channel();
+        Stepper { started, go: Arc::new(Mutex::new(go)) }
+    }
+}
+
 impl VirtioDevice for Stepper {
     fn device_type(&self) -> u32 {
-        4
+        42 // not a real virtio device type
     }
     fn queue_max_sizes(&self) -> &[u16] {
         &[16]
@@ -131,4 +140,26 @@ fn a_paused_transport_serves_nothing_until_resumed() {
     let c = r.driver.wait(&p, Duration::from_secs(5)).unwrap();
     assert_eq!(c.len, 32, "served after resume, from the notification that came while paused");
     assert!(r.driver.transport().broken().is_none());
+}
+
+#[test]
+fn replace_device_keeps_the_queues_and_refuses_another_kind() {
+    let mut r = rig(Box::new(vdevices::virtio::rng::Rng::new()));
+    r.driver.init(u64::MAX, 16).unwrap();
+    assert_eq!(r.driver.request(0, &[], &[16]).unwrap().len, 16);
+    let t = r.driver.transport().clone();
+    // Another kind of device is refused and the rng stays.
+    let err = t.replace_device(|_| Ok(Box::new(Stepper::idle())));
+    assert!(err.is_err());
+    assert_eq!(r.driver.request(0, &[], &[16]).unwrap().len, 16);
+    // A new rng built from the old one's state takes over, counters and queues carried on.
+    t.replace_device(|s| {
+        let DeviceState::Rng(rs) = s else { unreachable!("rng") };
+        Ok(Box::new(vdevices::virtio::rng::Rng::restore((), &rs)?))
+    })
+    .unwrap();
+    assert_eq!(r.driver.request(0, &[], &[16]).unwrap().len, 16);
+    let DeviceState::Rng(rs) = t.save().device else { unreachable!() };
+    assert_eq!(rs.bytes_served, 48);
+    assert_eq!(t.save().queues[0].next_used, 3);
 }

@@ -247,6 +247,34 @@ impl MmioTransport {
         self.after_work(&mut inner, 0);
     }
 
+    /// Swaps the device behind the transport for the one `make` builds from the current
+    /// device's state. It happens between two serves, so no request is in flight (devices serve
+    /// synchronously under the transport's lock), and the guest keeps its queues, negotiated
+    /// features and pending interrupts: it sees nothing. Storage vMotion switches a disk to its
+    /// mirror this way. If `make` fails, or builds a device of another type or queue layout, the
+    /// old device stays.
+    pub fn replace_device(
+        &self,
+        make: impl FnOnce(DeviceState) -> Result<Box<dyn VirtioDevice>, StateError>,
+    ) -> Result<(), StateError> {
+        let mut inner = self.lock();
+        let mut new = make(inner.device.state())?;
+        let bad = |reason: String| StateError::Device { device: "virtio-mmio".into(), reason };
+        if new.device_type() != inner.device.device_type()
+            || new.queue_max_sizes() != inner.device.queue_max_sizes()
+        {
+            return Err(bad("the new device differs in type or queues".into()));
+        }
+        if inner.driver_features & !(new.features() | super::VIRTIO_F_RING_EVENT_IDX) != 0 {
+            return Err(bad("the new device lacks features the driver acknowledged".into()));
+        }
+        if inner.activated {
+            new.activate(inner.driver_features).map_err(|e| bad(e.to_string()))?;
+        }
+        inner.device = new;
+        Ok(())
+    }
+
     /// Stops the device's own work: from when this returns (after any serve in progress), the
     /// device serves nothing and writes nothing into guest memory until
     /// [`MmioTransport::resume`]; notifications that arrive meanwhile are served then. A
