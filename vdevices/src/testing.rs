@@ -494,16 +494,26 @@ impl Driver {
         Ok(usize::from(n))
     }
 
-    /// Waits until queue `q` has used entries not yet taken: polls the used index for up to
-    /// the [`Driver::set_wait_poll`] time, then sleeps on the interrupt.
+    /// Waits until queue `q` has used entries not yet taken (see [`Driver::set_wait_poll`]).
     pub fn wait_used(&mut self, q: usize, timeout: Duration) -> Result<(), HarnessError> {
+        self.wait_for(timeout, |d| {
+            let last = d.queues.get(q).ok_or(HarnessError::Queue(q))?.last_used;
+            Ok((d.used_idx(q)? != last).then_some(()))
+        })
+    }
+
+    /// Calls `ready` until it returns a value: polls for up to the [`Driver::set_wait_poll`]
+    /// time, then sleeps on the interrupt between calls; a timeout after `timeout`.
+    fn wait_for<T>(
+        &mut self,
+        timeout: Duration,
+        mut ready: impl FnMut(&mut Self) -> Result<Option<T>, HarnessError>,
+    ) -> Result<T, HarnessError> {
         let start = Instant::now();
         let deadline = start + timeout;
         loop {
-            let dq = self.queues.get(q).ok_or(HarnessError::Queue(q))?;
-            let last = dq.last_used;
-            if self.used_idx(q)? != last {
-                return Ok(());
+            if let Some(v) = ready(self)? {
+                return Ok(v);
             }
             if start.elapsed() < self.wait_poll {
                 std::hint::spin_loop();
@@ -528,9 +538,10 @@ impl Driver {
         self.done.keys().any(|&(_, h)| h == u16::MAX)
     }
 
-    /// Makes [`Driver::wait_head`] poll the used ring (yielding) for up to `poll` before it
-    /// sleeps on the interrupt, as a halted vCPU does under KVM's halt polling (`halt_poll_ns`,
-    /// 200 µs by default on x86). The default, zero, sleeps at once.
+    /// Makes the waits ([`Driver::wait`], [`Driver::wait_head`], [`Driver::wait_used`]) poll
+    /// the used ring for up to `poll` before they sleep on the interrupt, as a halted vCPU does
+    /// under KVM's halt polling (`halt_poll_ns`, 200 µs by default on x86). The default, zero,
+    /// sleeps at once.
     pub fn set_wait_poll(&mut self, poll: Duration) {
         self.wait_poll = poll;
     }
@@ -538,45 +549,22 @@ impl Driver {
     /// Waits until chain `head` of queue `q` completes; returns the length the device reported
     /// (without copying any buffer: for benchmarks that reuse their buffers).
     pub fn wait_head(&mut self, q: usize, head: u16, timeout: Duration) -> Result<u32, HarnessError> {
-        let start = Instant::now();
-        let deadline = start + timeout;
-        loop {
-            self.collect_used(q)?;
-            if let Some(len) = self.done.remove(&(q, head)) {
-                return Ok(len);
-            }
-            if start.elapsed() < self.wait_poll {
-                std::thread::yield_now();
-                continue;
-            }
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return Err(HarnessError::Timeout("a used-ring entry"));
-            }
-            self.wait_interrupt(left.min(Duration::from_millis(50)));
-        }
+        self.wait_for(timeout, |d| {
+            d.collect_used(q)?;
+            Ok(d.done.remove(&(q, head)))
+        })
     }
 
     /// Waits until `p` completes, then returns its writable buffers.
     pub fn wait(&mut self, p: &Pending, timeout: Duration) -> Result<Completion, HarnessError> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            self.collect_used(p.queue)?;
-            if let Some(len) = self.done.remove(&(p.queue, p.head)) {
-                let mut data = Vec::new();
-                for &(a, l) in &p.in_bufs {
-                    let mut b = vec![0u8; l as usize];
-                    self.guest.read_slice(&mut b, GuestAddress(a))?;
-                    data.push(b);
-                }
-                return Ok(Completion { len, data });
-            }
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return Err(HarnessError::Timeout("a used-ring entry"));
-            }
-            self.wait_interrupt(left.min(Duration::from_millis(50)));
+        let len = self.wait_head(p.queue, p.head, timeout)?;
+        let mut data = Vec::new();
+        for &(a, l) in &p.in_bufs {
+            let mut b = vec![0u8; l as usize];
+            self.guest.read_slice(&mut b, GuestAddress(a))?;
+            data.push(b);
         }
+        Ok(Completion { len, data })
     }
 
     /// Posts, notifies and waits: one whole request.
