@@ -1,5 +1,7 @@
 //! A small VMM on vinfra: boots a Linux kernel with virtio devices described in ACPI, or, with no
 //! flags, runs the built-in `virtio_rng` guest that drives a virtio-rng device by itself.
+//! `--migrate-after N` live-migrates that VM, with its devices, to a second VM once the guest
+//! has made N requests; the guest finishes its loop there.
 //!
 //! `cargo run --release --example vmm` (no flags needed; `--help` lists them).
 //! Linux: `bash scripts/guest-assets.sh && cargo run --release --example vmm -- --kernel
@@ -15,13 +17,18 @@ use clap::Parser;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 use vinfra::vcore::guest::{EXIT_PORT, ExitPort};
-use vinfra::vcore::{VmBuilder, VmConfig};
+use vinfra::vcore::{Snapshot, Vm, VmBuilder, VmConfig};
 use vinfra::vdevices::guest::VirtioRng;
-use vinfra::vdevices::legacy::{COM1_GSI, COM1_PORT, IrqLine, LegacySerial, SERIAL_PORTS, SerialIo};
+use vinfra::vdevices::legacy::{
+    COM1_GSI, COM1_PORT, IrqLine, LegacySerial, SERIAL_PORTS, SerialIo, SerialSnapshot,
+};
 use vinfra::vdevices::machine::{DEFAULT_CMDLINE, LinuxConfig, LinuxMachine, SharedOut};
 use vinfra::vdevices::virtio::block::BlockConfig;
+use vinfra::vdevices::virtio::mmio::{DEVICE_STATE, TransportArgs};
 use vinfra::vdevices::virtio::rng::Rng;
-use vinfra::vdevices::{EventLoop, MmioTransport};
+use vinfra::vdevices::{DeviceState, EventLoop, MmioTransport, TransportState};
+use vinfra::vmigrate::transport::{DEFAULT_PEER_TIMEOUT, channel_pair};
+use vinfra::vmigrate::{ConvergencePolicy, Destination, Source, SourceDevices};
 
 /// Boot a Linux kernel with virtio-blk/net/console/rng over virtio-mmio (ACPI-described), COM1
 /// and an i8042; with no --kernel, run the built-in guest that drives virtio-rng from CPL 3.
@@ -55,6 +62,10 @@ struct Args {
     /// Built-in guest: virtio-rng requests to make.
     #[arg(long, default_value_t = 2000)]
     iterations: u64,
+    /// Built-in guest: live-migrate the VM with its devices (virtio-rng, COM1) to a second VM in
+    /// this process once the guest has made this many requests.
+    #[arg(long, conflicts_with = "kernel")]
+    migrate_after: Option<u64>,
     /// Linux: stop after this many seconds (or at a guest reset, or when the init script ends).
     #[arg(long, default_value_t = 60)]
     timeout_s: u64,
@@ -81,6 +92,15 @@ struct Summary {
     devices: Vec<DeviceSummary>,
     guest_reset: bool,
     init_done: Option<bool>,
+    migration: Option<MigrationSummary>,
+}
+
+#[derive(Serialize)]
+struct MigrationSummary {
+    after_requests: u64,
+    total_ms: f64,
+    downtime_ms: f64,
+    device_sections: usize,
 }
 
 #[derive(Serialize)]
@@ -113,31 +133,132 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
 
-fn builtin(args: &Args) -> Result<Summary> {
-    let guest = VirtioRng { iterations: args.iterations, ..Default::default() };
-    let t0 = Instant::now();
-    let vm = VmBuilder::new(VmConfig {
-        mem_mib: args.memory.max(32),
-        vcpus: args.vcpus.into(),
-        ..Default::default()
-    })
-    .payload(guest)
-    .build()
-    .context("building the VM")?;
+/// COM1 on `vm`'s port bus, new or restored from `state`.
+fn com1(vm: &Vm, json: bool, state: Option<&SerialSnapshot>) -> Result<LegacySerial> {
     let irq = IrqLine::new()?;
     vm.vm_fd().register_irqfd(irq.evt(), COM1_GSI).context("COM1 irqfd")?;
-    let serial = LegacySerial::new(SerialIo { irq, input: None, output: console(args.json) })?;
+    let io = SerialIo { irq, input: None, output: console(json) };
+    let serial = match state {
+        None => LegacySerial::new(io)?,
+        Some(s) => LegacySerial::restore(io, s)?,
+    };
     vm.pio_bus().insert(COM1_PORT.into(), SERIAL_PORTS, Arc::new(serial.clone()))?;
-    let exit = Arc::new(ExitPort::new());
+    Ok(serial)
+}
+
+/// The source VM's devices, as the migration sees them.
+struct Devices {
+    serial: LegacySerial,
+    rng: MmioTransport,
+}
+
+impl SourceDevices for Devices {
+    fn pause_and_save(&mut self) -> Result<Vec<(String, Vec<u8>)>, String> {
+        // COM1 works only when a vCPU touches it (already paused); the rng has its own thread.
+        self.rng.pause();
+        Ok(vec![
+            ("com1".into(), DEVICE_STATE.encode(&self.serial.save())),
+            ("virtio-rng".into(), self.rng.save().to_bytes()),
+        ])
+    }
+    fn resume(&mut self) {
+        self.rng.resume();
+    }
+}
+
+fn bytes_served(rng: &MmioTransport) -> u64 {
+    match rng.save().device {
+        DeviceState::Rng(r) => r.bytes_served,
+        _ => 0,
+    }
+}
+
+fn builtin(args: &Args) -> Result<Summary> {
+    let guest = VirtioRng { iterations: args.iterations, ..Default::default() };
+    let config = VmConfig { mem_mib: args.memory.max(32), vcpus: args.vcpus.into(), ..Default::default() };
+    let t0 = Instant::now();
+    let mut vm = VmBuilder::new(config.clone()).payload(guest).build().context("building the VM")?;
+    let mut serial = com1(&vm, args.json, None)?;
+    let mut exit = Arc::new(ExitPort::new());
     vm.pio_bus().insert(EXIT_PORT.into(), 4, exit.clone())?;
-    let rng = MmioTransport::new(vm.memory().clone(), Box::new(Rng::new()))?;
+    let mut rng = MmioTransport::new(vm.memory().clone(), Box::new(Rng::new()))?;
     rng.attach(&vm, guest.mmio_base, 5)?;
-    let events = EventLoop::start()?;
-    events.add(Arc::new(rng.clone()))?;
+    // The device thread of whichever VM runs the guest (kept alive to the end).
+    let mut _events = EventLoop::start()?;
+    _events.add(Arc::new(rng.clone()))?;
     let create = t0.elapsed();
     let bar = spinner(args.json, "virtio_rng guest running")?;
     let t1 = Instant::now();
     vm.start()?;
+    let mut migration = None;
+    let mut first_byte = None;
+    if let Some(after) = args.migrate_after {
+        let want = after.min(args.iterations) * u64::from(guest.buf_len);
+        while bytes_served(&rng) < want && exit.code().is_none() && t1.elapsed() < Duration::from_secs(120) {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        if exit.code().is_some() {
+            bail!("the guest finished before {after} requests: nothing left to migrate");
+        }
+        bar.set_message("migrating the VM and its devices");
+        first_byte = serial.first_byte_at();
+        let after_requests = bytes_served(&rng) / u64::from(guest.buf_len);
+        let dst = VmBuilder::new(config).build().context("building the destination VM")?;
+        let dst_exit = Arc::new(ExitPort::new());
+        dst.pio_bus().insert(EXIT_PORT.into(), 4, dst_exit.clone())?;
+        let dst_events = EventLoop::start()?;
+        let restored = std::sync::Mutex::new(None);
+        let (a, b) = channel_pair(2, DEFAULT_PEER_TIMEOUT);
+        let (sent, received) = std::thread::scope(|s| {
+            let recv = s.spawn(|| {
+                Destination::new(&dst)
+                    .devices(|sections| {
+                        let find = |name: &str| {
+                            sections
+                                .iter()
+                                .find(|(n, _)| n == name)
+                                .map(|(_, b)| b.as_slice())
+                                .ok_or(format!("no {name} section"))
+                        };
+                        let e = |e: &dyn std::fmt::Display| e.to_string();
+                        let serial_state: SerialSnapshot =
+                            DEVICE_STATE.decode(find("com1")?).map_err(|x| e(&x))?;
+                        let serial = com1(&dst, args.json, Some(&serial_state)).map_err(|x| e(&x))?;
+                        let state = TransportState::from_bytes(find("virtio-rng")?).map_err(|x| e(&x))?;
+                        let DeviceState::Rng(rs) = &state.device else {
+                            return Err("virtio-rng section holds another device".into());
+                        };
+                        let device = Box::new(Rng::restore((), rs).map_err(|x| e(&x))?);
+                        let t = MmioTransport::restore(
+                            TransportArgs { mem: dst.memory().clone(), device },
+                            &state,
+                        )
+                        .map_err(|x| e(&x))?;
+                        t.attach(&dst, guest.mmio_base, 5).map_err(|x| e(&x))?;
+                        dst_events.add(Arc::new(t.clone())).map_err(|x| e(&x))?;
+                        *restored.lock().unwrap_or_else(|p| p.into_inner()) = Some((serial, t));
+                        Ok(())
+                    })
+                    .run(b)
+            });
+            let sent = Source::new(&vm, ConvergencePolicy::default())
+                .devices(Devices { serial: serial.clone(), rng: rng.clone() })
+                .run(a);
+            (sent, recv.join())
+        });
+        let stats = sent.context("migration")?;
+        received.map_err(|_| anyhow::anyhow!("the destination thread panicked"))?.context("destination")?;
+        let (dst_serial, dst_rng) =
+            restored.into_inner().unwrap_or_else(|p| p.into_inner()).context("devices restored")?;
+        migration = Some(MigrationSummary {
+            after_requests,
+            total_ms: ms(stats.total),
+            downtime_ms: ms(stats.downtime),
+            device_sections: 2,
+        });
+        (vm, serial, exit, rng, _events) = (dst, dst_serial, dst_exit, dst_rng, dst_events);
+        bar.set_message("virtio_rng guest running on the destination");
+    }
     let code = exit.wait(Duration::from_secs(120));
     let run = t1.elapsed();
     bar.finish_and_clear();
@@ -149,16 +270,23 @@ fn builtin(args: &Args) -> Result<Summary> {
         bail!("the guest stopped with code {code:#x} after {:?}", VirtioRng::read_result(vm.memory()));
     }
     let r = VirtioRng::read_result(vm.memory())?;
+    if bytes_served(&rng) != args.iterations * u64::from(guest.buf_len) {
+        bail!("the device served {} bytes for {} requests", bytes_served(&rng), args.iterations);
+    }
     let khz = f64::from(vm.tsc_khz().max(1));
     let us = |cycles: u64| cycles as f64 / khz * 1e3;
     let stats = vm.vcpu_stats(0).context("vCPU 0")?;
     let t = rng.stats();
     Ok(Summary {
-        mode: "builtin virtio_rng guest",
+        mode: if migration.is_some() {
+            "builtin virtio_rng guest, migrated"
+        } else {
+            "builtin virtio_rng guest"
+        },
         memory_mib: args.memory.max(32),
         vcpus: args.vcpus,
         vm_create_ms: ms(create),
-        first_console_byte_ms: serial.first_byte_at().map(|t| ms(t - t1)),
+        first_console_byte_ms: first_byte.or(serial.first_byte_at()).map(|t| ms(t - t1)),
         run_ms: ms(run),
         console_bytes: serial.bytes_out(),
         requests: Some(r.completed),
@@ -177,6 +305,7 @@ fn builtin(args: &Args) -> Result<Summary> {
         }],
         guest_reset: false,
         init_done: None,
+        migration,
     })
 }
 
@@ -282,6 +411,13 @@ fn main() -> Result<()> {
             "{:<40} {:>22}",
             "notify → used ring, min / max",
             format!("{} / {}", opt(s.notify_to_used_us_min, "µs"), opt(s.notify_to_used_us_max, "µs"))
+        );
+    }
+    if let Some(m) = &s.migration {
+        println!(
+            "{:<40} {:>22}",
+            format!("live-migrated after {} requests", m.after_requests),
+            format!("{:.1} ms, down {:.2} ms", m.total_ms, m.downtime_ms)
         );
     }
     if let Some(d) = s.init_done {
