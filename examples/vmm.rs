@@ -23,12 +23,12 @@ use vinfra::vdevices::legacy::{
     COM1_GSI, COM1_PORT, IrqLine, LegacySerial, SERIAL_PORTS, SerialIo, SerialSnapshot,
 };
 use vinfra::vdevices::machine::{DEFAULT_CMDLINE, LinuxConfig, LinuxMachine, SharedOut};
+use vinfra::vdevices::set::{restore_device, section};
 use vinfra::vdevices::virtio::block::BlockConfig;
-use vinfra::vdevices::virtio::mmio::{DEVICE_STATE, TransportArgs};
 use vinfra::vdevices::virtio::rng::Rng;
-use vinfra::vdevices::{DeviceState, EventLoop, MmioTransport, TransportState};
+use vinfra::vdevices::{DeviceSet, DeviceState, EventLoop, MmioTransport};
 use vinfra::vmigrate::transport::{DEFAULT_PEER_TIMEOUT, channel_pair};
-use vinfra::vmigrate::{ConvergencePolicy, Destination, Source, SourceDevices};
+use vinfra::vmigrate::{ConvergencePolicy, Destination, Source};
 
 /// Boot a Linux kernel with virtio-blk/net/console/rng over virtio-mmio (ACPI-described), COM1
 /// and an i8042; with no --kernel, run the built-in guest that drives virtio-rng from CPL 3.
@@ -146,26 +146,6 @@ fn com1(vm: &Vm, json: bool, state: Option<&SerialSnapshot>) -> Result<LegacySer
     Ok(serial)
 }
 
-/// The source VM's devices, as the migration sees them.
-struct Devices {
-    serial: LegacySerial,
-    rng: MmioTransport,
-}
-
-impl SourceDevices for Devices {
-    fn pause_and_save(&mut self) -> Result<Vec<(String, Vec<u8>)>, String> {
-        // COM1 works only when a vCPU touches it (already paused); the rng has its own thread.
-        self.rng.pause();
-        Ok(vec![
-            ("com1".into(), DEVICE_STATE.encode(&self.serial.save())),
-            ("virtio-rng".into(), self.rng.save().to_bytes()),
-        ])
-    }
-    fn resume(&mut self) {
-        self.rng.resume();
-    }
-}
-
 fn bytes_served(rng: &MmioTransport) -> u64 {
     match rng.save().device {
         DeviceState::Rng(r) => r.bytes_served,
@@ -213,36 +193,27 @@ fn builtin(args: &Args) -> Result<Summary> {
             let recv = s.spawn(|| {
                 Destination::new(&dst)
                     .devices(|sections| {
-                        let find = |name: &str| {
-                            sections
-                                .iter()
-                                .find(|(n, _)| n == name)
-                                .map(|(_, b)| b.as_slice())
-                                .ok_or(format!("no {name} section"))
+                        let restore = || -> Result<(LegacySerial, MmioTransport)> {
+                            let serial_state = SerialSnapshot::from_bytes(section(sections, "com1")?)?;
+                            let serial = com1(&dst, args.json, Some(&serial_state))?;
+                            let rng_section = section(sections, "virtio-rng")?;
+                            let t = MmioTransport::from_section(
+                                dst.memory().clone(),
+                                rng_section,
+                                restore_device,
+                            )?;
+                            t.attach(&dst, guest.mmio_base, 5)?;
+                            dst_events.add(Arc::new(t.clone()))?;
+                            Ok((serial, t))
                         };
-                        let e = |e: &dyn std::fmt::Display| e.to_string();
-                        let serial_state: SerialSnapshot =
-                            DEVICE_STATE.decode(find("com1")?).map_err(|x| e(&x))?;
-                        let serial = com1(&dst, args.json, Some(&serial_state)).map_err(|x| e(&x))?;
-                        let state = TransportState::from_bytes(find("virtio-rng")?).map_err(|x| e(&x))?;
-                        let DeviceState::Rng(rs) = &state.device else {
-                            return Err("virtio-rng section holds another device".into());
-                        };
-                        let device = Box::new(Rng::restore((), rs).map_err(|x| e(&x))?);
-                        let t = MmioTransport::restore(
-                            TransportArgs { mem: dst.memory().clone(), device },
-                            &state,
-                        )
-                        .map_err(|x| e(&x))?;
-                        t.attach(&dst, guest.mmio_base, 5).map_err(|x| e(&x))?;
-                        dst_events.add(Arc::new(t.clone())).map_err(|x| e(&x))?;
-                        *restored.lock().unwrap_or_else(|p| p.into_inner()) = Some((serial, t));
+                        let devices = restore().map_err(|e| format!("{e:#}"))?;
+                        *restored.lock().unwrap_or_else(|p| p.into_inner()) = Some(devices);
                         Ok(())
                     })
                     .run(b)
             });
             let sent = Source::new(&vm, ConvergencePolicy::default())
-                .devices(Devices { serial: serial.clone(), rng: rng.clone() })
+                .devices(DeviceSet::new().serial("com1", serial.clone()).virtio("virtio-rng", rng.clone()))
                 .run(a);
             (sent, recv.join())
         });

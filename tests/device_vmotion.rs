@@ -10,11 +10,11 @@ use std::time::Duration;
 use vinfra::vcore::guest::{CONSOLE_PORT, Console, EXIT_PORT, ExitPort};
 use vinfra::vcore::{RunState, Snapshot, Vm, VmBuilder, VmConfig};
 use vinfra::vdevices::guest::VirtioRng;
-use vinfra::vdevices::virtio::mmio::TransportArgs;
+use vinfra::vdevices::set::{restore_device, section};
 use vinfra::vdevices::virtio::rng::Rng;
-use vinfra::vdevices::{DeviceState, EventLoop, MmioTransport, TransportState};
+use vinfra::vdevices::{DeviceSet, DeviceState, EventLoop, MmioTransport};
 use vinfra::vmigrate::transport::{DEFAULT_PEER_TIMEOUT, channel_pair};
-use vinfra::vmigrate::{ConvergencePolicy, Destination, MigrationError, Source, SourceDevices};
+use vinfra::vmigrate::{ConvergencePolicy, Destination, MigrationError, Source};
 
 const GSI: u32 = 5;
 
@@ -45,19 +45,6 @@ fn vm(payload: Option<VirtioRng>) -> (Vm, Arc<ExitPort>, Arc<Console>) {
     let console = Arc::new(Console::new());
     vm.pio_bus().insert(CONSOLE_PORT.into(), 1, console.clone()).unwrap();
     (vm, exit, console)
-}
-
-/// The source's one device, as vmigrate sees it.
-struct RngDevice(MmioTransport);
-
-impl SourceDevices for RngDevice {
-    fn pause_and_save(&mut self) -> Result<Vec<(String, Vec<u8>)>, String> {
-        self.0.pause();
-        Ok(vec![(SECTION.to_string(), self.0.save().to_bytes())])
-    }
-    fn resume(&mut self) {
-        self.0.resume();
-    }
 }
 
 fn bytes_served(t: &MmioTransport) -> u64 {
@@ -101,17 +88,12 @@ fn a_vm_migrates_with_its_device_mid_io() {
         let recv = s.spawn(|| {
             Destination::new(&dst)
                 .devices(|sections| {
-                    let [(name, bytes)] = sections else {
+                    if sections.len() != 1 {
                         return Err(format!("{} sections", sections.len()));
-                    };
-                    if name != SECTION {
-                        return Err(format!("unknown device {name}"));
                     }
-                    let state = TransportState::from_bytes(bytes).map_err(|e| e.to_string())?;
-                    let DeviceState::Rng(rs) = &state.device else { return Err("not rng".into()) };
-                    let device = Box::new(Rng::restore((), rs).map_err(|e| e.to_string())?);
-                    let args = TransportArgs { mem: dst.memory().clone(), device };
-                    let t = MmioTransport::restore(args, &state).map_err(|e| e.to_string())?;
+                    let bytes = section(sections, SECTION).map_err(|e| e.to_string())?;
+                    let t = MmioTransport::from_section(dst.memory().clone(), bytes, restore_device)
+                        .map_err(|e| e.to_string())?;
                     t.attach(&dst, cfg.mmio_base, GSI).map_err(|e| e.to_string())?;
                     dst_events.add(Arc::new(t.clone())).map_err(|e| e.to_string())?;
                     *restored.lock().unwrap() = Some(t);
@@ -119,8 +101,9 @@ fn a_vm_migrates_with_its_device_mid_io() {
                 })
                 .run(b)
         });
-        let stats =
-            Source::new(&src, ConvergencePolicy::default()).devices(RngDevice(src_dev.clone())).run(a);
+        let stats = Source::new(&src, ConvergencePolicy::default())
+            .devices(DeviceSet::new().virtio(SECTION, src_dev.clone()))
+            .run(a);
         (stats, recv.join().unwrap())
     });
     let stats = stats.expect("migration succeeds");
@@ -161,7 +144,9 @@ fn a_refused_device_leaves_the_source_and_its_device_running() {
     let (a, b) = channel_pair(2, DEFAULT_PEER_TIMEOUT);
     let result = std::thread::scope(|s| {
         let recv = s.spawn(|| Destination::new(&dst).devices(|_| Err("no rng here".into())).run(b));
-        let r = Source::new(&src, ConvergencePolicy::default()).devices(RngDevice(src_dev.clone())).run(a);
+        let r = Source::new(&src, ConvergencePolicy::default())
+            .devices(DeviceSet::new().virtio(SECTION, src_dev.clone()))
+            .run(a);
         assert!(recv.join().unwrap().is_err());
         r
     });

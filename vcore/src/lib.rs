@@ -40,7 +40,7 @@ pub use boot::{BootError, BootPayload};
 pub use bus::{Bus, BusDevice, BusError};
 pub use config::{ConfigError, DirtyTracking, VmConfig};
 pub use memory::{GuestMemory, MemSlot};
-pub use state::{Envelope, Snapshot, StateError, VcpuState, VmSnapshot, VmState};
+pub use state::{DeviceSections, Envelope, Snapshot, StateError, VcpuState, VmSnapshot, VmState};
 pub use vcpu::{DirtyRingFullHandler, THROTTLE_PERIOD, VcpuStats, VmEvent};
 pub use vm::{RunState, Vm, VmBuilder, VmError};
 pub use vm_memory;

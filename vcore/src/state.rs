@@ -58,6 +58,24 @@ pub trait Snapshot: Sized {
     fn restore(args: Self::Args, state: &Self::State) -> Result<Self, StateError>;
 }
 
+/// The devices of a VM as a migration or a snapshot sees them: opaque named state sections.
+/// Defined here so that device crates implement it and migration crates consume it without
+/// knowing each other (`vdevices::DeviceSet` implements it for virtio transports and COM1).
+///
+/// Devices run on their own threads and write guest memory (DMA) whatever the vCPUs do, so
+/// pausing the vCPUs is not enough: a device that completed a request after the last memory
+/// pass would leave its used-ring entry behind while its saved state counts it. A migration
+/// therefore pauses the devices right after the vCPUs, before that pass.
+pub trait DeviceSections {
+    /// The vCPUs are paused and the last memory pass is about to start: stop the devices' own
+    /// work so that they write nothing more into guest memory (their last writes then travel
+    /// with that pass), and return their state as `(name, bytes)` sections.
+    fn pause_and_save(&mut self) -> Result<Vec<(String, Vec<u8>)>, String>;
+    /// The migration failed before the point of no return and the source VM runs again: so
+    /// must its devices (called only after [`DeviceSections::pause_and_save`]).
+    fn resume(&mut self);
+}
+
 /// Errors of saving, encoding, decoding and restoring state.
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {

@@ -15,11 +15,13 @@ pub mod event;
 pub mod guest;
 pub mod legacy;
 pub mod machine;
+pub mod set;
 mod sys;
 #[cfg(feature = "test-utils")]
 pub mod testing;
 pub mod virtio;
 
 pub use event::{EventLoop, EventLoopError};
+pub use set::DeviceSet;
 pub use virtio::mmio::{MmioTransport, TransportError, TransportState};
 pub use virtio::{DeviceError, DeviceState, VirtioDevice};

@@ -163,3 +163,40 @@ fn replace_device_keeps_the_queues_and_refuses_another_kind() {
     assert_eq!(rs.bytes_served, 48);
     assert_eq!(t.save().queues[0].next_used, 3);
 }
+
+#[test]
+fn a_device_set_pauses_saves_and_resumes_its_devices() {
+    use vcore::DeviceSections;
+    use vdevices::legacy::{IrqLine, LegacySerial, SerialIo, SerialSnapshot};
+    use vdevices::set::{restore_device, section};
+    use vdevices::testing::guest_memory;
+
+    let mut r = rig(Box::new(vdevices::virtio::rng::Rng::new()));
+    r.driver.init(u64::MAX, 16).unwrap();
+    assert_eq!(r.driver.request(0, &[], &[8]).unwrap().len, 8);
+    let io = SerialIo { irq: IrqLine::new().unwrap(), input: None, output: Box::new(std::io::sink()) };
+    let serial = LegacySerial::new(io).unwrap();
+    let mut set =
+        vdevices::DeviceSet::new().virtio("rng", r.driver.transport().clone()).serial("com1", serial);
+
+    let sections = set.pause_and_save().unwrap();
+    assert_eq!(sections.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>(), ["rng", "com1"]);
+    // Paused: a new request waits.
+    let p = r.driver.post(0, &[], &[8]).unwrap();
+    r.driver.kick(0).unwrap();
+    std::thread::sleep(Duration::from_millis(50));
+    assert_eq!(r.driver.used_idx(0).unwrap(), 1);
+    // The sections rebuild the devices.
+    SerialSnapshot::from_bytes(section(&sections, "com1").unwrap()).unwrap();
+    let t = vdevices::MmioTransport::from_section(
+        guest_memory(16),
+        section(&sections, "rng").unwrap(),
+        restore_device,
+    )
+    .unwrap();
+    assert_eq!(t.save().queues[0].next_used, 1);
+    assert!(section(&sections, "disk").is_err());
+    // Resumed: the waiting request is served.
+    set.resume();
+    assert_eq!(r.driver.wait(&p, Duration::from_secs(5)).unwrap().len, 8);
+}

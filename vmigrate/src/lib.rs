@@ -14,9 +14,10 @@ pub mod stream;
 pub mod transport;
 
 pub use dirty::{DirtyBitmap, DirtyTracker};
-pub use precopy::{ConvergencePolicy, MigrationError, MigrationHandle, Source, SourceDevices, Strategy};
+pub use precopy::{ConvergencePolicy, MigrationError, MigrationHandle, Source, Strategy};
 pub use receive::{Destination, ReceiveStats, save_snapshot};
 pub use stats::{DirtyRate, MigrationStats, Progress, probe_dirty_rate};
 pub use storage::{DiskMirror, MirrorStats, StorageError};
 pub use stream::StreamError;
+pub use vcore::DeviceSections;
 mod sys;

@@ -5,7 +5,7 @@
 //!    dirty, while the predicted downtime (dirty bytes / measured bandwidth) exceeds the limit.
 //!    Auto-converge throttles the vCPUs when the dirty rate outruns the link; stall detection
 //!    and a total timeout each end in the strategy the caller picked.
-//! 3. Pause the vCPUs, then the devices ([`SourceDevices`]); send the rest, the vCPU/VM state
+//! 3. Pause the vCPUs, then the devices ([`DeviceSections`]); send the rest, the vCPU/VM state
 //!    and device sections, `Complete`; wait for `Ready`.
 //! 4. **Point of no return**: send `Commit`, wait for `Started`.
 //!
@@ -22,7 +22,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
-use vcore::Vm;
+use vcore::{DeviceSections, Vm};
 use vm_memory::{GuestAddress, GuestMemoryBackend as _};
 
 use crate::dirty::{DirtyBitmap, DirtyError, DirtyTracker, empty_maps, trackers_for};
@@ -215,29 +215,12 @@ const CHUNK_PAGES: u64 = 32768;
 /// Flush the send buffer at this size.
 const FLUSH_BYTES: usize = crate::stream::SEND_BUFFER;
 
-/// The devices of a migrating VM, as the source sees them. vmigrate knows devices only through
-/// this trait: their state travels as opaque named sections.
-///
-/// Devices run on their own threads and write guest memory (DMA) whatever the vCPUs do, so
-/// pausing the vCPUs is not enough: a device that completed a request after the last memory
-/// pass would leave its used-ring entry behind while its saved state says it was done. The
-/// engine therefore pauses the devices right after the vCPUs, before that pass.
-pub trait SourceDevices {
-    /// The vCPUs are paused and the last memory pass is about to start: stop the devices' own
-    /// work so that they write nothing more into guest memory (their last writes then travel
-    /// with that pass), and return their state as `(name, bytes)` sections.
-    fn pause_and_save(&mut self) -> Result<Vec<(String, Vec<u8>)>, String>;
-    /// The migration failed before the point of no return and the source VM runs again: so
-    /// must its devices (called only after [`SourceDevices::pause_and_save`]).
-    fn resume(&mut self);
-}
-
 /// The source side of a live migration.
 pub struct Source<'a> {
     vm: &'a Vm,
     policy: ConvergencePolicy,
     handle: MigrationHandle,
-    devices: Option<Box<dyn SourceDevices + 'a>>,
+    devices: Option<Box<dyn DeviceSections + 'a>>,
     devices_paused: bool,
     progress: Box<dyn FnMut(&Progress) + 'a>,
     trackers: Vec<Box<dyn DirtyTracker>>,
@@ -274,9 +257,9 @@ impl<'a> Source<'a> {
         self
     }
 
-    /// The VM's devices: paused and saved right after the vCPUs (see [`SourceDevices`]),
+    /// The VM's devices: paused and saved right after the vCPUs (see [`DeviceSections`]),
     /// resumed with the VM if the migration fails before the point of no return.
-    pub fn devices(mut self, devices: impl SourceDevices + 'a) -> Self {
+    pub fn devices(mut self, devices: impl DeviceSections + 'a) -> Self {
         self.devices = Some(Box::new(devices));
         self
     }

@@ -275,11 +275,11 @@ impl<'a> Destination<'a> {
 
 /// Saves `vm` to `file`: the handshake, every page, vCPU/VM state and the device sections, then
 /// `Complete`. The VM is paused by this call if it runs, then `devices` (as a migration does,
-/// before memory is read: see [`SourceDevices`](crate::SourceDevices)); both stay paused.
+/// before memory is read: see [`vcore::DeviceSections`]); both stay paused.
 pub fn save_snapshot(
     vm: &Vm,
     file: &mut std::fs::File,
-    devices: Option<&mut dyn crate::SourceDevices>,
+    devices: Option<&mut dyn vcore::DeviceSections>,
 ) -> Result<u64, MigrationError> {
     if vm.run_state() == vcore::RunState::Running {
         vm.pause()?;

@@ -124,7 +124,7 @@ fn snapshot_to_file_and_back() {
     let mut f = std::fs::File::create(&path).unwrap();
     /// A device whose state is three bytes.
     struct Probe(bool);
-    impl vmigrate::SourceDevices for Probe {
+    impl vmigrate::DeviceSections for Probe {
         fn pause_and_save(&mut self) -> Result<Vec<(String, Vec<u8>)>, String> {
             self.0 = true;
             Ok(vec![("probe".into(), vec![1, 2, 3])])
