@@ -55,7 +55,9 @@ fn hdr(kind: u32, sector: u64) -> Vec<u8> {
 }
 
 /// Buffers of `qd` block requests, allocated once in guest memory and reused (a guest driver
-/// does not re-allocate or clear its buffers per request).
+/// does not re-allocate or clear its buffers per request). Laid out as Linux's virtio-blk
+/// does: data on pages of their own, each request's header and status byte together in a
+/// cache line of its own (its per-request struct), so that no two requests share a line.
 struct BlkSlots {
     slots: Vec<(u64, u64, u64)>, // header, data, status
 }
@@ -64,7 +66,10 @@ impl BlkSlots {
     fn new(d: &mut Driver, qd: usize, len: u32) -> Self {
         d.reset_buffers();
         let slots = (0..qd)
-            .map(|_| (d.alloc(16).unwrap(), d.alloc(u64::from(len)).unwrap(), d.alloc(1).unwrap()))
+            .map(|_| {
+                let hdr = d.alloc_aligned(64, 64).unwrap();
+                (hdr, d.alloc_aligned(u64::from(len), 4096).unwrap(), hdr + 16)
+            })
             .collect();
         BlkSlots { slots }
     }

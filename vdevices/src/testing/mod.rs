@@ -290,6 +290,20 @@ impl Driver {
         Ok(addr)
     }
 
+    /// Allocates `len` bytes of buffer memory aligned to `align` (a power of two), as a guest
+    /// driver places page-sized data buffers on pages and per-request headers on cache lines
+    /// of their own.
+    pub fn alloc_aligned(&mut self, len: u64, align: u64) -> Result<u64, HarnessError> {
+        if !align.is_power_of_two() {
+            return Err(HarnessError::Exhausted("a power-of-two alignment"));
+        }
+        let start = self.next_buf.checked_add(align - 1).ok_or(HarnessError::Exhausted("buffer memory"))?
+            & !(align - 1);
+        let saved = self.next_buf;
+        self.next_buf = start;
+        self.alloc(len).inspect_err(|_| self.next_buf = saved)
+    }
+
     /// Forgets every buffer allocation (only when nothing is in flight).
     pub fn reset_buffers(&mut self) {
         self.next_buf = self.buf_start;
