@@ -20,7 +20,7 @@ use vinfra::vcore::{VmBuilder, VmConfig};
 use vinfra::vdevices::guest::VirtioRng;
 use vinfra::vdevices::testing::{DESC_F_WRITE, Driver, guest_memory};
 use vinfra::vdevices::virtio::block::{Block, BlockConfig, req};
-use vinfra::vdevices::virtio::net::{HDR_LEN, Net, TX_QUEUE};
+use vinfra::vdevices::virtio::net::{HDR_LEN, Net, RX_QUEUE, TX_QUEUE};
 use vinfra::vdevices::virtio::rng::Rng;
 use vinfra::vdevices::{EventLoop, MmioTransport, VirtioDevice};
 
@@ -305,7 +305,9 @@ fn virtio_net(c: &mut Criterion) {
     }
     let ns =
         vinfra::vdevices::testing::netns::NetNs::create(&format!("vdbench{}", std::process::id())).unwrap();
-    let (tap, _sock) = ns.tap_and_socket("vdbench0", false).unwrap();
+    let (tap, sock) = ns.tap_and_socket("vdbench0", false).unwrap();
+    // The other end of the tap, as a remote host would send from it.
+    let wire = std::os::unix::net::UnixDatagram::from(sock);
     let (_events, mut d) = rig(Box::new(Net::new(tap, [0x52, 0x54, 0, 0x12, 0x34, 0x56])), 256);
     let mut frame = vec![0u8; HDR_LEN];
     frame.extend_from_slice(&[0xff; 6]);
@@ -328,6 +330,33 @@ fn virtio_net(c: &mut Criterion) {
                 d.notify(TX_QUEUE);
                 for h in heads {
                     d.wait_head(TX_QUEUE, h, T).unwrap();
+                }
+            })
+        });
+    }
+    // Receive: 64 buffers posted, 64 frames sent into the tap from its other end, all awaited.
+    let mut wire_frame = vec![0x52, 0x54, 0, 0x12, 0x34, 0x56, 0x02, 0, 0, 0, 0, 1, 0x88, 0xb5];
+    wire_frame.resize(1514, 0x24);
+    let rx_len = (HDR_LEN + 1514) as u32;
+    let rx_bufs: Vec<u64> = (0..64).map(|_| d.alloc(u64::from(rx_len)).unwrap()).collect();
+    for (name, bytes) in [("rx_1514b_x64", true), ("rx_1514b_x64_frames", false)] {
+        if bytes {
+            g.throughput(Throughput::Bytes(64 * 1514));
+        } else {
+            g.throughput(Throughput::Elements(64));
+        }
+        g.bench_function(name, |b| {
+            b.iter(|| {
+                let heads: Vec<_> = rx_bufs
+                    .iter()
+                    .map(|&a| d.post_raw(RX_QUEUE, &[(a, rx_len, DESC_F_WRITE)]).unwrap())
+                    .collect();
+                d.kick(RX_QUEUE).unwrap();
+                for _ in 0..64 {
+                    wire.send(&wire_frame).unwrap();
+                }
+                for h in heads {
+                    d.wait_head(RX_QUEUE, h, T).unwrap();
                 }
             })
         });
