@@ -130,3 +130,67 @@ fn a_disk_mirrored_while_the_guest_writes_ends_equal() {
     assert!(b2 == expect, "every write after the switch is in the copy");
     assert!(mirror.writes_mirrored() == writes_mirrored, "the mirror no longer sees writes");
 }
+
+/// Switches the disk to the copy while the device is serving a batch of writes: whichever
+/// side of the switch each write falls on (the source and its mirror, or the copy directly),
+/// the copy ends up with all of them, in order.
+#[test]
+fn the_switch_loses_no_write_in_flight() {
+    const SIZE: u64 = 16 << 20;
+    let (src, dst) = (temp("race-src.img"), temp("race-dst.img"));
+    std::fs::write(&src, (0..SIZE).map(|i| (i / 4096) as u8).collect::<Vec<u8>>()).unwrap();
+    let mirror = DiskMirror::new(&src, &dst, 64 << 10).unwrap();
+    let block = Block::new(BlockConfig { path: src.clone(), read_only: false, id: String::new() })
+        .unwrap()
+        .with_write_observer(mirror.observer());
+    let mem = guest_memory(64);
+    let t = MmioTransport::new(mem.clone(), Box::new(block)).unwrap();
+    let events = EventLoop::start().unwrap();
+    events.add(Arc::new(t.clone())).unwrap();
+    let mut d = Driver::new(mem, t.clone()).unwrap();
+    d.init(u64::MAX, 256).unwrap();
+    mirror.run(4, |_, _| {}).unwrap();
+    assert!(mirror.is_ready());
+
+    let mut expect = std::fs::read(&src).unwrap();
+    let slots: Vec<_> =
+        (0..16).map(|_| (d.alloc(16).unwrap(), d.alloc(64 << 10).unwrap(), d.alloc(1).unwrap())).collect();
+    let mut x = 99u64;
+    for round in 0..20 {
+        let mut batch = Vec::new();
+        for &(h, data, st) in &slots {
+            let len = ((next(&mut x) % 16 + 1) * 4096) as u32;
+            let offset = (next(&mut x) % (SIZE / 4096 - 16)) * 4096;
+            let fill = next(&mut x) as u8;
+            let mut hdr = req::OUT.to_le_bytes().to_vec();
+            hdr.extend_from_slice(&[0; 4]);
+            hdr.extend_from_slice(&(offset / 512).to_le_bytes());
+            d.mem().write_slice(&hdr, GuestAddress(h)).unwrap();
+            d.mem().write_slice(&vec![fill; len as usize], GuestAddress(data)).unwrap();
+            batch.push((d.post_raw(0, &[(h, 16, 0), (data, len, 0), (st, 1, DESC_F_WRITE)]).unwrap(), st));
+            expect[offset as usize..(offset + u64::from(len)) as usize].fill(fill); // ring order
+        }
+        d.kick(0).unwrap();
+        if round == 10 {
+            // While the device works through the batch.
+            t.replace_device(|state| {
+                let DeviceState::Block(mut b) = state else { unreachable!("a block device") };
+                b.config.path = dst.clone();
+                Ok(Box::new(Block::restore((), &b)?))
+            })
+            .unwrap();
+        }
+        for (head, st) in batch {
+            d.wait_head(0, head, T).unwrap();
+            assert_eq!(d.mem().read_obj::<u8>(GuestAddress(st)).unwrap(), 0, "write OK");
+        }
+    }
+    mirror.check().unwrap();
+    drop(events);
+    let copy = std::fs::read(&dst).unwrap();
+    let _ = std::fs::remove_file(&src);
+    let _ = std::fs::remove_file(&dst);
+    assert!(mirror.writes_mirrored() >= 160, "the first ten rounds went through the mirror");
+    let first_diff = copy.iter().zip(&expect).position(|(a, b)| a != b);
+    assert!(first_diff.is_none(), "the copy differs at {first_diff:?}");
+}
