@@ -6,7 +6,7 @@
 
 use std::fs::File;
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -33,18 +33,59 @@ fn next(x: &mut u64) -> u64 {
     z ^ (z >> 31)
 }
 
-/// One guest write of `len` bytes of `fill` at byte `offset`, through the real device.
-fn write(d: &mut Driver, bufs: (u64, u64, u64), offset: u64, len: u32, fill: u8) {
+/// A block device on `src` whose writes `DiskMirror` (blocks of `block_size`) mirrors to
+/// `dst`, served by an event loop and driven by the harness.
+fn mirrored_disk(src: &Path, dst: &Path, block_size: u32) -> (DiskMirror, EventLoop, Driver) {
+    let mirror = DiskMirror::new(src, dst, block_size).unwrap();
+    let block = Block::new(BlockConfig { path: src.to_path_buf(), read_only: false, id: String::new() })
+        .unwrap()
+        .with_write_observer(mirror.observer());
+    let mem = guest_memory(64);
+    let t = MmioTransport::new(mem.clone(), Box::new(block)).unwrap();
+    let events = EventLoop::start().unwrap();
+    events.add(Arc::new(t.clone())).unwrap();
+    let mut d = Driver::new(mem, t).unwrap();
+    d.init(u64::MAX, 256).unwrap();
+    (mirror, events, d)
+}
+
+/// Moves the device to the copy `dst` between two requests, once the mirror is in sync.
+fn switch_to_copy(t: &MmioTransport, mirror: &DiskMirror, dst: &Path) {
+    t.replace_device(|state| {
+        mirror.check().map_err(|e| vinfra::vcore::StateError::Device {
+            device: "mirror".into(),
+            reason: e.to_string(),
+        })?;
+        let DeviceState::Block(mut b) = state else { unreachable!("a block device") };
+        b.config.path = dst.to_path_buf();
+        Ok(Box::new(Block::restore((), &b)?))
+    })
+    .unwrap();
+}
+
+/// Posts one guest write of `len` bytes of `fill` at byte `offset` (not notified); returns its
+/// head.
+fn post_write(d: &mut Driver, bufs: (u64, u64, u64), offset: u64, len: u32, fill: u8) -> u16 {
     let (h, data, st) = bufs;
     let mut hdr = req::OUT.to_le_bytes().to_vec();
     hdr.extend_from_slice(&[0; 4]);
     hdr.extend_from_slice(&(offset / 512).to_le_bytes());
     d.mem().write_slice(&hdr, GuestAddress(h)).unwrap();
     d.mem().write_slice(&vec![fill; len as usize], GuestAddress(data)).unwrap();
-    let head = d.post_raw(0, &[(h, 16, 0), (data, len, 0), (st, 1, DESC_F_WRITE)]).unwrap();
-    d.kick(0).unwrap();
+    d.post_raw(0, &[(h, 16, 0), (data, len, 0), (st, 1, DESC_F_WRITE)]).unwrap()
+}
+
+/// Waits for write `head` and checks its status.
+fn wait_write(d: &mut Driver, head: u16, status: u64) {
     d.wait_head(0, head, T).unwrap();
-    assert_eq!(d.mem().read_obj::<u8>(GuestAddress(st)).unwrap(), 0, "write OK");
+    assert_eq!(d.mem().read_obj::<u8>(GuestAddress(status)).unwrap(), 0, "write OK");
+}
+
+/// One guest write of `len` bytes of `fill` at byte `offset`, through the real device.
+fn write(d: &mut Driver, bufs: (u64, u64, u64), offset: u64, len: u32, fill: u8) {
+    let head = post_write(d, bufs, offset, len, fill);
+    d.kick(0).unwrap();
+    wait_write(d, head, bufs.2);
 }
 
 #[test]
@@ -57,16 +98,7 @@ fn a_disk_mirrored_while_the_guest_writes_ends_equal() {
     }
     drop(f);
     // Small blocks: the copy takes long enough for many guest writes to race it.
-    let mirror = DiskMirror::new(&src, &dst, 16 << 10).unwrap();
-    let block = Block::new(BlockConfig { path: src.clone(), read_only: false, id: String::new() })
-        .unwrap()
-        .with_write_observer(mirror.observer());
-    let mem = guest_memory(64);
-    let t = MmioTransport::new(mem.clone(), Box::new(block)).unwrap();
-    let events = EventLoop::start().unwrap();
-    events.add(Arc::new(t.clone())).unwrap();
-    let mut d = Driver::new(mem, t).unwrap();
-    d.init(u64::MAX, 256).unwrap();
+    let (mirror, events, mut d) = mirrored_disk(&src, &dst, 16 << 10);
     let bufs = (d.alloc(16).unwrap(), d.alloc(256 << 10).unwrap(), d.alloc(1).unwrap());
 
     let mut x = 7u64;
@@ -96,16 +128,7 @@ fn a_disk_mirrored_while_the_guest_writes_ends_equal() {
     // writing and reading; everything lands in the copy, the source is not touched again.
     let t = d.transport().clone();
     let before = t.save();
-    t.replace_device(|state| {
-        mirror.check().map_err(|e| vinfra::vcore::StateError::Device {
-            device: "mirror".into(),
-            reason: e.to_string(),
-        })?;
-        let DeviceState::Block(mut b) = state else { unreachable!("a block device") };
-        b.config.path = dst.clone();
-        Ok(Box::new(Block::restore((), &b)?))
-    })
-    .unwrap();
+    switch_to_copy(&t, &mirror, &dst);
     let DeviceState::Block(after) = t.save().device else { unreachable!() };
     assert_eq!(after.config.path, dst);
     assert_eq!(t.save().queues, before.queues, "the guest's queues are untouched");
@@ -139,16 +162,8 @@ fn the_switch_loses_no_write_in_flight() {
     const SIZE: u64 = 16 << 20;
     let (src, dst) = (temp("race-src.img"), temp("race-dst.img"));
     std::fs::write(&src, (0..SIZE).map(|i| (i / 4096) as u8).collect::<Vec<u8>>()).unwrap();
-    let mirror = DiskMirror::new(&src, &dst, 64 << 10).unwrap();
-    let block = Block::new(BlockConfig { path: src.clone(), read_only: false, id: String::new() })
-        .unwrap()
-        .with_write_observer(mirror.observer());
-    let mem = guest_memory(64);
-    let t = MmioTransport::new(mem.clone(), Box::new(block)).unwrap();
-    let events = EventLoop::start().unwrap();
-    events.add(Arc::new(t.clone())).unwrap();
-    let mut d = Driver::new(mem, t.clone()).unwrap();
-    d.init(u64::MAX, 256).unwrap();
+    let (mirror, events, mut d) = mirrored_disk(&src, &dst, 64 << 10);
+    let t = d.transport().clone();
     mirror.run(4, |_, _| {}).unwrap();
     assert!(mirror.is_ready());
 
@@ -158,31 +173,20 @@ fn the_switch_loses_no_write_in_flight() {
     let mut x = 99u64;
     for round in 0..20 {
         let mut batch = Vec::new();
-        for &(h, data, st) in &slots {
+        for &bufs in &slots {
             let len = ((next(&mut x) % 16 + 1) * 4096) as u32;
             let offset = (next(&mut x) % (SIZE / 4096 - 16)) * 4096;
             let fill = next(&mut x) as u8;
-            let mut hdr = req::OUT.to_le_bytes().to_vec();
-            hdr.extend_from_slice(&[0; 4]);
-            hdr.extend_from_slice(&(offset / 512).to_le_bytes());
-            d.mem().write_slice(&hdr, GuestAddress(h)).unwrap();
-            d.mem().write_slice(&vec![fill; len as usize], GuestAddress(data)).unwrap();
-            batch.push((d.post_raw(0, &[(h, 16, 0), (data, len, 0), (st, 1, DESC_F_WRITE)]).unwrap(), st));
+            batch.push((post_write(&mut d, bufs, offset, len, fill), bufs.2));
             expect[offset as usize..(offset + u64::from(len)) as usize].fill(fill); // ring order
         }
         d.kick(0).unwrap();
         if round == 10 {
             // While the device works through the batch.
-            t.replace_device(|state| {
-                let DeviceState::Block(mut b) = state else { unreachable!("a block device") };
-                b.config.path = dst.clone();
-                Ok(Box::new(Block::restore((), &b)?))
-            })
-            .unwrap();
+            switch_to_copy(&t, &mirror, &dst);
         }
         for (head, st) in batch {
-            d.wait_head(0, head, T).unwrap();
-            assert_eq!(d.mem().read_obj::<u8>(GuestAddress(st)).unwrap(), 0, "write OK");
+            wait_write(&mut d, head, st);
         }
     }
     mirror.check().unwrap();
