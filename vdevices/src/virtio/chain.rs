@@ -220,6 +220,16 @@ pub(crate) struct Irq<'a> {
     pub raised: &'a mut u64,
 }
 
+impl Irq<'_> {
+    /// Sets `bits` in `InterruptStatus`, counts the interrupt and signals the irqfd.
+    pub(crate) fn raise(&mut self, bits: u32) {
+        self.status.fetch_or(bits, std::sync::atomic::Ordering::AcqRel);
+        *self.raised += 1;
+        // A full eventfd counter only means the interrupt is already pending.
+        let _ = self.evt.write(1);
+    }
+}
+
 impl<'a> QueueCtx<'a> {
     /// A context over `queues` in `mem` that can raise the used-buffer interrupt while the
     /// device works.
@@ -237,10 +247,7 @@ impl<'a> QueueCtx<'a> {
         let Some(queue) = self.queues.get_mut(q) else { return };
         // A ring the guest moved out of memory: interrupt anyway, the driver resyncs.
         if queue.needs_notification(self.mem).unwrap_or(true) {
-            self.irq.status.fetch_or(crate::virtio::mmio::INT_VRING, std::sync::atomic::Ordering::AcqRel);
-            *self.irq.raised += 1;
-            // A full eventfd counter only means the interrupt is already pending.
-            let _ = self.irq.evt.write(1);
+            self.irq.raise(crate::virtio::mmio::INT_VRING);
         }
     }
     /// Guest memory.

@@ -286,15 +286,17 @@ impl MmioTransport {
 
     /// Undoes [`MmioTransport::pause`] and serves what arrived meanwhile.
     pub fn resume(&self) {
-        let backends = {
-            let mut inner = self.lock();
-            inner.paused = false;
-            inner.device.backend_fds().len()
-        };
-        // The event loop serves the queues; backend fds are edge-triggered, so look now.
+        self.lock().paused = false;
+        self.serve_pending();
+    }
+
+    /// Serves work that arrived while nobody served it: the event loop takes the queues (their
+    /// events are set); backend fds are edge-triggered, so they are looked at now.
+    fn serve_pending(&self) {
         for evt in &self.shared.queue_evts {
             let _ = evt.write(1);
         }
+        let backends = self.lock().device.backend_fds().len();
         for i in 0..backends {
             self.process_backend(i);
         }
@@ -342,11 +344,7 @@ impl MmioTransport {
             return 0;
         }
         let Inner { device, mem, queues, stats, .. } = inner;
-        let irq = Irq {
-            status: &self.shared.interrupt_status,
-            evt: &self.shared.irq_evt,
-            raised: &mut stats.interrupts,
-        };
+        let irq = self.irq(stats);
         let mut ctx = QueueCtx::with_irq(mem, queues, irq);
         let res = work(device.as_mut(), &mut ctx);
         let used = ctx.used_mask();
@@ -360,8 +358,7 @@ impl MmioTransport {
             }
             inner.broken = Some(msg);
             inner.status |= status::DEVICE_NEEDS_RESET;
-            self.shared.interrupt_status.fetch_or(INT_CONFIG, Ordering::AcqRel);
-            self.raise(inner);
+            self.raise(inner, INT_CONFIG);
         }
         self.after_work(inner, used);
         Self::rearm(inner)
@@ -390,8 +387,7 @@ impl MmioTransport {
     fn after_work(&self, inner: &mut Inner, used: u64) {
         if inner.device.take_config_changed() {
             inner.config_generation = inner.config_generation.wrapping_add(1);
-            self.shared.interrupt_status.fetch_or(INT_CONFIG, Ordering::AcqRel);
-            self.raise(inner);
+            self.raise(inner, INT_CONFIG);
         }
         let mut notify = false;
         for (q, queue) in inner.queues.iter_mut().enumerate() {
@@ -401,15 +397,21 @@ impl MmioTransport {
             }
         }
         if notify {
-            self.shared.interrupt_status.fetch_or(INT_VRING, Ordering::AcqRel);
-            self.raise(inner);
+            self.raise(inner, INT_VRING);
         }
     }
 
-    fn raise(&self, inner: &mut Inner) {
-        inner.stats.interrupts += 1;
-        // A full eventfd counter only means the interrupt is already pending.
-        let _ = self.shared.irq_evt.write(1);
+    fn raise(&self, inner: &mut Inner, bits: u32) {
+        self.irq(&mut inner.stats).raise(bits);
+    }
+
+    /// The interrupt (counted in `stats`), as devices also raise it while they serve.
+    fn irq<'a>(&'a self, stats: &'a mut TransportStats) -> Irq<'a> {
+        Irq {
+            status: &self.shared.interrupt_status,
+            evt: &self.shared.irq_evt,
+            raised: &mut stats.interrupts,
+        }
     }
 
     /// The features offered: the device's, plus `VIRTIO_F_RING_EVENT_IDX`, which the transport
@@ -514,13 +516,7 @@ impl EventSubscriber for MmioTransport {
         }
         // Work that arrived while nobody watched (after a restore, say) is served now.
         if self.activated() {
-            for evt in &self.shared.queue_evts {
-                let _ = evt.write(1);
-            }
-            let backends = self.lock().device.backend_fds().len();
-            for i in 0..backends {
-                self.process_backend(i);
-            }
+            self.serve_pending();
         }
     }
 
