@@ -213,8 +213,7 @@ fn raw_tcp(c: &mut Criterion) {
     receiver.join().unwrap();
 }
 
-fn source(d: DirtierConfig, tracking: DirtyTracking) -> Vm {
-    let cfg = VmConfig { mem_mib: 256, dirty_tracking: tracking, ..Default::default() };
+fn source(d: DirtierConfig, cfg: VmConfig) -> Vm {
     let vm = VmBuilder::new(cfg).payload(Dirtier(d)).build().unwrap();
     vm.start().unwrap();
     // Running, and (unless idle) through its working set once.
@@ -225,10 +224,11 @@ fn source(d: DirtierConfig, tracking: DirtyTracking) -> Vm {
     vm
 }
 
-/// One migration; returns (total, downtime).
-fn migrate_once(d: DirtierConfig, tcp: bool, tracking: DirtyTracking) -> (Duration, Duration) {
-    let src = source(d, tracking);
-    let dst = VmBuilder::new(VmConfig { mem_mib: 256, ..Default::default() }).build().unwrap();
+/// One migration of a source VM made with `cfg`; returns (total, downtime).
+fn migrate_once(d: DirtierConfig, tcp: bool, cfg: VmConfig) -> (Duration, Duration) {
+    let dst_cfg = VmConfig { dirty_tracking: DirtyTracking::None, ..cfg.clone() };
+    let src = source(d, cfg);
+    let dst = VmBuilder::new(dst_cfg).build().unwrap();
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
     std::thread::scope(|s| {
@@ -276,24 +276,29 @@ fn end_to_end(c: &mut Criterion) {
     };
     // The KVM dirty log (the default), and per-vCPU dirty rings of 4096 entries for the fast
     // guest over TCP.
-    let log = DirtyTracking::None; // the migration turns the dirty log on per slot
-    let ring = DirtyTracking::Ring { entries: 4096 };
+    // The migration turns the dirty log on per slot.
+    let log = VmConfig { mem_mib: 256, ..Default::default() };
+    let ring = VmConfig { dirty_tracking: DirtyTracking::Ring { entries: 4096 }, ..log.clone() };
+    // Both VMs on transparent huge pages.
+    let huge = VmConfig { huge_pages: true, ..log.clone() };
     let rows = [
-        ("idle", idle, "in_process", false, log),
-        ("idle", idle, "tcp", true, log),
-        ("dirty_5k_pps", slow, "in_process", false, log),
-        ("dirty_5k_pps", slow, "tcp", true, log),
-        ("dirty_50k_pps", fast, "in_process", false, log),
-        ("dirty_50k_pps", fast, "tcp", true, log),
-        ("dirty_50k_pps", fast, "tcp_dirty_ring", true, ring),
+        ("idle", idle, "in_process", false, &log),
+        ("idle", idle, "tcp", true, &log),
+        ("idle", idle, "in_process_huge_pages", false, &huge),
+        ("dirty_5k_pps", slow, "in_process", false, &log),
+        ("dirty_5k_pps", slow, "tcp", true, &log),
+        ("dirty_5k_pps", slow, "in_process_huge_pages", false, &huge),
+        ("dirty_50k_pps", fast, "in_process", false, &log),
+        ("dirty_50k_pps", fast, "tcp", true, &log),
+        ("dirty_50k_pps", fast, "tcp_dirty_ring", true, &ring),
     ];
-    for (name, d, transport, tcp, tracking) in rows {
+    for (name, d, transport, tcp, cfg) in rows {
         let mut downtimes = Vec::new();
         g.bench_function(BenchmarkId::new(transport, name), |b| {
             b.iter_custom(|iters| {
                 let mut total = Duration::ZERO;
                 for _ in 0..iters {
-                    let (t, down) = migrate_once(d, tcp, tracking);
+                    let (t, down) = migrate_once(d, tcp, cfg.clone());
                     total += t;
                     downtimes.push(down);
                 }

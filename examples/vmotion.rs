@@ -89,6 +89,9 @@ struct VmArgs {
     /// 256 to 65536) instead of the KVM dirty log; a vCPU whose ring fills up harvests it.
     #[arg(long, global = true)]
     dirty_ring: Option<u32>,
+    /// Back guest memory with transparent huge pages (MADV_HUGEPAGE).
+    #[arg(long, global = true)]
+    huge_pages: bool,
 }
 
 #[derive(ValueEnum, Debug, Clone, Copy)]
@@ -124,7 +127,12 @@ impl VmArgs {
             Some(entries) => DirtyTracking::Ring { entries },
             None => DirtyTracking::None, // the migration turns the dirty log on per slot
         };
-        VmConfig { mem_mib: self.mem_mib, vcpus: self.vcpus, dirty_tracking }
+        VmConfig { mem_mib: self.mem_mib, vcpus: self.vcpus, dirty_tracking, huge_pages: self.huge_pages }
+    }
+    /// Pages the guest writes in about a second (at most `cap`, at least one).
+    fn pages_in_a_second(&self, cap: u64) -> u64 {
+        let per_sec = if self.rate == 0 { u64::MAX } else { self.rate };
+        cap.min(per_sec).max(1)
     }
     fn ws_mib(&self) -> u64 {
         self.ws_mib.unwrap_or((self.mem_mib / 4).clamp(1, 256))
@@ -164,8 +172,11 @@ fn start_source(args: &VmArgs) -> Result<Vm> {
     let d = args.dirtier();
     let vm = VmBuilder::new(args.config()).payload(Dirtier(d)).build().context("building the source VM")?;
     vm.start()?;
+    // Through its working set once (at most 10,000 pages, at most a second of its work), so
+    // that there is something to migrate.
+    let want = args.pages_in_a_second(d.ws_pages.min(10_000));
     let t = Instant::now();
-    while read_progress(vm.memory()).pages_written < d.ws_pages.min(10_000) {
+    while read_progress(vm.memory()).pages_written < want {
         if t.elapsed() > Duration::from_secs(30) {
             bail!("the guest does not run: {:?}", vm.next_event(Duration::ZERO));
         }
@@ -316,11 +327,12 @@ fn summary_for(mode: &'static str, a: &VmArgs) -> Summary {
 }
 
 /// Watches the destination guest for a moment: does its progress move on?
-fn keeps_running(vm: &Vm, from: u64) -> (bool, u64) {
+/// Whether the guest on `vm` writes `step` more pages than `from` within 10 s.
+fn keeps_running(vm: &Vm, from: u64, step: u64) -> (bool, u64) {
     let t = Instant::now();
     while t.elapsed() < Duration::from_secs(10) {
         let now = read_progress(vm.memory()).pages_written;
-        if now > from + 1000 {
+        if now >= from + step {
             return (true, now);
         }
         std::thread::sleep(Duration::from_millis(10));
@@ -370,7 +382,8 @@ fn local(cli: &Cli) -> Result<Summary> {
     s.downtime_without_verification_ms = s.downtime_ms - s.verification_ms;
     s.memory_equal_at_pause = verify.then(|| memory_digest(&src) == digest);
     s.guest_pages_at_pause = read_progress(src.memory()).pages_written;
-    (s.guest_keeps_running, s.guest_pages_on_destination) = keeps_running(&dst, s.guest_pages_at_pause);
+    (s.guest_keeps_running, s.guest_pages_on_destination) =
+        keeps_running(&dst, s.guest_pages_at_pause, cli.vm.pages_in_a_second(1000));
     Ok(s)
 }
 
@@ -483,7 +496,7 @@ fn main() -> Result<()> {
             s.iterations = r.iterations as usize;
             s.guest_pages_at_pause = read_progress(dst.memory()).pages_written;
             (s.guest_keeps_running, s.guest_pages_on_destination) =
-                keeps_running(&dst, s.guest_pages_at_pause);
+                keeps_running(&dst, s.guest_pages_at_pause, cli.vm.pages_in_a_second(1000));
             s
         }
         Some(Command::Save { file }) => {
@@ -511,7 +524,7 @@ fn main() -> Result<()> {
             s.zero_pages = r.zero_pages;
             s.guest_pages_at_pause = read_progress(dst.memory()).pages_written;
             (s.guest_keeps_running, s.guest_pages_on_destination) =
-                keeps_running(&dst, s.guest_pages_at_pause);
+                keeps_running(&dst, s.guest_pages_at_pause, cli.vm.pages_in_a_second(1000));
             s
         }
     };

@@ -47,6 +47,12 @@ pub struct VmConfig {
     /// Dirty page tracking mode.
     #[serde(default)]
     pub dirty_tracking: DirtyTracking,
+    /// Back guest RAM with transparent huge pages (`madvise(MADV_HUGEPAGE)`, as QEMU does for
+    /// its RAM blocks). Fewer page faults on first touch and on reads of untouched memory, and
+    /// 2 MiB mappings for the guest; KVM splits them while dirty logging is on. Off by default:
+    /// on kvm-pvm it made migrations of a writing guest slower (see the README).
+    #[serde(default)]
+    pub huge_pages: bool,
 }
 
 fn default_vcpus() -> u16 {
@@ -55,7 +61,7 @@ fn default_vcpus() -> u16 {
 
 impl Default for VmConfig {
     fn default() -> Self {
-        VmConfig { mem_mib: 128, vcpus: 1, dirty_tracking: DirtyTracking::None }
+        VmConfig { mem_mib: 128, vcpus: 1, dirty_tracking: DirtyTracking::None, huge_pages: false }
     }
 }
 

@@ -162,6 +162,9 @@ impl VmBuilder {
         let manual_protect = enable_dirty_tracking(&vm_fd, self.config.dirty_tracking)?;
 
         let memory = memory::create_guest_memory(&ranges)?;
+        if self.config.huge_pages {
+            memory::advise_huge_pages(&memory)?;
+        }
         let slots = memory::slots_of(&memory);
         for s in &slots {
             crate::sys::set_memory_slot(&vm_fd, &memory, s).map_err(|source| VmError::Slot {

@@ -115,6 +115,20 @@ fn manual_protect_dirty_log_migrates() {
 }
 
 #[test]
+fn huge_page_guest_migrates() {
+    require_kvm!();
+    let d = DirtierConfig {
+        ws_pages: 4096,
+        pattern: Pattern::Random,
+        pages_per_sec: 50_000,
+        ..Default::default()
+    };
+    // Both sides on transparent huge pages: KVM splits the source's mappings for dirty logging.
+    let cfg = VmConfig { mem_mib: 64, huge_pages: true, ..Default::default() };
+    migrate_in_process(cfg, d, ConvergencePolicy::default());
+}
+
+#[test]
 fn snapshot_to_file_and_back() {
     require_kvm!();
     let cfg = VmConfig { mem_mib: 64, ..Default::default() };
