@@ -27,9 +27,21 @@ impl Driver {
     /// Moves new used-ring entries of queue `q` into the completion table; returns how many.
     pub fn collect_used(&mut self, q: usize) -> Result<usize, HarnessError> {
         let dq = self.queues.get_mut(q).ok_or(HarnessError::Queue(q))?;
-        let used_idx: u16 = self.guest.read_obj(GuestAddress(dq.used + 2))?;
+        let mut used_idx: u16 = self.guest.read_obj(GuestAddress(dq.used + 2))?;
         let mut n = 0;
-        while dq.last_used != used_idx {
+        loop {
+            if dq.last_used == used_idx {
+                // With VIRTIO_F_RING_EVENT_IDX: interrupt me on the next used entry
+                // (used_event). Then look again, as Linux's `virtqueue_enable_cb` does: an entry
+                // the device added before it could see the new used_event raised no interrupt.
+                let used_event = GuestAddress(dq.avail + 4 + 2 * u64::from(dq.size));
+                self.guest.write_obj(dq.last_used, used_event)?;
+                std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+                used_idx = self.guest.read_obj(GuestAddress(dq.used + 2))?;
+                if dq.last_used == used_idx {
+                    break;
+                }
+            }
             let slot = u64::from(dq.last_used % dq.size);
             let id: u32 = self.guest.read_obj(GuestAddress(dq.used + 4 + 8 * slot))?;
             let len: u32 = self.guest.read_obj(GuestAddress(dq.used + 8 + 8 * slot))?;
@@ -46,8 +58,6 @@ impl Driver {
             dq.last_used = dq.last_used.wrapping_add(1);
             n += 1;
         }
-        // With VIRTIO_F_RING_EVENT_IDX: interrupt me on the next used entry (used_event).
-        self.guest.write_obj(dq.last_used, GuestAddress(dq.avail + 4 + 2 * u64::from(dq.size)))?;
         Ok(n)
     }
 
@@ -102,8 +112,7 @@ impl Driver {
             if let Some(v) = ready(self)? {
                 return Ok(v);
             }
-            if start.elapsed() < self.wait_poll {
-                std::hint::spin_loop();
+            if self.poll_interrupt(start) {
                 continue;
             }
             let left = deadline.saturating_duration_since(Instant::now());
@@ -112,6 +121,25 @@ impl Driver {
             }
             self.wait_interrupt(left.min(Duration::from_millis(50)));
         }
+    }
+
+    /// Polls for an interrupt until one is pending (acknowledges it and returns true) or the
+    /// [`Driver::set_wait_poll`] time since `start` is over (returns false). Like a halted vCPU
+    /// under KVM halt polling, it watches the interrupt state only (`InterruptStatus`, a word
+    /// the device writes once per interrupt), never the rings, so it takes no cache line the
+    /// device is writing away from it.
+    fn poll_interrupt(&mut self, start: Instant) -> bool {
+        while start.elapsed() < self.wait_poll {
+            for _ in 0..32 {
+                let st = self.read_reg(reg::INTERRUPT_STATUS);
+                if st != 0 {
+                    self.write_reg(reg::INTERRUPT_ACK, st & (INT_VRING | INT_CONFIG));
+                    return true;
+                }
+                std::hint::spin_loop();
+            }
+        }
+        false
     }
 
     /// The used index the device has published for queue `q`.
