@@ -9,14 +9,16 @@ use std::time::{Duration, Instant};
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use vinfra::vcore::config::RamRange;
-use vinfra::vcore::guest::{Dirtier, DirtierConfig, Pattern, read_progress};
+use vinfra::vcore::guest::{Dirtier, DirtierConfig, MIN_WS_START, Pattern, read_progress};
 use vinfra::vcore::memory::create_guest_memory;
 use vinfra::vcore::vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 use vinfra::vcore::{DirtyTracking, Vm, VmBuilder, VmConfig};
 use vinfra::vmigrate::dirty::{DirtyBitmap, DirtyTracker, KvmDirtyLog, VmmBitmap, empty_maps};
 use vinfra::vmigrate::receive::apply_memory;
 use vinfra::vmigrate::stream::{Crc32c, FrameReader, FrameWriter, Layout, SEND_BUFFER, is_zero};
-use vinfra::vmigrate::transport::{DEFAULT_PEER_TIMEOUT, channel_pair, tcp_accept, tcp_connect};
+use vinfra::vmigrate::transport::{
+    DEFAULT_PEER_TIMEOUT, channel_pair, tcp_accept, tcp_accept_streams, tcp_connect, tcp_connect_streams,
+};
 use vinfra::vmigrate::{ConvergencePolicy, Destination, Source};
 
 const MIB: usize = 1 << 20;
@@ -213,8 +215,21 @@ fn raw_tcp(c: &mut Criterion) {
     receiver.join().unwrap();
 }
 
-fn source(d: DirtierConfig, cfg: VmConfig) -> Vm {
+/// A running dirtier; with `fill`, guest memory past the guest's own pages holds data (no zero
+/// page) before it starts.
+fn source(d: DirtierConfig, cfg: VmConfig, fill: bool) -> Vm {
     let vm = VmBuilder::new(cfg).payload(Dirtier(d)).build().unwrap();
+    if fill {
+        let chunk: Vec<u8> = (0..MIB).map(|i| (i % 251) as u8 | 1).collect();
+        for s in vm.slots() {
+            let mut at = s.guest_addr.max(MIN_WS_START);
+            while at < s.guest_addr + s.size {
+                let n = (s.guest_addr + s.size - at).min(MIB as u64) as usize;
+                vm.memory().write_slice(&chunk[..n], GuestAddress(at)).unwrap();
+                at += n as u64;
+            }
+        }
+    }
     vm.start().unwrap();
     // Running, and (unless idle) through its working set once.
     let want = if d.pages_per_sec < 100 { 1 } else { d.ws_pages };
@@ -224,24 +239,24 @@ fn source(d: DirtierConfig, cfg: VmConfig) -> Vm {
     vm
 }
 
-/// One migration of a source VM made with `cfg`; returns (total, downtime).
-fn migrate_once(d: DirtierConfig, tcp: bool, cfg: VmConfig) -> (Duration, Duration) {
-    let dst_cfg = VmConfig { dirty_tracking: DirtyTracking::None, ..cfg.clone() };
-    let src = source(d, cfg);
+/// One migration of a source VM made with `cfg` (see [`source`] for `fill`), over TCP with
+/// `streams` data streams or in-process; returns (total, downtime).
+fn migrate_once(d: DirtierConfig, r: &Row) -> (Duration, Duration) {
+    let dst_cfg = VmConfig { dirty_tracking: DirtyTracking::None, ..r.cfg.clone() };
+    let src = source(d, r.cfg.clone(), r.fill);
     let dst = VmBuilder::new(dst_cfg).build().unwrap();
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
+    let streams = r.streams;
     std::thread::scope(|s| {
-        let stats = if tcp {
+        let stats = if r.tcp {
             let (listener, dst) = (&listener, &dst);
             let recv = s.spawn(move || {
-                let conn = tcp_accept(listener, DEFAULT_PEER_TIMEOUT).unwrap();
-                Destination::new(dst).run(conn).unwrap();
+                let (conn, data) = tcp_accept_streams(listener, streams, DEFAULT_PEER_TIMEOUT).unwrap();
+                Destination::new(dst).run_streams(conn, data).unwrap();
             });
-
-            let stats = Source::new(&src, ConvergencePolicy::default())
-                .run(tcp_connect(addr, DEFAULT_PEER_TIMEOUT).unwrap())
-                .unwrap();
+            let (conn, data) = tcp_connect_streams(addr, streams, DEFAULT_PEER_TIMEOUT).unwrap();
+            let stats = Source::new(&src, ConvergencePolicy::default()).run_streams(conn, data).unwrap();
             recv.join().unwrap();
             stats
         } else {
@@ -253,6 +268,17 @@ fn migrate_once(d: DirtierConfig, tcp: bool, cfg: VmConfig) -> (Duration, Durati
         };
         (stats.total, stats.downtime)
     })
+}
+
+/// One end-to-end row: the VMs' configuration, the transport, and the source's memory.
+struct Row {
+    cfg: VmConfig,
+    /// Loopback TCP (else in-process channels).
+    tcp: bool,
+    /// Data streams besides the main TCP connection.
+    streams: usize,
+    /// Guest memory full of data (see [`source`]).
+    fill: bool,
 }
 
 fn end_to_end(c: &mut Criterion) {
@@ -274,31 +300,40 @@ fn end_to_end(c: &mut Criterion) {
         pages_per_sec: 50_000,
         ..Default::default()
     };
-    // The KVM dirty log (the default), and per-vCPU dirty rings of 4096 entries for the fast
-    // guest over TCP.
-    // The migration turns the dirty log on per slot.
+    // The KVM dirty log (the default: the migration turns it on per slot), per-vCPU dirty rings
+    // of 4096 entries, and transparent huge pages on both VMs.
     let log = VmConfig { mem_mib: 256, ..Default::default() };
     let ring = VmConfig { dirty_tracking: DirtyTracking::Ring { entries: 4096 }, ..log.clone() };
-    // Both VMs on transparent huge pages.
     let huge = VmConfig { huge_pages: true, ..log.clone() };
+    let row = |cfg: &VmConfig, tcp, streams, fill| Row { cfg: cfg.clone(), tcp, streams, fill };
     let rows = [
-        ("idle", idle, "in_process", false, &log),
-        ("idle", idle, "tcp", true, &log),
-        ("idle", idle, "in_process_huge_pages", false, &huge),
-        ("dirty_5k_pps", slow, "in_process", false, &log),
-        ("dirty_5k_pps", slow, "tcp", true, &log),
-        ("dirty_5k_pps", slow, "in_process_huge_pages", false, &huge),
-        ("dirty_50k_pps", fast, "in_process", false, &log),
-        ("dirty_50k_pps", fast, "tcp", true, &log),
-        ("dirty_50k_pps", fast, "tcp_dirty_ring", true, &ring),
+        ("idle", idle, "in_process", row(&log, false, 0, false)),
+        ("idle", idle, "tcp", row(&log, true, 0, false)),
+        ("idle", idle, "tcp_4_streams", row(&log, true, 4, false)),
+        ("idle", idle, "in_process_huge_pages", row(&huge, false, 0, false)),
+        ("dirty_5k_pps", slow, "in_process", row(&log, false, 0, false)),
+        ("dirty_5k_pps", slow, "tcp", row(&log, true, 0, false)),
+        ("dirty_5k_pps", slow, "in_process_huge_pages", row(&huge, false, 0, false)),
+        ("dirty_50k_pps", fast, "in_process", row(&log, false, 0, false)),
+        ("dirty_50k_pps", fast, "tcp", row(&log, true, 0, false)),
+        ("dirty_50k_pps", fast, "tcp_4_streams", row(&log, true, 4, false)),
+        ("dirty_50k_pps", fast, "tcp_dirty_ring", row(&ring, true, 0, false)),
+        // Every page holds data: the rows to set against raw TCP (last: a group's
+        // throughput setting stays, and these count 256 MiB per run).
+        ("idle_full", idle, "tcp", row(&log, true, 0, true)),
+        ("idle_full", idle, "tcp_2_streams", row(&log, true, 2, true)),
+        ("idle_full", idle, "tcp_4_streams", row(&log, true, 4, true)),
     ];
-    for (name, d, transport, tcp, cfg) in rows {
+    for (name, d, transport, r) in rows {
         let mut downtimes = Vec::new();
+        if r.fill {
+            g.throughput(Throughput::Bytes(256 << 20));
+        }
         g.bench_function(BenchmarkId::new(transport, name), |b| {
             b.iter_custom(|iters| {
                 let mut total = Duration::ZERO;
                 for _ in 0..iters {
-                    let (t, down) = migrate_once(d, tcp, cfg.clone());
+                    let (t, down) = migrate_once(d, &r);
                     total += t;
                     downtimes.push(down);
                 }

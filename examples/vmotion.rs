@@ -16,7 +16,7 @@ use serde::Serialize;
 use vinfra::vcore::guest::{Dirtier, DirtierConfig, MIN_WS_START, Pattern, read_progress};
 use vinfra::vcore::vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 use vinfra::vcore::{DirtyTracking, Vm, VmBuilder, VmConfig};
-use vinfra::vmigrate::transport::{DEFAULT_PEER_TIMEOUT, tcp_accept, tcp_connect};
+use vinfra::vmigrate::transport::{DEFAULT_PEER_TIMEOUT, tcp_accept_streams, tcp_connect_streams};
 use vinfra::vmigrate::{
     ConvergencePolicy, Destination, MigrationStats, Progress, ReceiveStats, Source, probe_dirty_rate,
 };
@@ -119,6 +119,10 @@ struct PolicyArgs {
     /// --bandwidth-mib).
     #[arg(long, global = true)]
     compress: bool,
+    /// Send the pages over this many extra TCP connections, each with a thread of its own on
+    /// both sides (both sides must agree); 0 = the main connection carries them.
+    #[arg(long, default_value_t = 0, global = true, value_parser = clap::value_parser!(u16).range(0..=64))]
+    streams: u16,
 }
 
 impl VmArgs {
@@ -286,6 +290,7 @@ struct Summary {
     compressed_pages: u64,
     throughput_mib_s: f64,
     max_throttle_percent: u8,
+    data_streams: usize,
     memory_equal_at_pause: Option<bool>,
     guest_pages_at_pause: u64,
     guest_pages_on_destination: u64,
@@ -311,6 +316,7 @@ fn fill(s: &mut Summary, st: &MigrationStats) {
     s.compressed_pages = st.compressed_pages;
     s.throughput_mib_s = st.throughput_bps / (1 << 20) as f64;
     s.max_throttle_percent = st.max_throttle_percent;
+    s.data_streams = st.data_streams;
 }
 
 fn summary_for(mode: &'static str, a: &VmArgs) -> Summary {
@@ -326,7 +332,6 @@ fn summary_for(mode: &'static str, a: &VmArgs) -> Summary {
     }
 }
 
-/// Watches the destination guest for a moment: does its progress move on?
 /// Whether the guest on `vm` writes `step` more pages than `from` within 10 s.
 fn keeps_running(vm: &Vm, from: u64, step: u64) -> (bool, u64) {
     let t = Instant::now();
@@ -353,11 +358,12 @@ fn local(cli: &Cli) -> Result<Summary> {
     let addr = listener.local_addr()?;
     let arrived = Arc::new(Mutex::new((Vec::new(), Duration::ZERO)));
     let verify = !cli.no_verify;
+    let streams = usize::from(cli.policy.streams);
     let stats = std::thread::scope(|s| -> Result<MigrationStats> {
         let arrived = arrived.clone();
         let dst = &dst;
         let receiver = s.spawn(move || -> Result<ReceiveStats> {
-            let conn = tcp_accept(&listener, DEFAULT_PEER_TIMEOUT)?;
+            let (conn, data) = tcp_accept_streams(&listener, streams, DEFAULT_PEER_TIMEOUT)?;
             let record = move |vm: &Vm| {
                 if verify {
                     let t = Instant::now();
@@ -365,10 +371,12 @@ fn local(cli: &Cli) -> Result<Summary> {
                     *arrived.lock().unwrap() = (digest, t.elapsed());
                 }
             };
-            Ok(Destination::new(dst).on_restored(record).run(conn)?)
+            Ok(Destination::new(dst).on_restored(record).run_streams(conn, data)?)
         });
-        let conn = tcp_connect(addr, DEFAULT_PEER_TIMEOUT)?;
-        let stats = Source::new(&src, cli.policy.policy()).progress(progress_printer(cli.json)).run(conn);
+        let (conn, data) = tcp_connect_streams(addr, streams, DEFAULT_PEER_TIMEOUT)?;
+        let stats = Source::new(&src, cli.policy.policy())
+            .progress(progress_printer(cli.json))
+            .run_streams(conn, data);
         let received = receiver.join().map_err(|_| anyhow::anyhow!("receiver panicked"))?;
         let stats = stats.context("migration")?;
         received.context("destination")?;
@@ -400,6 +408,13 @@ fn print_table(s: &Summary) {
         ),
         ("total time", format!("{:.1} ms", s.total_ms)),
     ];
+    if matches!(s.mode, "local" | "send" | "listen") {
+        let pages_on = match s.data_streams {
+            0 => "the main connection".to_string(),
+            n => format!("{n} data streams (connections) besides the main one"),
+        };
+        rows.push(("pages carried by", pages_on));
+    }
     if let Some(pps) = s.probed_dirty_pps {
         rows.push((
             "dirty rate (probe)",
@@ -469,10 +484,12 @@ fn main() -> Result<()> {
         Some(Command::Send { to }) => {
             let src = start_source(&cli.vm)?;
             let probed = probe(&src)?;
-            let conn = tcp_connect(to.as_str(), DEFAULT_PEER_TIMEOUT)
-                .with_context(|| format!("connecting to {to}"))?;
-            let stats =
-                Source::new(&src, cli.policy.policy()).progress(progress_printer(cli.json)).run(conn)?;
+            let (conn, data) =
+                tcp_connect_streams(to.as_str(), usize::from(cli.policy.streams), DEFAULT_PEER_TIMEOUT)
+                    .with_context(|| format!("connecting to {to}"))?;
+            let stats = Source::new(&src, cli.policy.policy())
+                .progress(progress_printer(cli.json))
+                .run_streams(conn, data)?;
             let mut s = summary_for("send", &cli.vm);
             s.probed_dirty_pps = Some(probed);
             fill(&mut s, &stats);
@@ -485,14 +502,16 @@ fn main() -> Result<()> {
                 eprintln!("waiting for a source on {addr}");
             }
             let dst = VmBuilder::new(cli.vm.config()).build()?;
-            let conn = tcp_accept(&listener, DEFAULT_PEER_TIMEOUT)?;
+            let (conn, data) =
+                tcp_accept_streams(&listener, usize::from(cli.policy.streams), DEFAULT_PEER_TIMEOUT)?;
             let t = Instant::now();
-            let r = Destination::new(&dst).run(conn)?;
+            let r = Destination::new(&dst).run_streams(conn, data)?;
             let mut s = summary_for("listen", &cli.vm);
             s.total_ms = ms(t.elapsed());
             s.bytes_sent = r.bytes;
             s.normal_pages = r.normal_pages;
             s.zero_pages = r.zero_pages;
+            s.data_streams = r.data_streams;
             s.iterations = r.iterations as usize;
             s.guest_pages_at_pause = read_progress(dst.memory()).pages_written;
             (s.guest_keeps_running, s.guest_pages_on_destination) =

@@ -11,6 +11,7 @@ pub mod receive;
 pub mod stats;
 pub mod storage;
 pub mod stream;
+pub mod streams;
 pub mod transport;
 
 pub use dirty::{DirtyBitmap, DirtyTracker};

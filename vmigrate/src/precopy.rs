@@ -28,9 +28,10 @@ use vm_memory::{GuestAddress, GuestMemoryBackend as _};
 use crate::dirty::{DirtyBitmap, DirtyError, DirtyTracker, empty_maps, trackers_for};
 use crate::stats::{Iteration, MigrationStats, Progress};
 use crate::stream::{
-    COMPRESSION_VERSION, FrameReader, FrameWriter, Hello, Layout, Message, PAGE, PROTOCOL_VERSIONS,
-    StreamError,
+    COMPRESSION_VERSION, FrameReader, FrameWriter, Hello, Layout, MAX_DATA_STREAMS, Message, PAGE,
+    PROTOCOL_VERSIONS, STREAMS_VERSION, StreamError,
 };
+use crate::streams::{Senders, Tally};
 use crate::transport::Transport;
 
 /// What to do when pre-copy stalls or runs out of time.
@@ -232,9 +233,46 @@ impl std::fmt::Debug for Source<'_> {
     }
 }
 
-struct Sent {
-    normal: u64,
-    zero: u64,
+/// Where the engine's pages go: the main stream's writer, or the data streams' senders.
+struct Out<'s, W: std::io::Write> {
+    main: FrameWriter<W>,
+    streams: Option<&'s Senders>,
+    /// Pages written on the main stream (without data streams).
+    main_pages: Tally,
+}
+
+impl<W: std::io::Write> Out<'_, W> {
+    /// Sends `pages` pages of guest memory from `gpa` (inside one slot).
+    fn pages(&mut self, vm: &Vm, gpa: u64, pages: u64) -> Result<(), MigrationError> {
+        if let Some(s) = self.streams {
+            return s.pages(gpa, pages);
+        }
+        // One lookup per run (it lies in one slot), not one per page.
+        let run = vm
+            .memory()
+            .get_slice(GuestAddress(gpa), pages as usize * PAGE)
+            .map_err(|e| StreamError::Io(std::io::Error::other(e.to_string())))?;
+        let (n, z) = self.main.guest_pages(gpa, &run)?;
+        self.main_pages.normal += n;
+        self.main_pages.zero += z;
+        Ok(())
+    }
+
+    /// Bytes handed to the transports so far.
+    fn bytes(&self) -> u64 {
+        self.main.bytes + self.streams.map_or(0, Senders::bytes)
+    }
+
+    /// Flushes every stream; what all of them sent so far.
+    fn sync(&mut self, end_streams: bool) -> Result<Tally, MigrationError> {
+        let pages = match self.streams {
+            Some(s) if end_streams => s.end()?,
+            Some(s) => s.sync()?,
+            None => Tally { compressed: self.main.compressed_pages, ..self.main_pages },
+        };
+        self.main.flush()?;
+        Ok(Tally { bytes: pages.bytes + self.main.bytes, ..pages })
+    }
 }
 
 impl<'a> Source<'a> {
@@ -272,10 +310,23 @@ impl<'a> Source<'a> {
 
     /// Runs the migration over `transport`. On success the destination runs the guest and the
     /// source VM is shut down.
-    pub fn run<T: Transport>(mut self, mut transport: T) -> Result<MigrationStats, MigrationError> {
+    pub fn run<T: Transport>(self, transport: T) -> Result<MigrationStats, MigrationError> {
+        self.run_streams(transport, Vec::<T>::new())
+    }
+
+    /// Runs the migration with its pages spread over the `data` streams (see [`crate::streams`]);
+    /// `main` carries the rest. The destination must take as many data streams, in the same
+    /// order ([`crate::transport::tcp_connect_streams`] and
+    /// [`crate::transport::tcp_accept_streams`] make and take them so), and speak protocol
+    /// version 3. With no data streams this is [`Source::run`].
+    pub fn run_streams<T: Transport, D: Transport>(
+        mut self,
+        mut main: T,
+        data: Vec<D>,
+    ) -> Result<MigrationStats, MigrationError> {
         let mut stats = MigrationStats::default();
         let mut paused = false;
-        let result = self.precopy_and_handover(&mut transport, &mut stats, &mut paused);
+        let result = self.precopy_and_handover(&mut main, data, &mut stats, &mut paused);
         let committed = matches!(result, Ok(()) | Err(MigrationError::CommitUncertain(_)));
         for t in &mut self.trackers {
             let _ = t.stop(self.vm);
@@ -289,7 +340,7 @@ impl<'a> Source<'a> {
             }
             Err(e) => {
                 if !committed {
-                    let mut w = FrameWriter::new(&mut transport, 0);
+                    let mut w = FrameWriter::new(&mut main, 0);
                     let _ = w.message(&Message::Abort(e.to_string()));
                     if paused {
                         if self.devices_paused
@@ -300,7 +351,7 @@ impl<'a> Source<'a> {
                         let _ = self.vm.resume();
                     }
                 }
-                transport.close();
+                main.close();
                 Err(e)
             }
         }
@@ -326,17 +377,17 @@ impl<'a> Source<'a> {
         Ok(())
     }
 
-    /// Sends every page set in `maps`; returns pages sent.
+    /// Sends every page set in `maps`.
     fn send_maps<W: std::io::Write>(
         &mut self,
-        w: &mut FrameWriter<W>,
+        out: &mut Out<'_, W>,
         maps: &[DirtyBitmap],
         iteration: u32,
         start: Instant,
-    ) -> Result<Sent, MigrationError> {
+    ) -> Result<(), MigrationError> {
         let slots = self.vm.slots();
         let total: u64 = maps.iter().map(DirtyBitmap::count).sum();
-        let (mut sent, t0, bytes0) = (Sent { normal: 0, zero: 0 }, Instant::now(), w.bytes);
+        let (mut done, t0, bytes0) = (0u64, Instant::now(), out.bytes());
         for (slot, map) in slots.iter().zip(maps) {
             let words = map.words();
             let mut first = 0u64;
@@ -349,24 +400,17 @@ impl<'a> Source<'a> {
                     }
                     for (s, c) in DirtyBitmap::from_words(chunk.to_vec(), n).runs() {
                         let gpa = slot.guest_addr + (first + s) * PAGE as u64;
-                        // One lookup per run (it lies in one slot), not one per page.
-                        let run = self
-                            .vm
-                            .memory()
-                            .get_slice(GuestAddress(gpa), c as usize * PAGE)
-                            .map_err(|e| StreamError::Io(std::io::Error::other(e.to_string())))?;
-                        let (nn, zz) = w.guest_pages(gpa, &run)?;
-                        sent.normal += nn;
-                        sent.zero += zz;
-                        self.limit_bandwidth(w.bytes - bytes0, t0);
+                        out.pages(self.vm, gpa, c)?;
+                        done += c;
+                        self.limit_bandwidth(out.bytes() - bytes0, t0);
                     }
                     self.check(start)?;
-                    (self.progress)(&Progress::Pages { iteration, done: sent.normal + sent.zero, total });
+                    (self.progress)(&Progress::Pages { iteration, done, total });
                 }
                 first += n;
             }
         }
-        Ok(sent)
+        Ok(())
     }
 
     fn limit_bandwidth(&self, bytes: u64, since: Instant) {
@@ -378,12 +422,19 @@ impl<'a> Source<'a> {
         }
     }
 
-    fn precopy_and_handover<T: Transport>(
+    fn precopy_and_handover<T: Transport, D: Transport>(
         &mut self,
         transport: &mut T,
+        data: Vec<D>,
         stats: &mut MigrationStats,
         paused: &mut bool,
     ) -> Result<(), MigrationError> {
+        if data.len() > usize::from(MAX_DATA_STREAMS) {
+            return Err(MigrationError::Incompatible(format!(
+                "{} data streams, at most {MAX_DATA_STREAMS}",
+                data.len()
+            )));
+        }
         let start = Instant::now();
         let vm = self.vm;
         let mut w = FrameWriter::new(&mut *transport, FLUSH_BYTES);
@@ -405,12 +456,32 @@ impl<'a> Source<'a> {
         let total_pages: u64 = vm.slots().iter().map(|s| s.pages()).sum();
         (self.progress)(&Progress::Setup { total_pages });
 
-        let mut w = FrameWriter::new(&mut *transport, FLUSH_BYTES);
-        w.set_compress(self.policy.compress && version >= COMPRESSION_VERSION);
-        let pause_at = self.stream_memory(&mut w, stats, paused, start)?;
-        stats.compressed_pages = w.compressed_pages;
-        total_bytes += w.bytes;
-        drop(w);
+        if !data.is_empty() && version < STREAMS_VERSION {
+            return Err(MigrationError::Incompatible(format!(
+                "data streams need protocol version {STREAMS_VERSION}; the destination speaks {version}"
+            )));
+        }
+        stats.data_streams = data.len();
+        let compress = self.policy.compress && version >= COMPRESSION_VERSION;
+        let mut main = FrameWriter::new(&mut *transport, FLUSH_BYTES);
+        main.set_compress(compress);
+        let (pause_at, sent) = if data.is_empty() {
+            let mut out = Out { main, streams: None, main_pages: Tally::default() };
+            self.stream_memory(&mut out, stats, paused, start)?
+        } else {
+            std::thread::scope(|s| {
+                let senders = Senders::start(s, vm.memory(), data, compress);
+                let mut out = Out { main, streams: Some(&senders), main_pages: Tally::default() };
+                // On an error the senders go first: their threads then see their queues close,
+                // close their streams and end, and the scope can join them.
+                let r = self.stream_memory(&mut out, stats, paused, start);
+                drop(out);
+                drop(senders);
+                r
+            })?
+        };
+        stats.compressed_pages = sent.compressed;
+        total_bytes += sent.bytes;
         match FrameReader::new(&mut *transport).read_frame()? {
             Message::Ready => {}
             Message::Abort(reason) => return Err(MigrationError::PeerAborted(reason)),
@@ -441,16 +512,16 @@ impl<'a> Source<'a> {
     }
 
     /// Pre-copy iterations, then pause and copy the rest, the vCPU and device state, `Complete`.
-    /// Returns when the VM was paused.
+    /// Returns when the VM was paused, and what all streams sent.
     fn stream_memory<W: std::io::Write>(
         &mut self,
-        w: &mut FrameWriter<W>,
+        out: &mut Out<'_, W>,
         stats: &mut MigrationStats,
         paused: &mut bool,
         start: Instant,
-    ) -> Result<Instant, MigrationError> {
+    ) -> Result<(Instant, Tally), MigrationError> {
         let vm = self.vm;
-        let mut bytes = 0u64; // the writer's count at the end of the previous iteration
+        let mut before = Tally::default(); // what was sent by the end of the previous iteration
         let mut to_send: Vec<DirtyBitmap> =
             vm.slots().iter().map(|s| DirtyBitmap::all_set(s.pages())).collect();
         let (mut best_remaining, mut stalled_for, mut outrun, mut throttle) = (u64::MAX, 0u32, 0u32, 0u8);
@@ -458,12 +529,18 @@ impl<'a> Source<'a> {
         loop {
             let t = Instant::now();
             let dirty_pages: u64 = to_send.iter().map(DirtyBitmap::count).sum();
-            let sent = self.send_maps(w, &to_send, index, start)?;
-            w.message(&Message::IterationEnd(index))?;
-            w.flush()?;
+            self.send_maps(out, &to_send, index, start)?;
+            out.main.message(&Message::IterationEnd(index))?;
+            let now = out.sync(false)?;
             let duration = t.elapsed();
-            let it_bytes = w.bytes - bytes;
-            bytes = w.bytes;
+            let sent = Tally {
+                bytes: now.bytes - before.bytes,
+                normal: now.normal - before.normal,
+                zero: now.zero - before.zero,
+                compressed: 0,
+            };
+            let it_bytes = sent.bytes;
+            before = now;
             let mut maps = empty_maps(vm);
             self.fetch(&mut maps)?;
             let remaining: u64 = maps.iter().map(DirtyBitmap::count).sum();
@@ -579,18 +656,20 @@ impl<'a> Source<'a> {
         self.fetch(&mut to_send)?;
         let remaining_pages = to_send.iter().map(DirtyBitmap::count).sum();
         (self.progress)(&Progress::Paused { remaining_pages });
-        let sent = self.send_maps(w, &to_send, index, start)?;
-        stats.final_pages = sent.normal + sent.zero;
-        stats.normal_pages += sent.normal;
-        stats.zero_pages += sent.zero;
+        self.send_maps(out, &to_send, index, start)?;
         let state = vm.save_state()?.to_bytes();
-        stats.final_copy = pause_at.elapsed() - stats.pause_latency;
-        w.message(&Message::CpuState(&state))?;
+        out.main.message(&Message::CpuState(&state))?;
         for (name, data) in &sections {
-            w.message(&Message::Device { name: name.clone(), data })?;
+            out.main.message(&Message::Device { name: name.clone(), data })?;
         }
-        w.message(&Message::Complete)?;
-        w.flush()?;
-        Ok(pause_at)
+        out.main.message(&Message::Complete)?;
+        // The data streams end (`Complete`) before the main stream is flushed.
+        let now = out.sync(true)?;
+        stats.final_copy = pause_at.elapsed() - stats.pause_latency;
+        let (normal, zero) = (now.normal - before.normal, now.zero - before.zero);
+        stats.final_pages = normal + zero;
+        stats.normal_pages += normal;
+        stats.zero_pages += zero;
+        Ok((pause_at, now))
     }
 }

@@ -12,9 +12,10 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
 use crate::precopy::{MigrationError, hello_for, host_cpu_features};
 use crate::stream::{
-    COMPRESSION_VERSION, FrameReader, FrameWriter, Hello, Kind, Layout, Message, PAGE, PROTOCOL_VERSIONS,
-    StreamError,
+    COMPRESSION_VERSION, FrameReader, FrameWriter, Hello, Kind, Layout, MAX_DATA_STREAMS, Message, PAGE,
+    PROTOCOL_VERSIONS, STREAMS_VERSION, StreamError,
 };
+use crate::streams::receive_stream;
 use crate::transport::Transport;
 
 /// What the destination received.
@@ -32,7 +33,20 @@ pub struct ReceiveStats {
     pub devices: usize,
     /// Time from `Commit` to the guest running (destination side of the downtime).
     pub start_us: u64,
+    /// Data streams that carried the pages (0: the main stream carried them).
+    pub data_streams: usize,
 }
+
+impl ReceiveStats {
+    fn add_pages(&mut self, o: &ReceiveStats) {
+        self.bytes += o.bytes;
+        self.normal_pages += o.normal_pages;
+        self.zero_pages += o.zero_pages;
+    }
+}
+
+/// Device sections as they arrived: `(name, bytes)`.
+type Sections = Vec<(String, Vec<u8>)>;
 
 /// Writes a page message into `mem`, checking every address against `layout` first.
 /// `known_zero(gpa)`, if given, says a page is certainly zero already (it is then not touched).
@@ -166,8 +180,18 @@ impl<'a> Destination<'a> {
     }
 
     /// Runs a live migration over `transport`; on success the guest runs on `vm`.
-    pub fn run<T: Transport>(mut self, mut transport: T) -> Result<ReceiveStats, MigrationError> {
-        let result = self.session(&mut transport, true);
+    pub fn run<T: Transport>(self, transport: T) -> Result<ReceiveStats, MigrationError> {
+        self.run_streams(transport, Vec::<T>::new())
+    }
+
+    /// Runs a live migration whose pages arrive on the `data` streams (as many as the source
+    /// sends, in the order it made them: see [`Source::run_streams`](crate::Source::run_streams)).
+    pub fn run_streams<T: Transport, D: Transport>(
+        mut self,
+        mut transport: T,
+        data: Vec<D>,
+    ) -> Result<ReceiveStats, MigrationError> {
+        let result = self.session(&mut transport, data, true);
         if let Err(e) = &result {
             let mut w = FrameWriter::new(&mut transport, 0);
             let _ = w.message(&Message::Abort(e.to_string()));
@@ -178,12 +202,13 @@ impl<'a> Destination<'a> {
 
     /// Reads a snapshot (written by [`save_snapshot`]) into `vm`; the caller starts it.
     pub fn restore_file(mut self, file: &mut std::fs::File) -> Result<ReceiveStats, MigrationError> {
-        self.session(file, false)
+        self.session(file, Vec::<std::fs::File>::new(), false)
     }
 
-    fn session<T: Transport>(
+    fn session<T: Transport, D: Transport>(
         &mut self,
         transport: &mut T,
+        data: Vec<D>,
         live: bool,
     ) -> Result<ReceiveStats, MigrationError> {
         let vm = self.vm;
@@ -200,51 +225,74 @@ impl<'a> Destination<'a> {
         if live {
             FrameWriter::new(&mut *transport, 0).message(&Message::HelloAck(version))?;
         }
+        if !data.is_empty() && version < STREAMS_VERSION {
+            return Err(MigrationError::Incompatible(format!(
+                "data streams need protocol version {STREAMS_VERSION}; the source speaks {version}"
+            )));
+        }
+        if data.len() > usize::from(MAX_DATA_STREAMS) {
+            return Err(MigrationError::Incompatible(format!(
+                "{} data streams, at most {MAX_DATA_STREAMS}",
+                data.len()
+            )));
+        }
+        stats.data_streams = data.len();
         // A VM that never ran holds only what the VMM wrote into it, and the VMM's writes are
         // tracked per page: every other page is zero.
         let fresh = vm.run_state() == vcore::RunState::Created;
         let mem = vm.memory();
-        let known_zero: Option<Box<dyn Fn(u64) -> bool>> = fresh.then(|| {
+        let known_zero: Option<Box<dyn Fn(u64) -> bool + Sync>> = fresh.then(|| {
             Box::new(move |gpa: u64| {
                 mem.find_region(GuestAddress(gpa)).is_some_and(|r| {
                     !vm_memory::MmapRegion::bitmap(r).is_addr_set((gpa - r.start_addr().0) as usize)
                 })
-            }) as Box<dyn Fn(u64) -> bool>
+            }) as Box<dyn Fn(u64) -> bool + Sync>
         });
-        let mut r = FrameReader::new(&mut *transport);
-        let (mut state, mut sections) = (None, Vec::new());
-        loop {
-            // Page contents go straight from the transport into guest memory (this VM is not
-            // running, and is discarded if receiving fails).
-            let msg = r.read_frame_into(vm.memory(), &hello.layout)?;
-            match msg {
-                Message::PagesWritten { pages, .. } => stats.normal_pages += pages,
-                Message::CompressedPages { .. } if version < COMPRESSION_VERSION => {
-                    return Err(MigrationError::Protocol {
-                        expected: "no compressed pages in protocol version 1",
-                        got: "CompressedPages".into(),
-                    });
+        let (state, sections) = if data.is_empty() {
+            receive_main(
+                transport,
+                vm.memory(),
+                &hello.layout,
+                version,
+                known_zero.as_deref(),
+                false,
+                &mut stats,
+            )?
+        } else {
+            let (layout, kz) = (&hello.layout, known_zero.as_deref());
+            let count = data.len();
+            std::thread::scope(|s| {
+                let streams: Vec<_> = data
+                    .into_iter()
+                    .enumerate()
+                    .map(|(i, t)| s.spawn(move || receive_stream(mem, layout, kz, t, i, count)))
+                    .collect();
+                let main = receive_main(transport, mem, layout, version, kz, true, &mut stats);
+                let mut errors = Vec::new();
+                for h in streams {
+                    match h.join().expect("a receiving thread panicked") {
+                        Ok(st) => stats.add_pages(&st),
+                        Err(e) => errors.push(e),
+                    }
                 }
-                Message::Pages { .. } | Message::ZeroPages { .. } | Message::CompressedPages { .. } => {
-                    let (n, z) = apply_memory(vm.memory(), &hello.layout, &msg, known_zero.as_deref())?;
-                    stats.normal_pages += n;
-                    stats.zero_pages += z;
+                // One failure ends every stream: report the cause (a corrupt frame, say), not
+                // the closed streams and the source's abort that followed from it.
+                let (causes, echoes): (Vec<_>, Vec<_>) = errors.into_iter().partition(|e| !is_echo(e));
+                if let Err(e) = &main
+                    && !is_echo(e)
+                {
+                    return main;
                 }
-                Message::IterationEnd(_) => stats.iterations += 1,
-                Message::CpuState(b) => state = Some(b.to_vec()),
-                Message::Device { name, data } => sections.push((name, data.to_vec())),
-                Message::Complete => break,
-                Message::Abort(reason) => return Err(MigrationError::PeerAborted(reason)),
-                other => {
-                    return Err(MigrationError::Protocol {
-                        expected: "pages or state",
-                        got: format!("{other:?}"),
-                    });
+                if let Some(cause) = causes.into_iter().next() {
+                    return Err(cause);
                 }
-            }
-        }
-        stats.bytes += r.bytes;
-        drop(r);
+                let main = main?;
+                match echoes.into_iter().next() {
+                    Some(e) => Err(e),
+                    None => Ok(main),
+                }
+            })?
+        };
         let state = state.ok_or(MigrationError::Protocol { expected: "CpuState", got: "Complete".into() })?;
         let snap = VmSnapshot::from_bytes(&state).map_err(vcore::VmError::from)?;
         vm.restore_state(&snap)?;
@@ -271,6 +319,76 @@ impl<'a> Destination<'a> {
         let _ = FrameWriter::new(&mut *transport, 0).message(&Message::Started);
         Ok(stats)
     }
+}
+
+/// Whether `e` follows from a failure elsewhere: a stream the peer closed or reset, or the
+/// peer's abort.
+fn is_echo(e: &MigrationError) -> bool {
+    matches!(
+        e,
+        MigrationError::PeerAborted(_) | MigrationError::Stream(StreamError::Closed | StreamError::Io(_))
+    )
+}
+
+/// Reads the main stream from after the handshake to `Complete`: pages (unless `data_streams`:
+/// then pages belong on the data streams), iteration marks, the vCPU/VM state and the device
+/// sections. Returns the state and the sections.
+fn receive_main<T: Transport>(
+    transport: &mut T,
+    mem: &GuestMemory,
+    layout: &Layout,
+    version: u16,
+    known_zero: Option<&(dyn Fn(u64) -> bool + Sync)>,
+    data_streams: bool,
+    stats: &mut ReceiveStats,
+) -> Result<(Option<Vec<u8>>, Sections), MigrationError> {
+    let mut r = FrameReader::new(&mut *transport);
+    let (mut state, mut sections) = (None, Vec::new());
+    loop {
+        // Page contents go straight from the transport into guest memory (this VM is not
+        // running, and is discarded if receiving fails).
+        let msg = r.read_frame_into(mem, layout)?;
+        match msg {
+            Message::PagesWritten { .. }
+            | Message::Pages { .. }
+            | Message::ZeroPages { .. }
+            | Message::CompressedPages { .. }
+                if data_streams =>
+            {
+                // The same page might then arrive on two streams, in no defined order.
+                return Err(MigrationError::Protocol {
+                    expected: "no pages on the main stream when data streams carry them",
+                    got: "pages".into(),
+                });
+            }
+            Message::PagesWritten { pages, .. } => stats.normal_pages += pages,
+            Message::CompressedPages { .. } if version < COMPRESSION_VERSION => {
+                return Err(MigrationError::Protocol {
+                    expected: "no compressed pages in protocol version 1",
+                    got: "CompressedPages".into(),
+                });
+            }
+            Message::Pages { .. } | Message::ZeroPages { .. } | Message::CompressedPages { .. } => {
+                let kz = known_zero.map(|k| k as &dyn Fn(u64) -> bool);
+                let (n, z) = apply_memory(mem, layout, &msg, kz)?;
+                stats.normal_pages += n;
+                stats.zero_pages += z;
+            }
+            Message::IterationEnd(_) => stats.iterations += 1,
+            Message::CpuState(b) => state = Some(b.to_vec()),
+            Message::Device { name, data } => sections.push((name, data.to_vec())),
+            Message::Complete => break,
+            Message::Abort(reason) => return Err(MigrationError::PeerAborted(reason)),
+            other => {
+                return Err(MigrationError::Protocol {
+                    expected: "pages or state",
+                    got: format!("{other:?}"),
+                });
+            }
+        }
+    }
+    stats.bytes += r.bytes;
+    Ok((state, sections))
 }
 
 /// Saves `vm` to `file`: the handshake, every page, vCPU/VM state and the device sections, then

@@ -65,6 +65,8 @@ pub struct MigrationStats {
     pub max_throttle_percent: u8,
     /// Whether the switch-over happened because a stall or timeout strategy forced it.
     pub forced_switchover: bool,
+    /// Data streams that carried the pages (0: the main stream carried them).
+    pub data_streams: usize,
 }
 
 /// Progress reported while migrating.

@@ -138,6 +138,35 @@ pub fn tcp_accept(listener: &TcpListener, timeout: Duration) -> io::Result<TcpSt
     Ok(s)
 }
 
+/// Connects the main stream and then `data` data streams, one after the other, to a destination
+/// listening at `addr` (see [`crate::Source::run_streams`]).
+pub fn tcp_connect_streams(
+    addr: impl ToSocketAddrs,
+    data: usize,
+    timeout: Duration,
+) -> io::Result<(TcpStream, Vec<TcpStream>)> {
+    let addr: SocketAddr = addr
+        .to_socket_addrs()?
+        .next()
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "no address"))?;
+    let main = tcp_connect(addr, timeout)?;
+    let streams = (0..data).map(|_| tcp_connect(addr, timeout)).collect::<io::Result<_>>()?;
+    Ok((main, streams))
+}
+
+/// Accepts a source's main stream and its `data` data streams, in the order
+/// [`tcp_connect_streams`] makes them (each connection is accepted only after the one before it
+/// was established, and a listener queues connections in that order).
+pub fn tcp_accept_streams(
+    listener: &TcpListener,
+    data: usize,
+    timeout: Duration,
+) -> io::Result<(TcpStream, Vec<TcpStream>)> {
+    let main = tcp_accept(listener, timeout)?;
+    let streams = (0..data).map(|_| tcp_accept(listener, timeout)).collect::<io::Result<_>>()?;
+    Ok((main, streams))
+}
+
 /// Connects to a Unix socket.
 pub fn unix_connect(path: impl AsRef<Path>, timeout: Duration) -> io::Result<UnixStream> {
     let s = UnixStream::connect(path)?;

@@ -8,7 +8,7 @@ use std::time::Duration;
 use common::{dest_vm, dump, source_vm, wait_until};
 use vcore::guest::{DirtierConfig, Pattern, read_progress};
 use vcore::{DirtyTracking, RunState, VmConfig};
-use vmigrate::transport::{DEFAULT_PEER_TIMEOUT, channel_pair, tcp_accept, tcp_connect};
+use vmigrate::transport::{DEFAULT_PEER_TIMEOUT, channel_pair, tcp_accept, tcp_accept_streams, tcp_connect};
 use vmigrate::{ConvergencePolicy, Destination, Source, save_snapshot};
 
 fn migrate_in_process(
@@ -16,19 +16,38 @@ fn migrate_in_process(
     d: DirtierConfig,
     policy: ConvergencePolicy,
 ) -> vmigrate::MigrationStats {
+    migrate_over_channels(cfg, d, policy, 0)
+}
+
+/// Migrates in-process over channels: a main stream and `streams` data streams.
+fn migrate_over_channels(
+    cfg: VmConfig,
+    d: DirtierConfig,
+    policy: ConvergencePolicy,
+    streams: usize,
+) -> vmigrate::MigrationStats {
     let src = source_vm(&cfg, d);
     let dst = dest_vm(&cfg);
     let (a, b) = channel_pair(2, DEFAULT_PEER_TIMEOUT);
+    let (data_a, data_b): (Vec<_>, Vec<_>) =
+        (0..streams).map(|_| channel_pair(2, DEFAULT_PEER_TIMEOUT)).unzip();
     let arrived = Arc::new(Mutex::new(Vec::new()));
-    let stats = std::thread::scope(|s| {
+    let (stats, received) = std::thread::scope(|s| {
         let recv = s.spawn(|| {
             let arrived = arrived.clone();
-            Destination::new(&dst).on_restored(move |vm| *arrived.lock().unwrap() = dump(vm)).run(b)
+            Destination::new(&dst)
+                .on_restored(move |vm| *arrived.lock().unwrap() = dump(vm))
+                .run_streams(b, data_b)
         });
-        let stats = Source::new(&src, policy).run(a).expect("migration succeeds");
-        recv.join().unwrap().expect("destination succeeds");
-        stats
+        let stats = Source::new(&src, policy).run_streams(a, data_a).expect("migration succeeds");
+        (stats, recv.join().unwrap().expect("destination succeeds"))
     });
+    assert_eq!((stats.data_streams, received.data_streams), (streams, streams));
+    assert_eq!(
+        (received.normal_pages, received.zero_pages),
+        (stats.normal_pages, stats.zero_pages),
+        "the destination received every page the source sent"
+    );
     // The source is frozen at its pause: what arrived equals it, byte for byte.
     assert_eq!(src.run_state(), RunState::Stopped);
     assert!(dump(&src) == *arrived.lock().unwrap(), "destination memory equals the source at pause");
@@ -112,6 +131,26 @@ fn manual_protect_dirty_log_migrates() {
     };
     let cfg = VmConfig { mem_mib: 64, dirty_tracking: DirtyTracking::Log, ..Default::default() };
     migrate_in_process(cfg, d, ConvergencePolicy::default());
+}
+
+#[test]
+fn pages_spread_over_data_streams_arrive_in_order() {
+    require_kvm!();
+    // Flat out over a small working set: the same pages are sent again in every iteration, so
+    // a copy overtaking a newer one of the same page would show as a memory mismatch.
+    let d =
+        DirtierConfig { ws_pages: 2048, pattern: Pattern::Random, pages_per_sec: 0, ..Default::default() };
+    // Several passes: a limit no pass meets, then a forced switch-over.
+    let policy = ConvergencePolicy {
+        downtime_limit_ms: 0,
+        stall_iterations: 4,
+        on_stall: vmigrate::Strategy::SwitchOver,
+        timeout_ms: Some(2_000),
+        on_timeout: vmigrate::Strategy::SwitchOver,
+        ..Default::default()
+    };
+    let stats = migrate_over_channels(VmConfig { mem_mib: 64, ..Default::default() }, d, policy, 3);
+    assert!(stats.iterations.len() >= 3, "pages were sent again: {} iterations", stats.iterations.len());
 }
 
 #[test]
@@ -206,11 +245,13 @@ fn child_destination() {
     let Ok(addr) = std::env::var("VMIGRATE_CHILD_LISTEN") else { return };
     let cfg: VmConfig = serde_json::from_str(&std::env::var("VMIGRATE_CHILD_CFG").unwrap()).unwrap();
     let d: DirtierConfig = serde_json::from_str(&std::env::var("VMIGRATE_CHILD_DIRTIER").unwrap()).unwrap();
+    let streams: usize = std::env::var("VMIGRATE_CHILD_STREAMS").map_or(0, |s| s.parse().unwrap());
     let listener = std::net::TcpListener::bind(&addr).unwrap();
     println!("CHILD LISTENING");
-    let conn = tcp_accept(&listener, DEFAULT_PEER_TIMEOUT).unwrap();
+    let (conn, data) = tcp_accept_streams(&listener, streams, DEFAULT_PEER_TIMEOUT).unwrap();
     let dst = dest_vm(&cfg);
-    let stats = Destination::new(&dst).run(conn).expect("destination");
+    let stats = Destination::new(&dst).run_streams(conn, data).expect("destination");
+    assert_eq!(stats.data_streams, streams);
     let p0 = read_progress(dst.memory());
     assert!(wait_until(Duration::from_secs(20), || read_progress(dst.memory()).pages_written
         > p0.pages_written + 1000));
@@ -222,6 +263,17 @@ fn child_destination() {
 
 #[test]
 fn tcp_between_two_processes() {
+    tcp_to_a_child(0);
+}
+
+#[test]
+fn tcp_between_two_processes_with_data_streams() {
+    tcp_to_a_child(4);
+}
+
+/// Migrates to a destination in a child process over TCP: a main stream and `streams` data
+/// streams.
+fn tcp_to_a_child(streams: usize) {
     require_kvm!();
     let cfg = VmConfig { mem_mib: 128, ..Default::default() };
     let d = DirtierConfig {
@@ -233,12 +285,15 @@ fn tcp_between_two_processes() {
     let port = { std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port() };
     let addr = format!("127.0.0.1:{port}");
     let child = spawn_child("child_destination", "VMIGRATE_CHILD_LISTEN", &addr, &cfg, &d)
+        .env("VMIGRATE_CHILD_STREAMS", streams.to_string())
         .stdout(std::process::Stdio::piped())
         .spawn()
         .unwrap();
     let src = source_vm(&cfg, d);
     let conn = connect_to_child(&addr);
-    let stats = Source::new(&src, ConvergencePolicy::default()).run(conn).expect("migration");
+    let data: Vec<_> = (0..streams).map(|_| tcp_connect(&addr, DEFAULT_PEER_TIMEOUT).unwrap()).collect();
+    let stats = Source::new(&src, ConvergencePolicy::default()).run_streams(conn, data).expect("migration");
+    assert_eq!(stats.data_streams, streams);
     let out = child.wait_with_output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success() && text.contains("CHILD OK"), "child failed: {text}");

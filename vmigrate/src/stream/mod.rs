@@ -21,9 +21,13 @@
 use serde::{Deserialize, Serialize};
 
 /// Protocol versions this build speaks (oldest, newest).
-pub const PROTOCOL_VERSIONS: (u16, u16) = (1, 2);
+pub const PROTOCOL_VERSIONS: (u16, u16) = (1, 3);
 /// The first version with [`Kind::CompressedPages`].
 pub const COMPRESSION_VERSION: u16 = 2;
+/// The first version with data streams ([`Kind::StreamHello`]).
+pub const STREAMS_VERSION: u16 = 3;
+/// Most data streams of one migration.
+pub const MAX_DATA_STREAMS: u16 = 64;
 /// Frame magic.
 pub const MAGIC: [u8; 4] = *b"VMIG";
 /// Header size.
@@ -67,6 +71,9 @@ pub enum Kind {
     Started = 12,
     /// A run of guest pages, LZ4-compressed (protocol version 2).
     CompressedPages = 13,
+    /// Source → destination, first frame of a data stream: its index and the stream count
+    /// (protocol version 3).
+    StreamHello = 14,
 }
 
 impl Kind {
@@ -86,6 +93,7 @@ impl Kind {
             11 => Commit,
             12 => Started,
             13 => CompressedPages,
+            14 => StreamHello,
             _ => return None,
         })
     }
@@ -100,7 +108,7 @@ impl Kind {
             Kind::Hello => 4096,
             Kind::Abort => 1024,
             Kind::ZeroPages => 16,
-            Kind::IterationEnd | Kind::HelloAck => 4,
+            Kind::IterationEnd | Kind::HelloAck | Kind::StreamHello => 4,
             Kind::Complete | Kind::Ready | Kind::Commit | Kind::Started => 0,
         }
     }
@@ -279,6 +287,13 @@ pub enum Message<'a> {
     },
     /// End of iteration `n`.
     IterationEnd(u32),
+    /// First frame of data stream `index` of `count`.
+    StreamHello {
+        /// This stream's index, below `count`.
+        index: u16,
+        /// Data streams of the migration (1 to [`MAX_DATA_STREAMS`]).
+        count: u16,
+    },
     /// All sent.
     Complete,
     /// Destination ready.
@@ -358,6 +373,15 @@ impl Message<'_> {
                 let name =
                     std::str::from_utf8(&payload[2..2 + n]).map_err(|_| malformed(kind, "name not UTF-8"))?;
                 Message::Device { name: name.to_string(), data: &payload[2 + n..] }
+            }
+            Kind::StreamHello => {
+                exact(4)?;
+                let index = u16::from_le_bytes([payload[0], payload[1]]);
+                let count = u16::from_le_bytes([payload[2], payload[3]]);
+                if count == 0 || count > MAX_DATA_STREAMS || index >= count {
+                    return Err(malformed(kind, format!("stream {index} of {count}")));
+                }
+                Message::StreamHello { index, count }
             }
             Kind::IterationEnd => {
                 exact(4)?;

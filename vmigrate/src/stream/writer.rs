@@ -157,6 +157,12 @@ impl<W: Write> FrameWriter<W> {
                 self.end(at)
             }
             Message::IterationEnd(n) => self.frame(Kind::IterationEnd, &n.to_le_bytes()),
+            Message::StreamHello { index, count } => {
+                let mut p = [0u8; 4];
+                p[..2].copy_from_slice(&index.to_le_bytes());
+                p[2..].copy_from_slice(&count.to_le_bytes());
+                self.frame(Kind::StreamHello, &p)
+            }
             Message::PagesWritten { .. } => Err(malformed(Kind::Pages, "PagesWritten is receive-side only")),
             Message::Complete => self.frame(Kind::Complete, &[]),
             Message::Ready => self.frame(Kind::Ready, &[]),
