@@ -301,10 +301,12 @@ fn end_to_end(c: &mut Criterion) {
         ..Default::default()
     };
     // The KVM dirty log (the default: the migration turns it on per slot), per-vCPU dirty rings
-    // of 4096 entries, and transparent huge pages on both VMs.
+    // of 4096 entries, transparent huge pages on both VMs.
     let log = VmConfig { mem_mib: 256, ..Default::default() };
     let ring = VmConfig { dirty_tracking: DirtyTracking::Ring { entries: 4096 }, ..log.clone() };
     let huge = VmConfig { huge_pages: true, ..log.clone() };
+    // Memory allocated when the VMs are built (before the timed migration).
+    let pre = VmConfig { prealloc: true, ..log.clone() };
     let row = |cfg: &VmConfig, tcp, streams, fill| Row { cfg: cfg.clone(), tcp, streams, fill };
     let rows = [
         ("idle", idle, "in_process", row(&log, false, 0, false)),
@@ -323,6 +325,8 @@ fn end_to_end(c: &mut Criterion) {
         ("idle_full", idle, "tcp", row(&log, true, 0, true)),
         ("idle_full", idle, "tcp_2_streams", row(&log, true, 2, true)),
         ("idle_full", idle, "tcp_4_streams", row(&log, true, 4, true)),
+        ("idle_full", idle, "tcp_prealloc", row(&pre, true, 0, true)),
+        ("idle_full", idle, "tcp_2_streams_prealloc", row(&pre, true, 2, true)),
     ];
     for (name, d, transport, r) in rows {
         let mut downtimes = Vec::new();

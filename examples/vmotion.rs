@@ -92,6 +92,10 @@ struct VmArgs {
     /// Back guest memory with transparent huge pages (MADV_HUGEPAGE).
     #[arg(long, global = true)]
     huge_pages: bool,
+    /// Allocate all guest memory when a VM is built (MADV_POPULATE_WRITE), so that the
+    /// destination takes no page fault per page it receives.
+    #[arg(long, global = true)]
+    prealloc: bool,
 }
 
 #[derive(ValueEnum, Debug, Clone, Copy)]
@@ -131,7 +135,13 @@ impl VmArgs {
             Some(entries) => DirtyTracking::Ring { entries },
             None => DirtyTracking::None, // the migration turns the dirty log on per slot
         };
-        VmConfig { mem_mib: self.mem_mib, vcpus: self.vcpus, dirty_tracking, huge_pages: self.huge_pages }
+        VmConfig {
+            mem_mib: self.mem_mib,
+            vcpus: self.vcpus,
+            dirty_tracking,
+            huge_pages: self.huge_pages,
+            prealloc: self.prealloc,
+        }
     }
     /// Pages the guest writes in about a second (at most `cap`, at least one).
     fn pages_in_a_second(&self, cap: u64) -> u64 {

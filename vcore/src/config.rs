@@ -53,6 +53,12 @@ pub struct VmConfig {
     /// on kvm-pvm it made migrations of a writing guest slower (see the README).
     #[serde(default)]
     pub huge_pages: bool,
+    /// Allocate all guest RAM when the VM is built (`MADV_POPULATE_WRITE`, QEMU's
+    /// `-mem-prealloc`), so that no first touch of a page faults later: for a migration
+    /// destination, which otherwise takes one page fault per page it receives. Costs the whole
+    /// memory size up front, and the build takes as long as the faults would.
+    #[serde(default)]
+    pub prealloc: bool,
 }
 
 fn default_vcpus() -> u16 {
@@ -61,7 +67,13 @@ fn default_vcpus() -> u16 {
 
 impl Default for VmConfig {
     fn default() -> Self {
-        VmConfig { mem_mib: 128, vcpus: 1, dirty_tracking: DirtyTracking::None, huge_pages: false }
+        VmConfig {
+            mem_mib: 128,
+            vcpus: 1,
+            dirty_tracking: DirtyTracking::None,
+            huge_pages: false,
+            prealloc: false,
+        }
     }
 }
 

@@ -165,6 +165,9 @@ impl VmBuilder {
         if self.config.huge_pages {
             memory::advise_huge_pages(&memory)?;
         }
+        if self.config.prealloc {
+            memory::prealloc(&memory)?;
+        }
         let slots = memory::slots_of(&memory);
         for s in &slots {
             crate::sys::set_memory_slot(&vm_fd, &memory, s).map_err(|source| VmError::Slot {

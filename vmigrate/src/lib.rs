@@ -6,6 +6,7 @@
 #![deny(missing_docs, missing_debug_implementations)]
 
 pub mod dirty;
+pub mod error;
 pub mod precopy;
 pub mod receive;
 pub mod stats;
