@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use common::rig;
 use vdevices::testing::netns::NetNs;
-use vdevices::virtio::net::{F_GUEST_CSUM, F_MAC, HDR_LEN, Net, RX_QUEUE, TX_QUEUE};
+use vdevices::virtio::net::{F_GUEST_CSUM, F_MAC, F_MRG_RXBUF, HDR_LEN, Net, RX_QUEUE, TX_QUEUE};
 use vdevices::virtio::{VIRTIO_F_RING_EVENT_IDX, VIRTIO_F_VERSION_1};
 
 const MAC: [u8; 6] = [0x52, 0x54, 0x00, 0x12, 0x34, 0x56];
@@ -180,6 +180,73 @@ fn frames_cross_the_tap_both_ways_with_honest_checksum_offload() {
         assert_eq!((rx.len(), rx[14]), (74, i), "frame {i}");
     }
     assert!(r.driver.transport().broken().is_none());
+}
+
+#[test]
+fn mergeable_receive_buffers_hold_a_frame_across_several_buffers() {
+    if !usable() {
+        return;
+    }
+    let ns = NetNs::create(&format!("vdmrg{}", std::process::id())).unwrap();
+    let (tap, sock) = ns.tap_and_socket("vdtap2", true).unwrap();
+    let wire = wire(sock);
+    let mut r = rig(Box::new(Net::new(tap, MAC)));
+    let acked =
+        r.driver.init(VIRTIO_F_VERSION_1 | F_MAC | F_MRG_RXBUF | VIRTIO_F_RING_EVENT_IDX, 64).unwrap();
+    assert!(acked & F_MRG_RXBUF != 0, "offered");
+
+    // A 1,500-byte frame and its header need three 512-byte buffers; the guest posts two.
+    let payload: Vec<u8> = (0..1486u32).map(|i| (i % 251) as u8).collect();
+    let frame = raw_frame(0x88b5, &payload);
+    assert_eq!(frame.len(), 1500);
+    let first: Vec<_> = (0..2).map(|_| r.driver.post(RX_QUEUE, &[], &[512]).unwrap()).collect();
+    r.driver.kick(RX_QUEUE).unwrap();
+    let mut msg = vec![0u8; 10]; // the wire side's own vnet header: nothing to offload
+    msg.extend_from_slice(&frame);
+    wire.send(&msg).unwrap();
+    // Too few buffers: the device puts them back and waits, using none.
+    assert!(r.driver.wait(&first[0], Duration::from_millis(300)).is_err(), "no buffer used yet");
+    assert_eq!(r.driver.used_idx(RX_QUEUE).unwrap(), 0);
+
+    // The third buffer: the frame fills all three, in order, and says so in num_buffers.
+    let third = r.driver.post(RX_QUEUE, &[], &[512]).unwrap();
+    r.driver.kick(RX_QUEUE).unwrap();
+    let mut got = Vec::new();
+    let mut lens = Vec::new();
+    for p in first.iter().chain([&third]) {
+        let c = r.driver.wait(p, Duration::from_secs(5)).unwrap();
+        lens.push(c.len);
+        got.extend_from_slice(&c.data[0][..c.len as usize]);
+    }
+    assert_eq!(lens, [512, 512, (HDR_LEN + 1500 - 1024) as u32]);
+    assert_eq!(u16::from_le_bytes([got[10], got[11]]), 3, "num_buffers");
+    assert_eq!(&got[HDR_LEN..], &frame[..], "the frame, split across the buffers");
+
+    // A frame that fits one buffer still takes one.
+    let small = raw_frame(0x88b5, &[7; 60]);
+    let p = r.driver.post(RX_QUEUE, &[], &[2048]).unwrap();
+    r.driver.kick(RX_QUEUE).unwrap();
+    let mut msg = vec![0u8; 10];
+    msg.extend_from_slice(&small);
+    wire.send(&msg).unwrap();
+    let c = r.driver.wait(&p, Duration::from_secs(5)).unwrap();
+    let rx = &c.data[0][..c.len as usize];
+    assert_eq!(u16::from_le_bytes([rx[10], rx[11]]), 1, "num_buffers");
+    assert_eq!(&rx[HDR_LEN..], &small[..]);
+    assert!(r.driver.transport().broken().is_none());
+
+    // A bad guest: a receive "buffer" the device may only read. The device breaks, with the
+    // reason, and writes nothing.
+    r.driver.post(RX_QUEUE, &[&[0u8; 64]], &[]).unwrap();
+    r.driver.kick(RX_QUEUE).unwrap();
+    wire.send(&msg).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while r.driver.transport().broken().is_none() {
+        assert!(std::time::Instant::now() < deadline, "the device never noticed");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let why = r.driver.transport().broken().unwrap();
+    assert!(why.contains("no writable bytes"), "{why}");
 }
 
 #[test]

@@ -207,6 +207,8 @@ pub struct QueueCtx<'a> {
     queues: &'a mut [Queue],
     used: u64,
     irq: Irq<'a>,
+    /// Queues whose buffers were too few, with the avail index the device had seen.
+    starved: Vec<(usize, u16)>,
 }
 
 /// The transport's interrupt, for [`QueueCtx::signal_used`].
@@ -234,7 +236,7 @@ impl<'a> QueueCtx<'a> {
     /// A context over `queues` in `mem` that can raise the used-buffer interrupt while the
     /// device works.
     pub(crate) fn with_irq(mem: &'a GuestMemory, queues: &'a mut [Queue], irq: Irq<'a>) -> Self {
-        QueueCtx { mem, queues, used: 0, irq }
+        QueueCtx { mem, queues, used: 0, irq, starved: Vec::new() }
     }
     /// Interrupts the driver now for the used entries added to queue `q` so far, if it asked
     /// for it (`used_event`), instead of when the device has served everything: a driver then
@@ -260,6 +262,21 @@ impl<'a> QueueCtx<'a> {
             Some(queue) => pop_chain(queue, self.mem),
             None => Ok(None),
         }
+    }
+    /// Says that the device leaves queue `q`'s buffers unused because they are too few for what
+    /// it must deliver (a frame that needs more receive buffers than the ring holds). Call it
+    /// after popping up to the end of the ring and before putting the chains back
+    /// ([`QueueCtx::unpop`]). The transport then asks the driver to notify on the very next
+    /// buffer it adds (with `VIRTIO_F_RING_EVENT_IDX`, `avail_event` goes to the avail index the
+    /// device saw, not to where it stopped), and serves the queue again if one arrived meanwhile.
+    pub fn wait_for_buffers(&mut self, q: usize) {
+        if let Some(queue) = self.queues.get(q) {
+            self.starved.push((q, queue.next_avail()));
+        }
+    }
+    /// The queues the device is waiting on ([`QueueCtx::wait_for_buffers`]).
+    pub(crate) fn starved(&self) -> &[(usize, u16)] {
+        &self.starved
     }
     /// Puts the last popped chain of queue `q` back (it will be popped again).
     pub fn unpop(&mut self, q: usize) {

@@ -4,6 +4,10 @@
 //! directions because the tap implements them (`IFF_VNET_HDR`), and at activation it tells the
 //! tap (`TUNSETOFFLOAD`) exactly which partial frames the guest accepted (`GUEST_CSUM`,
 //! `GUEST_TSO4/6`), so the kernel finishes every other frame before handing it over.
+//!
+//! With mergeable receive buffers (`MRG_RXBUF`), a frame fills as many receive chains as it
+//! needs; if the ring holds too few, the device puts them back and waits for the driver to post
+//! more, so a frame is never split across a refill it cannot see.
 
 use std::fs::File;
 use std::io::{ErrorKind, Read, Write};
@@ -12,6 +16,7 @@ use std::os::fd::{AsRawFd, RawFd};
 use serde::{Deserialize, Serialize};
 use vcore::{Snapshot, StateError};
 
+use super::chain::Segs;
 use super::{ChainError, DeviceError, DeviceState, QueueCtx, TYPE_NET, VIRTIO_F_VERSION_1, VirtioDevice};
 
 /// Receive queue.
@@ -37,6 +42,10 @@ pub const F_GUEST_TSO6: u64 = 1 << 8;
 pub const F_HOST_TSO4: u64 = 1 << 11;
 /// `VIRTIO_NET_F_HOST_TSO6`.
 pub const F_HOST_TSO6: u64 = 1 << 12;
+/// `VIRTIO_NET_F_MRG_RXBUF`: a received frame may span several receive buffers (chains), the
+/// count in the header's `num_buffers`. Linux then posts page-sized buffers instead of 64 KiB
+/// ones for TSO frames.
+pub const F_MRG_RXBUF: u64 = 1 << 15;
 
 const TUN_F_CSUM: u32 = 1;
 const TUN_F_TSO4: u32 = 2;
@@ -117,13 +126,23 @@ pub struct Net {
     acked: u64,
     rx_buf: Vec<u8>,
     rx_pending: Option<usize>,
+    /// Receive chains gathered for one frame (kept to reuse the allocation).
+    rx_chains: Vec<(u16, Segs)>,
     stats: NetStats,
 }
 
 impl Net {
     /// A network card with address `mac` on `tap`.
     pub fn new(tap: Tap, mac: [u8; 6]) -> Self {
-        Net { tap, mac, acked: 0, rx_buf: vec![0; MAX_FRAME], rx_pending: None, stats: NetStats::default() }
+        Net {
+            tap,
+            mac,
+            acked: 0,
+            rx_buf: vec![0; MAX_FRAME],
+            rx_pending: None,
+            rx_chains: Vec::new(),
+            stats: NetStats::default(),
+        }
     }
 
     /// Counters.
@@ -156,6 +175,12 @@ impl Net {
                 }
             }
             let Some(n) = self.rx_pending else { return Ok(()) };
+            if self.acked & F_MRG_RXBUF != 0 {
+                if !self.rx_mergeable(ctx, n)? {
+                    return Ok(()); // too few buffers: wait for the driver's next refill
+                }
+                continue;
+            }
             let Some(chain) = ctx.pop(RX_QUEUE).map_err(DeviceError::chain(RX_QUEUE))? else { return Ok(()) };
             self.rx_pending = None;
             let out = chain.writable();
@@ -173,6 +198,52 @@ impl Net {
             self.stats.rx_bytes += (n - HDR_LEN) as u64;
             ctx.add_used(RX_QUEUE, chain.head, n as u32).map_err(DeviceError::chain(RX_QUEUE))?;
         }
+    }
+
+    /// Delivers the pending `n`-byte frame (header included) into as many receive chains as it
+    /// takes. Returns false, with every chain put back, if the ring holds too few.
+    fn rx_mergeable(&mut self, ctx: &mut QueueCtx<'_>, n: usize) -> Result<bool, DeviceError> {
+        let malformed = |what| DeviceError::Chain { queue: RX_QUEUE, source: ChainError::Malformed(what) };
+        let mut chains = std::mem::take(&mut self.rx_chains);
+        chains.clear();
+        let mut room = 0u64;
+        while room < n as u64 {
+            match ctx.pop(RX_QUEUE).map_err(DeviceError::chain(RX_QUEUE))? {
+                Some(chain) => {
+                    let out = chain.writable();
+                    if out.is_empty() {
+                        return Err(malformed("virtio-net receive buffer with no writable bytes"));
+                    }
+                    room += out.len();
+                    chains.push((chain.head, out));
+                }
+                None => {
+                    ctx.wait_for_buffers(RX_QUEUE);
+                    for _ in 0..chains.len() {
+                        ctx.unpop(RX_QUEUE);
+                    }
+                    self.rx_chains = chains;
+                    return Ok(false);
+                }
+            }
+        }
+        let count = u16::try_from(chains.len()).map_err(|_| malformed("frame in more than 65535 buffers"))?;
+        self.rx_buf[10..12].copy_from_slice(&count.to_le_bytes()); // num_buffers
+        self.rx_pending = None;
+        let mut at = 0;
+        for (head, out) in &chains {
+            let take = (out.len() as usize).min(n - at);
+            out.write(ctx.mem(), &self.rx_buf[at..at + take]).map_err(|e| DeviceError::Chain {
+                queue: RX_QUEUE,
+                source: ChainError::Memory(e.to_string()),
+            })?;
+            ctx.add_used(RX_QUEUE, *head, take as u32).map_err(DeviceError::chain(RX_QUEUE))?;
+            at += take;
+        }
+        self.stats.rx_frames += 1;
+        self.stats.rx_bytes += (n - HDR_LEN) as u64;
+        self.rx_chains = chains;
+        Ok(true)
     }
 
     fn tx(&mut self, ctx: &mut QueueCtx<'_>) -> Result<(), DeviceError> {
@@ -217,6 +288,7 @@ impl VirtioDevice for Net {
             | F_GUEST_TSO6
             | F_HOST_TSO4
             | F_HOST_TSO6
+            | F_MRG_RXBUF
     }
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         let mut c = [0u8; 12];

@@ -7,7 +7,7 @@
 //! that is an irqfd in a KVM VM and a plain event the harness waits on otherwise.
 
 use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, Ordering, fence};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use event_manager::{EventOps, EventSet, EventSubscriber, Events};
@@ -15,6 +15,7 @@ use kvm_ioctls::IoEventAddress;
 use serde::{Deserialize, Serialize};
 use vcore::{BusDevice, GuestMemory, Snapshot, StateError};
 use virtio_queue::{Queue, QueueState, QueueT};
+use vm_memory::{Bytes as _, GuestAddress};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 use super::chain::Irq;
@@ -76,6 +77,31 @@ pub const INT_CONFIG: u32 = 2;
 
 /// Serve rounds of one queue per notification before the event loop gets a turn.
 const MAX_ROUNDS: u32 = 16;
+
+/// What one serve left behind, as masks of queues.
+#[derive(Debug, Default, Clone, Copy)]
+struct Served {
+    /// Queues with entries the device has not popped.
+    pending: u64,
+    /// Queues the device waits on for more buffers, where some arrived after it looked.
+    fresh: u64,
+}
+
+/// With `VIRTIO_F_RING_EVENT_IDX`, moves `avail_event` to `seen` (the avail index a waiting
+/// device saw), so the driver notifies on the next buffer it adds; then tells whether one was
+/// added already (its notification may have been suppressed by the old `avail_event`).
+fn buffers_since(queue: &Queue, mem: &GuestMemory, seen: u16) -> Result<bool, String> {
+    if queue.event_idx_enabled() {
+        let at = queue
+            .used_ring()
+            .checked_add(4 + 8 * u64::from(queue.size()))
+            .ok_or_else(|| "used ring address overflows".to_string())?;
+        mem.store(seen.to_le(), GuestAddress(at), Ordering::SeqCst).map_err(|e| e.to_string())?;
+    }
+    fence(Ordering::SeqCst);
+    let now = queue.avail_idx(mem, Ordering::Acquire).map_err(|e| e.to_string())?;
+    Ok(now.0 != seen)
+}
 
 /// Event data of backend fds starts here (queue events use the queue index).
 const BACKEND_DATA: u32 = 0x1_0000;
@@ -308,12 +334,15 @@ impl MmioTransport {
         inner.stats.notifications += 1;
         for round in 1.. {
             let before = inner.queues.get(q).map(|x| x.next_avail());
-            let pending = self.serve(&mut inner, |dev, ctx| dev.process_queue(q, ctx));
+            let served = self.serve(&mut inner, |dev, ctx| dev.process_queue(q, ctx));
+            self.kick_fresh(served.fresh & !(1 << q));
             // Requests the driver published while we served did not notify (avail_event was
             // behind them): serve them now. A queue whose device took nothing this round (an rx
-            // queue waiting for data) is left for its backend.
+            // queue waiting for data) is left for its backend, unless the device waits for more
+            // buffers and some arrived.
             let progressed = inner.queues.get(q).map(|x| x.next_avail()) != before;
-            if pending & (1 << q) == 0 || !progressed {
+            let again = served.fresh & (1 << q) != 0 || (served.pending & (1 << q) != 0 && progressed);
+            if !again {
                 break;
             }
             // A driver that never lets the queue run dry must not keep the other devices of the
@@ -330,24 +359,35 @@ impl MmioTransport {
     /// Serves the device's backend fd number `index` now.
     pub fn process_backend(&self, index: usize) {
         let mut inner = self.lock();
-        let _ = self.serve(&mut inner, |dev, ctx| dev.process_backend(index, ctx));
+        let served = self.serve(&mut inner, |dev, ctx| dev.process_backend(index, ctx));
+        self.kick_fresh(served.fresh);
+    }
+
+    /// Has the event loop serve the queues in `mask` (buffers arrived for a waiting device).
+    fn kick_fresh(&self, mask: u64) {
+        for (q, evt) in self.shared.queue_evts.iter().enumerate() {
+            if mask & (1 << q) != 0 {
+                let _ = evt.write(1);
+            }
+        }
     }
 
     /// Runs `work` on the device, raises the interrupts it calls for and re-arms every ready
-    /// queue's notifications. Returns the mask of queues with entries the device has not popped.
+    /// queue's notifications.
     fn serve(
         &self,
         inner: &mut Inner,
         work: impl FnOnce(&mut dyn VirtioDevice, &mut QueueCtx<'_>) -> Result<(), DeviceError>,
-    ) -> u64 {
+    ) -> Served {
         if inner.paused || !inner.activated || inner.broken.is_some() {
-            return 0;
+            return Served::default();
         }
         let Inner { device, mem, queues, stats, .. } = inner;
         let irq = self.irq(stats);
         let mut ctx = QueueCtx::with_irq(mem, queues, irq);
         let res = work(device.as_mut(), &mut ctx);
         let used = ctx.used_mask();
+        let starved = ctx.starved().to_vec();
         if let Err(e) = res {
             let mut msg = e.to_string();
             let mut src = std::error::Error::source(&e);
@@ -361,27 +401,36 @@ impl MmioTransport {
             self.raise(inner, INT_CONFIG);
         }
         self.after_work(inner, used);
-        Self::rearm(inner)
+        Self::rearm(inner, &starved)
     }
 
     /// Asks the driver to notify again for what it publishes next: with
     /// `VIRTIO_F_RING_EVENT_IDX` this moves `avail_event` to where the device stopped (without
     /// it, notifications are never suppressed). A driver that honours `avail_event`, as Linux
     /// does, notifies only for entries past it, so a device that skipped this would hear nothing
-    /// after its first request. Returns the mask of queues with entries still unpopped.
-    fn rearm(inner: &mut Inner) -> u64 {
+    /// after its first request. A queue the device waits on for more buffers (`starved`, with
+    /// the avail index it saw) asks for a notification on the very next buffer instead.
+    fn rearm(inner: &mut Inner, starved: &[(usize, u16)]) -> Served {
+        let mut served = Served::default();
         if !inner.activated || inner.broken.is_some() {
-            return 0;
+            return served;
         }
-        let mut pending = 0;
         for (q, queue) in inner.queues.iter_mut().enumerate() {
             // A ring outside guest memory fails here and again at the next pop, which breaks
             // the device with the reason.
             if queue.ready() && queue.enable_notification(&inner.mem).unwrap_or(false) {
-                pending |= 1 << q;
+                served.pending |= 1 << q;
             }
         }
-        pending
+        for &(q, seen) in starved {
+            if let Some(queue) = inner.queues.get(q)
+                && queue.ready()
+                && buffers_since(queue, &inner.mem, seen).unwrap_or(false)
+            {
+                served.fresh |= 1 << q;
+            }
+        }
+        served
     }
 
     fn after_work(&self, inner: &mut Inner, used: u64) {
