@@ -209,14 +209,82 @@ fn raw_tcp(c: &mut Criterion) {
             back.read_exact(&mut one).unwrap();
         })
     });
-    g.finish();
     drop(s);
     drop(back);
     receiver.join().unwrap();
+    pages_over_streams(&mut g, 2, &src, size as u64);
+    g.finish();
 }
 
 /// A running dirtier; with `fill`, guest memory past the guest's own pages holds data (no zero
 /// page) before it starts.
+/// The 64 MiB of `src` as pages over `n` loopback connections at once, as the engine's data
+/// streams carry them: 1 MiB partitions, partition `i` on connection `i % n`, a sending and a
+/// receiving thread per connection, each receiver writing into its own copy of guest memory.
+fn pages_over_streams(
+    g: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>,
+    n: usize,
+    src: &vinfra::vcore::GuestMemory,
+    size: u64,
+) {
+    use vinfra::vmigrate::stream::Message;
+    use vinfra::vmigrate::streams::split;
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let receivers: Vec<_> = (0..n)
+        .map(|_| {
+            let s = tcp_connect(addr, DEFAULT_PEER_TIMEOUT).unwrap();
+            let r = tcp_accept(&listener, DEFAULT_PEER_TIMEOUT).unwrap();
+            let back = s.try_clone().unwrap();
+            let thread = std::thread::spawn(move || {
+                let mem = create_guest_memory(&[RamRange { guest_addr: 0, size }]).unwrap();
+                let layout = Layout { regions: vec![(0, size)] };
+                let mut ack = r.try_clone().unwrap();
+                let mut r = FrameReader::new(r);
+                loop {
+                    match r.read_frame_into(&mem, &layout) {
+                        Ok(Message::Complete) => ack.write_all(&[1]).unwrap(),
+                        Ok(m) => {
+                            apply_memory(&mem, &layout, &m, None).unwrap();
+                        }
+                        Err(_) => break,
+                    }
+                }
+            });
+            (s, back, thread)
+        })
+        .collect();
+    let (mut conns, rest): (Vec<_>, Vec<_>) = receivers.into_iter().map(|(s, b, t)| (s, (b, t))).unzip();
+    let pieces: Vec<Vec<(u64, u64)>> =
+        (0..n).map(|k| split(0, size / 4096, n).filter(|p| p.0 == k).map(|p| (p.1, p.2)).collect()).collect();
+    g.bench_function(format!("pages_64MiB_{n}_streams_encode_send_decode_apply"), |b| {
+        b.iter(|| {
+            std::thread::scope(|sc| {
+                for (conn, mine) in conns.iter_mut().zip(&pieces) {
+                    sc.spawn(move || {
+                        let mut w = FrameWriter::new(conn, SEND_BUFFER);
+                        for &(gpa, pages) in mine {
+                            let run = src.get_slice(GuestAddress(gpa), pages as usize * 4096).unwrap();
+                            w.guest_pages(gpa, &run).unwrap();
+                        }
+                        w.message(&Message::Complete).unwrap();
+                        w.flush().unwrap();
+                    });
+                }
+            });
+            for (back, _) in &rest {
+                let mut one = [0u8];
+                (&*back).read_exact(&mut one).unwrap();
+            }
+        })
+    });
+    drop(conns);
+    for (back, t) in rest {
+        drop(back);
+        t.join().unwrap();
+    }
+}
+
 fn source(d: DirtierConfig, cfg: VmConfig, fill: bool) -> Vm {
     let vm = VmBuilder::new(cfg).payload(Dirtier(d)).build().unwrap();
     if fill {
