@@ -29,10 +29,10 @@ use crate::dirty::{DirtyBitmap, DirtyTracker, empty_maps, trackers_for};
 pub use crate::error::MigrationError;
 use crate::stats::{Iteration, MigrationStats, Progress};
 use crate::stream::{
-    COMPRESSION_VERSION, FrameReader, FrameWriter, Hello, Layout, MAX_DATA_STREAMS, Message, PAGE,
-    PROTOCOL_VERSIONS, STREAMS_VERSION, StreamError,
+    COMPRESSION_VERSION, FrameReader, FrameWriter, Hello, Layout, Message, PAGE, PROTOCOL_VERSIONS,
+    StreamError,
 };
-use crate::streams::{Senders, Tally};
+use crate::streams::{Senders, Tally, check_streams};
 use crate::transport::Transport;
 
 /// What to do when pre-copy stalls or runs out of time.
@@ -365,12 +365,6 @@ impl<'a> Source<'a> {
         stats: &mut MigrationStats,
         paused: &mut bool,
     ) -> Result<(), MigrationError> {
-        if data.len() > usize::from(MAX_DATA_STREAMS) {
-            return Err(MigrationError::Incompatible(format!(
-                "{} data streams, at most {MAX_DATA_STREAMS}",
-                data.len()
-            )));
-        }
         let start = Instant::now();
         let vm = self.vm;
         let mut w = FrameWriter::new(&mut *transport, FLUSH_BYTES);
@@ -385,6 +379,7 @@ impl<'a> Source<'a> {
                 return Err(MigrationError::Protocol { expected: "HelloAck", got: format!("{other:?}") });
             }
         };
+        check_streams(data.len(), version, "destination")?;
         for t in &mut self.trackers {
             t.start(vm)?;
         }
@@ -392,11 +387,6 @@ impl<'a> Source<'a> {
         let total_pages: u64 = vm.slots().iter().map(|s| s.pages()).sum();
         (self.progress)(&Progress::Setup { total_pages });
 
-        if !data.is_empty() && version < STREAMS_VERSION {
-            return Err(MigrationError::Incompatible(format!(
-                "data streams need protocol version {STREAMS_VERSION}; the destination speaks {version}"
-            )));
-        }
         stats.data_streams = data.len();
         let compress = self.policy.compress && version >= COMPRESSION_VERSION;
         let mut main = FrameWriter::new(&mut *transport, FLUSH_BYTES);

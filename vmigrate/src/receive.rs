@@ -12,10 +12,10 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
 use crate::precopy::{MigrationError, hello_for, host_cpu_features};
 use crate::stream::{
-    COMPRESSION_VERSION, FrameReader, FrameWriter, Hello, Kind, Layout, MAX_DATA_STREAMS, Message, PAGE,
-    PROTOCOL_VERSIONS, STREAMS_VERSION, StreamError,
+    COMPRESSION_VERSION, FrameReader, FrameWriter, Hello, Kind, Layout, Message, PAGE, PROTOCOL_VERSIONS,
+    StreamError,
 };
-use crate::streams::receive_stream;
+use crate::streams::{check_streams, receive_stream};
 use crate::transport::Transport;
 
 /// What the destination received.
@@ -225,17 +225,7 @@ impl<'a> Destination<'a> {
         if live {
             FrameWriter::new(&mut *transport, 0).message(&Message::HelloAck(version))?;
         }
-        if !data.is_empty() && version < STREAMS_VERSION {
-            return Err(MigrationError::Incompatible(format!(
-                "data streams need protocol version {STREAMS_VERSION}; the source speaks {version}"
-            )));
-        }
-        if data.len() > usize::from(MAX_DATA_STREAMS) {
-            return Err(MigrationError::Incompatible(format!(
-                "{} data streams, at most {MAX_DATA_STREAMS}",
-                data.len()
-            )));
-        }
+        check_streams(data.len(), version, "source")?;
         stats.data_streams = data.len();
         // A VM that never ran holds only what the VMM wrote into it, and the VMM's writes are
         // tracked per page: every other page is zero.

@@ -25,7 +25,10 @@ use vm_memory::{GuestAddress, GuestMemoryBackend as _};
 
 use crate::precopy::MigrationError;
 use crate::receive::{ReceiveStats, apply_memory};
-use crate::stream::{FrameReader, FrameWriter, Layout, Message, PAGE, SEND_BUFFER, StreamError};
+use crate::stream::{
+    FrameReader, FrameWriter, Layout, MAX_DATA_STREAMS, Message, PAGE, SEND_BUFFER, STREAMS_VERSION,
+    StreamError,
+};
 use crate::transport::Transport;
 
 /// Bytes of guest-physical address space per partition: the unit of the stream assignment.
@@ -50,6 +53,22 @@ pub fn split(gpa: u64, pages: u64, count: usize) -> impl Iterator<Item = (usize,
         at = next;
         Some(piece)
     })
+}
+
+/// Checks that `count` data streams can be used with the negotiated protocol `version`
+/// (`peer` names the other side in the error).
+pub(crate) fn check_streams(count: usize, version: u16, peer: &str) -> Result<(), MigrationError> {
+    if count > usize::from(MAX_DATA_STREAMS) {
+        return Err(MigrationError::Incompatible(format!(
+            "{count} data streams, at most {MAX_DATA_STREAMS}"
+        )));
+    }
+    if count > 0 && version < STREAMS_VERSION {
+        return Err(MigrationError::Incompatible(format!(
+            "data streams need protocol version {STREAMS_VERSION}; the {peer} speaks at most {version}"
+        )));
+    }
+    Ok(())
 }
 
 /// What one or all data streams sent so far.
@@ -82,8 +101,10 @@ enum Job {
     End,
 }
 
-/// Jobs queued per sender thread before the engine waits (each is at most one partition).
-const JOB_DEPTH: usize = 64;
+/// Jobs queued per sender thread before the engine waits (each is at most one partition, 1 MiB).
+/// Small, so that the engine's bandwidth limit, applied as it hands out jobs, holds within a few
+/// MiB per stream.
+const JOB_DEPTH: usize = 4;
 
 /// The source's sender threads, one per data stream.
 pub(crate) struct Senders {

@@ -11,6 +11,11 @@ use vcore::{DirtyTracking, RunState, VmConfig};
 use vmigrate::transport::{DEFAULT_PEER_TIMEOUT, channel_pair, tcp_accept, tcp_accept_streams, tcp_connect};
 use vmigrate::{ConvergencePolicy, Destination, Source, save_snapshot};
 
+/// The dirtier writing random pages of a 4096-page working set, `pps` pages a second.
+fn random_4096_at(pps: u64) -> DirtierConfig {
+    DirtierConfig { ws_pages: 4096, pattern: Pattern::Random, pages_per_sec: pps, ..Default::default() }
+}
+
 fn migrate_in_process(
     cfg: VmConfig,
     d: DirtierConfig,
@@ -123,12 +128,7 @@ fn hot_cold_flat_out_migrates_with_the_dirty_ring() {
 #[test]
 fn manual_protect_dirty_log_migrates() {
     require_kvm!();
-    let d = DirtierConfig {
-        ws_pages: 4096,
-        pattern: Pattern::Random,
-        pages_per_sec: 50_000,
-        ..Default::default()
-    };
+    let d = random_4096_at(50_000);
     let cfg = VmConfig { mem_mib: 64, dirty_tracking: DirtyTracking::Log, ..Default::default() };
     migrate_in_process(cfg, d, ConvergencePolicy::default());
 }
@@ -153,18 +153,15 @@ fn pages_spread_over_data_streams_arrive_in_order() {
     // zero without being read, as for untouched memory).
     let cfg = VmConfig { mem_mib: 64, prealloc: true, ..Default::default() };
     let stats = migrate_over_channels(cfg, d, policy, 3);
-    assert!(stats.iterations.len() >= 3, "pages were sent again: {} iterations", stats.iterations.len());
+    // How many passes depends on how much CPU the guest gets; one at least resends pages.
+    let resent: u64 = stats.iterations[1..].iter().map(|i| i.normal_pages).sum::<u64>() + stats.final_pages;
+    assert!(resent > 0, "pages were sent again: {:?}", stats.iterations);
 }
 
 #[test]
 fn huge_page_guest_migrates() {
     require_kvm!();
-    let d = DirtierConfig {
-        ws_pages: 4096,
-        pattern: Pattern::Random,
-        pages_per_sec: 50_000,
-        ..Default::default()
-    };
+    let d = random_4096_at(50_000);
     // Both sides on transparent huge pages: KVM splits the source's mappings for dirty logging.
     let cfg = VmConfig { mem_mib: 64, huge_pages: true, ..Default::default() };
     migrate_in_process(cfg, d, ConvergencePolicy::default());
@@ -279,12 +276,7 @@ fn tcp_between_two_processes_with_data_streams() {
 fn tcp_to_a_child(streams: usize) {
     require_kvm!();
     let cfg = VmConfig { mem_mib: 128, ..Default::default() };
-    let d = DirtierConfig {
-        ws_pages: 4096,
-        pattern: Pattern::Random,
-        pages_per_sec: 20_000,
-        ..Default::default()
-    };
+    let d = random_4096_at(20_000);
     let port = { std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port() };
     let addr = format!("127.0.0.1:{port}");
     let child = spawn_child("child_destination", "VMIGRATE_CHILD_LISTEN", &addr, &cfg, &d)
@@ -434,12 +426,7 @@ fn a_full_dirty_ring_is_harvested_by_its_vcpu_and_nothing_is_lost() {
 fn compressed_page_frames_migrate_and_shrink_the_stream() {
     require_kvm!();
     let cfg = VmConfig { mem_mib: 64, ..Default::default() };
-    let d = DirtierConfig {
-        ws_pages: 4096,
-        pattern: Pattern::Random,
-        pages_per_sec: 5_000,
-        ..Default::default()
-    };
+    let d = random_4096_at(5_000);
     let policy = ConvergencePolicy { compress: true, ..Default::default() };
     // Memory equal at pause, the guest running on: checked by the helper.
     let stats = migrate_in_process(cfg, d, policy);
