@@ -13,12 +13,15 @@ use std::time::Duration;
 use kvm_ioctls::{VcpuExit, VcpuFd};
 
 use crate::bus::Bus;
+use crate::guest::IDLE_PORT;
 use crate::sys::KickHandle;
 
 /// Length of one throttle period: a throttled vCPU sleeps `percent` of it.
 pub const THROTTLE_PERIOD: Duration = Duration::from_millis(10);
 /// How long `pause()` spins for the vCPUs to park before it sleeps on the condition variable.
 const PAUSE_SPIN: Duration = Duration::from_micros(500);
+/// Longest idle a guest may ask for at once ([`IDLE_PORT`]).
+const MAX_IDLE_US: u32 = 100_000;
 /// CPUs this process may run on (cached).
 fn host_cpus() -> usize {
     static CPUS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
@@ -225,6 +228,13 @@ impl Control {
         true
     }
 
+    /// Parks the calling vCPU for up to `dur` (a guest's idle, [`crate::guest::IDLE_PORT`]),
+    /// returning early when a pause or stop is requested.
+    fn idle(&self, dur: Duration) {
+        let st = lock(&self.state);
+        let _ = self.cond.wait_timeout_while(st, dur, |_| !self.request.load(Ordering::SeqCst));
+    }
+
     /// The calling vCPU stopped for good (fatal exit); it counts as out from now on.
     fn retire(&self) {
         let mut st = lock(&self.state);
@@ -235,8 +245,13 @@ impl Control {
 
     /// Asks every vCPU to pause and waits until all `total` are out of `KVM_RUN`.
     pub(crate) fn pause(&self, vcpus: &[Arc<VcpuShared>]) {
-        lock(&self.state).target = Target::Pause;
-        self.request.store(true, Ordering::SeqCst);
+        {
+            // Under the lock, so that an idling vCPU (see `idle`) cannot miss it.
+            let mut st = lock(&self.state);
+            st.target = Target::Pause;
+            self.request.store(true, Ordering::SeqCst);
+            self.cond.notify_all();
+        }
         for v in vcpus {
             v.kick();
         }
@@ -261,9 +276,12 @@ impl Control {
     }
 
     pub(crate) fn stop(&self, vcpus: &[Arc<VcpuShared>]) {
-        lock(&self.state).target = Target::Stop;
-        self.request.store(true, Ordering::SeqCst);
-        self.cond.notify_all();
+        {
+            let mut st = lock(&self.state);
+            st.target = Target::Stop;
+            self.request.store(true, Ordering::SeqCst);
+            self.cond.notify_all();
+        }
         for v in vcpus {
             v.kick();
         }
@@ -321,6 +339,16 @@ impl VcpuRunner {
         let exit = fd.run();
         stats.exits.fetch_add(1, Ordering::Relaxed);
         let handled = match exit {
+            Ok(VcpuExit::IoOut(IDLE_PORT, data)) => {
+                stats.pio.fetch_add(1, Ordering::Relaxed);
+                let mut us = [0u8; 4];
+                let n = data.len().min(4);
+                us[..n].copy_from_slice(&data[..n]);
+                let us = u32::from_le_bytes(us).min(MAX_IDLE_US);
+                drop(fd);
+                self.ctl.idle(Duration::from_micros(u64::from(us)));
+                return Flow::Continue;
+            }
             Ok(VcpuExit::IoOut(port, data)) => {
                 stats.pio.fetch_add(1, Ordering::Relaxed);
                 self.pio.write(u64::from(port), data)

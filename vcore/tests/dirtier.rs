@@ -71,6 +71,34 @@ fn rate_limited_dirtier_keeps_its_pace() {
 }
 
 #[test]
+fn a_slow_dirtier_idles_between_writes_and_still_pauses_at_once() {
+    require_kvm!();
+    // 20 writes a second: 50 ms between writes, spent idle (IDLE_PORT), not spinning.
+    let d = DirtierConfig { ws_pages: 64, pages_per_sec: 20, ..Default::default() };
+    let vm = dirtier_vm(VmConfig { mem_mib: 32, ..Default::default() }, d);
+    if vm.tsc_khz() == 0 {
+        eprintln!("SKIP idle test: host reports no TSC frequency");
+        return;
+    }
+    vm.start().unwrap();
+    std::thread::sleep(Duration::from_millis(1000));
+    let t = std::time::Instant::now();
+    vm.pause().unwrap();
+    let pause = t.elapsed();
+    let p = read_progress(vm.memory());
+    d.check_memory(vm.memory(), &p).unwrap();
+    assert!((10..=30).contains(&p.pages_written), "about 20 pages in a second: {}", p.pages_written);
+    let idles = vm.vcpu_stats(0).unwrap().pio.load(std::sync::atomic::Ordering::Relaxed);
+    assert!(idles >= p.pages_written / 2, "the guest idled between writes: {idles} port exits");
+    // An idling vCPU wakes for the pause: far less than the 50 ms it asked to idle.
+    assert!(pause < Duration::from_millis(20), "pause took {pause:?}");
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(read_progress(vm.memory()), p, "no write while paused");
+    vm.resume().unwrap();
+    assert!(wait_until(Duration::from_secs(5), || read_progress(vm.memory()).pages_written > p.pages_written));
+}
+
+#[test]
 fn kvm_dirty_log_sees_guest_writes_and_can_be_switched() {
     require_kvm!();
     let d = DirtierConfig { ws_pages: 512, ..Default::default() };

@@ -6,7 +6,9 @@
 //! number `w + 1` at offset 8, then publishes `pages_written = w + 1` and
 //! `generations = (w + 1) / ws_pages`. Random choices use xorshift64 from the seed, so the host
 //! can replay the exact sequence ([`DirtierConfig::expected`]) and check every page's content.
-//! With a rate set, the guest paces itself against `rdtsc`. Other vCPUs count in their tick slot.
+//! With a rate set, the guest paces itself against `rdtsc`; when its next write is at least
+//! 500 µs away it idles until then through [`super::IDLE_PORT`] instead of spinning, so a slow
+//! or idle dirtier leaves the host CPU free. Other vCPUs count in their tick slot.
 //!
 //! Config page ([`super::CONFIG_ADDR`]), little-endian `u64`s:
 //!
@@ -69,12 +71,32 @@ core::arch::global_asm!(
     "    shl rdx, 32",
     "    or rax, rdx",
     "    sub rax, r15",                     // TSC ticks since start
+    "    mov rsi, rax",
     "    mul r11",                          // RDX:RAX = ticks * pages per second
     "    div r12",                          // RAX = writes allowed by now
     "    mov rcx, r13",
     "    sub rcx, rbx",                     // writes done since start
     "    cmp rcx, rax",
     "    jb .Ldirt_pick",
+    // Not yet. The next write is due at tick (done + 1) * Hz / rate; if that is at least
+    // IDLE_MIN_US away, idle until then (IDLE_PORT), else spin.
+    "    lea rax, [rcx + 1]",
+    "    mul r12",
+    "    div r11",                          // RAX = tick the next write is due
+    "    sub rax, rsi",
+    "    jbe .Ldirt_spin",
+    "    mov ecx, 1000000",
+    "    mul rcx",
+    "    div r12",                          // RAX = microseconds until then
+    "    cmp rax, 500",                     // IDLE_MIN_US
+    "    jb .Ldirt_spin",
+    "    mov ecx, 100000",
+    "    cmp rax, rcx",
+    "    cmova rax, rcx",                   // at most 100 ms at a time
+    "    mov dx, 0xf5",                     // IDLE_PORT
+    "    out dx, eax",
+    "    jmp .Ldirt_pace",
+    ".Ldirt_spin:",
     "    pause",
     "    jmp .Ldirt_pace",
     ".Ldirt_pick:",
@@ -148,6 +170,8 @@ core::arch::global_asm!(
 );
 
 const MAGIC: u64 = u64::from_le_bytes(*b"VINFRADT");
+// The assembly above writes to port 0xf5.
+const _: () = assert!(super::IDLE_PORT == 0xf5);
 const DEFAULT_SEED: u64 = 0x9e37_79b9_7f4a_7c15;
 /// Lowest working-set address: above the code at 1 MiB.
 pub const MIN_WS_START: u64 = 0x20_0000;

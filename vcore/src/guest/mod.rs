@@ -56,6 +56,11 @@ pub const CONSOLE_PORT: u16 = 0x3f8;
 pub const PIO_LOOP_PORT: u16 = 0x80;
 /// Port a guest writes a 32-bit code to when it is done (like QEMU's isa-debug-exit).
 pub const EXIT_PORT: u16 = 0xf4;
+/// Port a guest writes a 32-bit count of microseconds to when it has nothing to do until then:
+/// the VMM parks the vCPU thread that long (at most 100 ms), waking it early for a pause. A
+/// CPL-3 guest cannot `hlt`; this is its idle, so that a guest waiting on the clock leaves the
+/// host CPU to others. Handled by every vCPU loop (see [`crate::Vm`]).
+pub const IDLE_PORT: u16 = 0xf5;
 /// MMIO address `hello` writes to and reads from (in the 32-bit hole, outside RAM).
 pub const MMIO_PROBE_ADDR: u64 = 0xD000_0000;
 /// Config page of the built-in guests.
