@@ -229,10 +229,20 @@ impl Control {
     }
 
     /// Parks the calling vCPU for up to `dur` (a guest's idle, [`crate::guest::IDLE_PORT`]),
-    /// returning early when a pause or stop is requested.
+    /// returning early when a pause or stop is requested. Meanwhile it counts as out of
+    /// `KVM_RUN`, so a pause need not wait for it to wake (a sleeping thread takes ~1 ms to wake
+    /// on this nested host): it re-enters only through the run loop, which parks it first.
     fn idle(&self, dur: Duration) {
-        let st = lock(&self.state);
-        let _ = self.cond.wait_timeout_while(st, dur, |_| !self.request.load(Ordering::SeqCst));
+        let mut st = lock(&self.state);
+        st.out += 1;
+        self.out_hint.store(st.out, Ordering::Release);
+        self.cond.notify_all();
+        let (mut st, _) = self
+            .cond
+            .wait_timeout_while(st, dur, |_| !self.request.load(Ordering::SeqCst))
+            .unwrap_or_else(|e| e.into_inner());
+        st.out -= 1;
+        self.out_hint.store(st.out, Ordering::Release);
     }
 
     /// The calling vCPU stopped for good (fatal exit); it counts as out from now on.
