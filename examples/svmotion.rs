@@ -11,6 +11,7 @@
 
 use std::fs::File;
 use std::io::Write;
+use std::net::TcpListener;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -25,7 +26,9 @@ use vinfra::vcore::{Snapshot, StateError};
 use vinfra::vdevices::testing::{DESC_F_WRITE, Driver, guest_memory};
 use vinfra::vdevices::virtio::block::{Block, BlockConfig, req};
 use vinfra::vdevices::{DeviceState, EventLoop, MmioTransport};
-use vinfra::vmigrate::DiskMirror;
+use vinfra::vmigrate::storage::RemoteStats;
+use vinfra::vmigrate::transport::{DEFAULT_PEER_TIMEOUT, tcp_accept, tcp_connect};
+use vinfra::vmigrate::{DiskMirror, RemoteImage, serve_image};
 
 /// Mirror a disk image under guest writes (Storage vMotion) and check the copy.
 #[derive(Parser, Debug)]
@@ -52,6 +55,11 @@ struct Cli {
     /// Largest guest write in KiB (each is 4 KiB to this, 4 KiB aligned).
     #[arg(long, default_value_t = 256)]
     max_write_kib: u64,
+    /// Mirror to an image host over loopback TCP instead of to a local file: `serve_image`
+    /// runs in a thread of this process, standing in for the other host; every mirrored write
+    /// waits for its acknowledgement.
+    #[arg(long)]
+    remote: bool,
     /// Print the summary as one JSON object on stdout (nothing else goes to stdout).
     #[arg(long)]
     json: bool,
@@ -68,6 +76,8 @@ struct Summary {
     writes_before_ready: u64,
     writes_after_ready: u64,
     writes_mirrored: u64,
+    /// Bytes the image host wrote (with --remote).
+    remote_bytes: Option<u64>,
     guest_write_mean_us: f64,
     images_equal: bool,
     switch_us: f64,
@@ -124,7 +134,21 @@ fn run(cli: &Cli) -> Result<Summary> {
     }
     drop(f);
 
-    let mirror = DiskMirror::new(&images.0, &images.1, cli.block_kib.saturating_mul(1024))?;
+    let block_size = cli.block_kib.saturating_mul(1024);
+    let mut image_host = None;
+    let mirror = if cli.remote {
+        let listener = TcpListener::bind("127.0.0.1:0")?;
+        let addr = listener.local_addr()?.to_string();
+        let dst = images.1.clone();
+        image_host = Some(std::thread::spawn(move || -> Result<RemoteStats> {
+            Ok(serve_image(tcp_accept(&listener, DEFAULT_PEER_TIMEOUT)?, &dst)?)
+        }));
+        let conn = tcp_connect(&addr, DEFAULT_PEER_TIMEOUT).context("connecting to the image host")?;
+        let target = RemoteImage::connect(conn, size, &addr)?;
+        DiskMirror::to_target(&images.0, Box::new(target), block_size)?
+    } else {
+        DiskMirror::new(&images.0, &images.1, block_size)?
+    };
     let block = Block::new(BlockConfig { path: images.0.clone(), read_only: false, id: "svmotion".into() })?
         .with_write_observer(mirror.observer());
     let mem = guest_memory(64);
@@ -178,6 +202,7 @@ fn run(cli: &Cli) -> Result<Summary> {
     })?;
     bar.finish_and_clear();
     mirror.check()?;
+    mirror.sync()?; // on the image host too, before its copy is read
     let (src_at_switch, mut expect) = (std::fs::read(&images.0)?, std::fs::read(&images.1)?);
     let equal = src_at_switch == expect;
 
@@ -208,6 +233,13 @@ fn run(cli: &Cli) -> Result<Summary> {
     let source_untouched = std::fs::read(&images.0)? == src_at_switch;
     let copy_has_every_write = std::fs::read(&images.1)? == expect;
     let secs = stats.time_to_ready.as_secs_f64().max(1e-9);
+    let writes_mirrored = mirror.writes_mirrored();
+    // Closing the mirror ends the image host's session.
+    drop(mirror);
+    let remote_bytes = match image_host {
+        Some(h) => Some(h.join().map_err(|_| anyhow::anyhow!("the image host panicked"))??.bytes),
+        None => None,
+    };
     Ok(Summary {
         size_mib: cli.size_mib,
         block_kib: cli.block_kib,
@@ -217,7 +249,8 @@ fn run(cli: &Cli) -> Result<Summary> {
         dirty_passes: stats.dirty_passes,
         writes_before_ready: before,
         writes_after_ready: after,
-        writes_mirrored: mirror.writes_mirrored(),
+        writes_mirrored,
+        remote_bytes,
         guest_write_mean_us: write_time.as_secs_f64() * 1e6 / (before + after).max(1) as f64,
         images_equal: equal,
         switch_us,
@@ -249,6 +282,15 @@ fn main() -> Result<()> {
             format!("{} while copying, {} after ready", s.writes_before_ready, s.writes_after_ready),
         ),
         ("mirrored synchronously", s.writes_mirrored.to_string()),
+        (
+            "mirror target",
+            match s.remote_bytes {
+                Some(b) => {
+                    format!("image host over loopback TCP, {:.1} MiB written there", b as f64 / 1048576.0)
+                }
+                None => "local file".into(),
+            },
+        ),
         ("guest write latency", format!("{:.1} µs mean (notify to used ring)", s.guest_write_mean_us)),
         ("images equal", if s.images_equal { "yes".into() } else { "NO".into() }),
         (

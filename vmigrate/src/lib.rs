@@ -19,7 +19,9 @@ pub use dirty::{DirtyBitmap, DirtyTracker};
 pub use precopy::{ConvergencePolicy, MigrationError, MigrationHandle, Source, Strategy};
 pub use receive::{Destination, ReceiveStats, save_snapshot};
 pub use stats::{DirtyRate, MigrationStats, Progress, probe_dirty_rate};
-pub use storage::{DiskMirror, MirrorStats, StorageError};
+pub use storage::{
+    DiskMirror, FileTarget, MirrorStats, MirrorTarget, RemoteImage, StorageError, serve_image,
+};
 pub use stream::StreamError;
 pub use vcore::DeviceSections;
 mod sys;

@@ -94,7 +94,7 @@ proptest! {
 
     #[test]
     fn arbitrary_frames_with_valid_checksums_never_escape(
-        frames in proptest::collection::vec((0u16..16, any::<u64>(), any::<u64>(), 0usize..3), 1..20),
+        frames in proptest::collection::vec((0u16..19, any::<u64>(), any::<u64>(), 0usize..3), 1..20),
         lz4 in proptest::collection::vec(any::<u8>(), 0..256),
     ) {
         // Well-formed headers and checksums around hostile contents: addresses anywhere.
@@ -162,6 +162,9 @@ fn kind_of(k: u16) -> Option<vmigrate::stream::Kind> {
         Started,
         CompressedPages,
         StreamHello,
+        DiskHello,
+        DiskWrite,
+        DiskAck,
     ]
     .into_iter()
     .find(|x| *x as u16 == k)

@@ -28,6 +28,8 @@ pub const COMPRESSION_VERSION: u16 = 2;
 pub const STREAMS_VERSION: u16 = 3;
 /// Most data streams of one migration.
 pub const MAX_DATA_STREAMS: u16 = 64;
+/// Most bytes in one `DiskWrite` frame (a disk mirror's largest block).
+pub const MAX_DISK_WRITE: usize = 16 << 20;
 /// Frame magic.
 pub const MAGIC: [u8; 4] = *b"VMIG";
 /// Header size.
@@ -74,6 +76,13 @@ pub enum Kind {
     /// Source → destination, first frame of a data stream: its index and the stream count
     /// (protocol version 3).
     StreamHello = 14,
+    /// Disk mirror session, mirror → image host: the image size in bytes.
+    DiskHello = 15,
+    /// Disk mirror session: bytes to write at an offset.
+    DiskWrite = 16,
+    /// Disk mirror session, image host → mirror: bytes written so far (after `DiskHello`,
+    /// each `DiskWrite`, and `Complete`, which also makes them durable).
+    DiskAck = 17,
 }
 
 impl Kind {
@@ -94,6 +103,9 @@ impl Kind {
             12 => Started,
             13 => CompressedPages,
             14 => StreamHello,
+            15 => DiskHello,
+            16 => DiskWrite,
+            17 => DiskAck,
             _ => return None,
         })
     }
@@ -109,6 +121,8 @@ impl Kind {
             Kind::Abort => 1024,
             Kind::ZeroPages => 16,
             Kind::IterationEnd | Kind::HelloAck | Kind::StreamHello => 4,
+            Kind::DiskHello | Kind::DiskAck => 8,
+            Kind::DiskWrite => 8 + MAX_DISK_WRITE,
             Kind::Complete | Kind::Ready | Kind::Commit | Kind::Started => 0,
         }
     }
@@ -287,6 +301,20 @@ pub enum Message<'a> {
     },
     /// End of iteration `n`.
     IterationEnd(u32),
+    /// A disk mirror session begins: the image is `size` bytes.
+    DiskHello {
+        /// Image size in bytes.
+        size: u64,
+    },
+    /// Disk bytes to write at `offset`.
+    DiskWrite {
+        /// Byte offset in the image.
+        offset: u64,
+        /// The bytes (1 to [`MAX_DISK_WRITE`]).
+        data: &'a [u8],
+    },
+    /// Bytes of the image written so far.
+    DiskAck(u64),
     /// First frame of data stream `index` of `count`.
     StreamHello {
         /// This stream's index, below `count`.
@@ -373,6 +401,20 @@ impl Message<'_> {
                 let name =
                     std::str::from_utf8(&payload[2..2 + n]).map_err(|_| malformed(kind, "name not UTF-8"))?;
                 Message::Device { name: name.to_string(), data: &payload[2 + n..] }
+            }
+            Kind::DiskHello => {
+                exact(8)?;
+                Message::DiskHello { size: u64_at(payload, 0) }
+            }
+            Kind::DiskAck => {
+                exact(8)?;
+                Message::DiskAck(u64_at(payload, 0))
+            }
+            Kind::DiskWrite => {
+                if payload.len() < 9 {
+                    return Err(malformed(kind, "no offset and data"));
+                }
+                Message::DiskWrite { offset: u64_at(payload, 0), data: &payload[8..] }
             }
             Kind::StreamHello => {
                 exact(4)?;

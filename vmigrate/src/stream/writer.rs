@@ -157,6 +157,14 @@ impl<W: Write> FrameWriter<W> {
                 self.end(at)
             }
             Message::IterationEnd(n) => self.frame(Kind::IterationEnd, &n.to_le_bytes()),
+            Message::DiskHello { size } => self.frame(Kind::DiskHello, &size.to_le_bytes()),
+            Message::DiskAck(n) => self.frame(Kind::DiskAck, &n.to_le_bytes()),
+            Message::DiskWrite { offset, data } => {
+                let at = self.begin(Kind::DiskWrite);
+                self.put(&offset.to_le_bytes());
+                self.put(data);
+                self.end(at)
+            }
             Message::StreamHello { index, count } => {
                 let mut p = [0u8; 4];
                 p[..2].copy_from_slice(&index.to_le_bytes());

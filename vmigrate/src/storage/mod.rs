@@ -30,6 +30,9 @@ use serde::Serialize;
 
 use crate::dirty::DirtyBitmap;
 
+mod remote;
+pub use remote::{RemoteImage, RemoteStats, serve_image};
+
 /// Errors of a disk mirror.
 #[derive(Debug, thiserror::Error)]
 pub enum StorageError {
@@ -47,6 +50,17 @@ pub enum StorageError {
     /// The block size is 0, not a multiple of 512, or above 16 MiB.
     #[error("block size {0} must be a multiple of 512 between 512 and 16 MiB")]
     BlockSize(u32),
+    /// The target's size differs from the source image's.
+    #[error("the target holds {target_size} bytes, the source image {source_size}")]
+    SizeMismatch {
+        /// Source image size.
+        source_size: u64,
+        /// Target size.
+        target_size: u64,
+    },
+    /// The remote side refused or broke the session.
+    #[error("remote image: {0}")]
+    Remote(String),
     /// The observer failed to mirror a guest write (the first such error).
     #[error("mirroring a guest write of {len} bytes at {offset}")]
     Mirror {
@@ -84,10 +98,65 @@ pub struct DiskMirror {
     inner: Arc<Inner>,
 }
 
+/// Where a [`DiskMirror`] writes: a local file, or an image on another host
+/// ([`RemoteImage`]).
+pub trait MirrorTarget: Send + Sync + std::fmt::Debug {
+    /// Writes all of `data` at byte `offset`.
+    fn write_at(&self, data: &[u8], offset: u64) -> std::io::Result<()>;
+    /// Size of the target in bytes (it must equal the source's).
+    fn size(&self) -> std::io::Result<u64>;
+    /// Makes every write so far durable.
+    fn sync(&self) -> std::io::Result<()>;
+    /// Names the target in errors.
+    fn describe(&self) -> String;
+}
+
+/// A local image file as a mirror target.
+#[derive(Debug)]
+pub struct FileTarget {
+    file: File,
+    path: String,
+}
+
+impl FileTarget {
+    /// Creates (or truncates) the image at `path`, `size` bytes long.
+    pub fn create(path: &Path, size: u64) -> Result<FileTarget, StorageError> {
+        let p = path.display().to_string();
+        let io = |what| {
+            let path = p.clone();
+            move |source| StorageError::Io { what, path, source }
+        };
+        let file = File::options()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(path)
+            .map_err(io("creating"))?;
+        file.set_len(size).map_err(io("sizing"))?;
+        Ok(FileTarget { file, path: p })
+    }
+}
+
+impl MirrorTarget for FileTarget {
+    fn write_at(&self, data: &[u8], offset: u64) -> std::io::Result<()> {
+        self.file.write_all_at(data, offset)
+    }
+    fn size(&self) -> std::io::Result<u64> {
+        Ok(self.file.metadata()?.len())
+    }
+    fn sync(&self) -> std::io::Result<()> {
+        self.file.sync_all()
+    }
+    fn describe(&self) -> String {
+        self.path.clone()
+    }
+}
+
 #[derive(Debug)]
 struct Inner {
     src: File,
-    dst: File,
+    dst: Box<dyn MirrorTarget>,
     src_path: String,
     dst_path: String,
     size: u64,
@@ -111,24 +180,27 @@ impl DiskMirror {
     /// Prepares to mirror the image at `src` into `dst` (created, or truncated, to the source's
     /// size) in blocks of `block_size` bytes.
     pub fn new(src: &Path, dst: &Path, block_size: u32) -> Result<Self, StorageError> {
-        if block_size == 0 || !block_size.is_multiple_of(512) || block_size > 16 << 20 {
-            return Err(StorageError::BlockSize(block_size));
-        }
-        let (src_path, dst_path) = (src.display().to_string(), dst.display().to_string());
+        Self::check_block_size(block_size)?;
+        let size = image_size(src)?;
+        Self::to_target(src, Box::new(FileTarget::create(dst, size)?), block_size)
+    }
+
+    /// Prepares to mirror the image at `src` into `dst`, which must have the source's size (a
+    /// [`RemoteImage`] on another host, for example).
+    pub fn to_target(src: &Path, dst: Box<dyn MirrorTarget>, block_size: u32) -> Result<Self, StorageError> {
+        Self::check_block_size(block_size)?;
+        let (src_path, dst_path) = (src.display().to_string(), dst.describe());
         let io = |what, path: &str| {
             let path = path.to_string();
             move |source| StorageError::Io { what, path, source }
         };
         let src_file = File::open(src).map_err(io("opening", &src_path))?;
         let size = src_file.metadata().map_err(io("reading the size of", &src_path))?.len();
-        let dst_file = File::options()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(dst)
-            .map_err(io("creating", &dst_path))?;
-        dst_file.set_len(size).map_err(io("sizing", &dst_path))?;
+        let dst_size = dst.size().map_err(io("reading the size of", &dst_path))?;
+        if dst_size != size {
+            return Err(StorageError::SizeMismatch { source_size: size, target_size: dst_size });
+        }
+        let dst_file = dst;
         let block = u64::from(block_size);
         let blocks = size.div_ceil(block);
         Ok(DiskMirror {
@@ -206,6 +278,33 @@ impl DiskMirror {
     pub fn check(&self) -> Result<(), StorageError> {
         self.inner.check()
     }
+
+    /// Makes everything mirrored so far durable on the destination (`fsync` there).
+    pub fn sync(&self) -> Result<(), StorageError> {
+        let inner = &self.inner;
+        let _st = inner.lock();
+        inner.dst.sync().map_err(|source| StorageError::Io {
+            what: "syncing",
+            path: inner.dst_path.clone(),
+            source,
+        })
+    }
+
+    fn check_block_size(block_size: u32) -> Result<(), StorageError> {
+        if block_size == 0 || !block_size.is_multiple_of(512) || block_size > 16 << 20 {
+            return Err(StorageError::BlockSize(block_size));
+        }
+        Ok(())
+    }
+}
+
+/// The size of the image at `path`.
+pub fn image_size(path: &Path) -> Result<u64, StorageError> {
+    std::fs::metadata(path).map(|m| m.len()).map_err(|source| StorageError::Io {
+        what: "opening",
+        path: path.display().to_string(),
+        source,
+    })
 }
 
 impl Inner {
@@ -274,7 +373,7 @@ impl Inner {
         self.src.read_exact_at(&mut buf, offset).map_err(|e| {
             std::io::Error::new(e.kind(), format!("reading {} at {offset}: {e}", self.src_path))
         })?;
-        self.dst.write_all_at(&buf, offset)
+        self.dst.write_at(&buf, offset)
     }
 }
 
