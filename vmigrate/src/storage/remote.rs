@@ -8,15 +8,13 @@
 //! [`serve_image`] is the far side: it writes into a local file and refuses anything out of
 //! bounds or corrupt.
 
-use std::fs::File;
 use std::io::{Read, Write};
-use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::{Mutex, PoisonError};
 
 use serde::Serialize;
 
-use super::{MirrorTarget, StorageError};
+use super::{FileTarget, MirrorTarget, StorageError};
 use crate::stream::{FrameReader, FrameWriter, Message, StreamError};
 
 /// An image on another host, written through [`serve_image`] there.
@@ -118,14 +116,7 @@ fn serve<T: Read + Write>(conn: &mut T, path: &Path, stats: &mut RemoteStats) ->
         let path = p.clone();
         move |source| StorageError::Io { what, path, source }
     };
-    let file: File = File::options()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(path)
-        .map_err(io("creating"))?;
-    file.set_len(size).map_err(io("sizing"))?;
+    let image = FileTarget::create(path, size)?;
     stats.size = size;
     FrameWriter::new(&mut *conn, 0).message(&Message::DiskAck(0)).map_err(remote)?;
     loop {
@@ -144,12 +135,12 @@ fn serve<T: Read + Write>(conn: &mut T, path: &Path, stats: &mut RemoteStats) ->
                         data.len()
                     )));
                 }
-                file.write_all_at(data, offset).map_err(io("writing"))?;
+                image.write_at(data, offset).map_err(io("writing"))?;
                 stats.writes += 1;
                 stats.bytes += data.len() as u64;
             }
             Message::Complete => {
-                file.sync_all().map_err(io("syncing"))?;
+                image.sync().map_err(io("syncing"))?;
                 stats.syncs += 1;
             }
             other => return Err(StorageError::Remote(format!("{other:?} in a disk mirror session"))),
