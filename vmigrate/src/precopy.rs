@@ -23,7 +23,6 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use vcore::{DeviceSections, Vm};
-use vm_memory::{GuestAddress, GuestMemoryBackend as _};
 
 use crate::dirty::{DirtyBitmap, DirtyTracker, empty_maps, trackers_for};
 pub use crate::error::MigrationError;
@@ -32,7 +31,7 @@ use crate::stream::{
     COMPRESSION_VERSION, FrameReader, FrameWriter, Hello, Layout, Message, PAGE, PROTOCOL_VERSIONS,
     StreamError,
 };
-use crate::streams::{Senders, Tally, check_streams};
+use crate::streams::{Out, Senders, Tally, check_streams};
 use crate::transport::Transport;
 
 /// What to do when pre-copy stalls or runs out of time.
@@ -166,48 +165,6 @@ pub struct Source<'a> {
 impl std::fmt::Debug for Source<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Source").field("policy", &self.policy).finish_non_exhaustive()
-    }
-}
-
-/// Where the engine's pages go: the main stream's writer, or the data streams' senders.
-struct Out<'s, W: std::io::Write> {
-    main: FrameWriter<W>,
-    streams: Option<&'s Senders>,
-    /// Pages written on the main stream (without data streams).
-    main_pages: Tally,
-}
-
-impl<W: std::io::Write> Out<'_, W> {
-    /// Sends `pages` pages of guest memory from `gpa` (inside one slot).
-    fn pages(&mut self, vm: &Vm, gpa: u64, pages: u64) -> Result<(), MigrationError> {
-        if let Some(s) = self.streams {
-            return s.pages(gpa, pages);
-        }
-        // One lookup per run (it lies in one slot), not one per page.
-        let run = vm
-            .memory()
-            .get_slice(GuestAddress(gpa), pages as usize * PAGE)
-            .map_err(|e| StreamError::Io(std::io::Error::other(e.to_string())))?;
-        let (n, z) = self.main.guest_pages(gpa, &run)?;
-        self.main_pages.normal += n;
-        self.main_pages.zero += z;
-        Ok(())
-    }
-
-    /// Bytes handed to the transports so far.
-    fn bytes(&self) -> u64 {
-        self.main.bytes + self.streams.map_or(0, Senders::bytes)
-    }
-
-    /// Flushes every stream; what all of them sent so far.
-    fn sync(&mut self, end_streams: bool) -> Result<Tally, MigrationError> {
-        let pages = match self.streams {
-            Some(s) if end_streams => s.end()?,
-            Some(s) => s.sync()?,
-            None => Tally { compressed: self.main.compressed_pages, ..self.main_pages },
-        };
-        self.main.flush()?;
-        Ok(Tally { bytes: pages.bytes + self.main.bytes, ..pages })
     }
 }
 

@@ -20,7 +20,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
 use std::thread::Scope;
 
-use vcore::GuestMemory;
+use vcore::{GuestMemory, Vm};
 use vm_memory::{GuestAddress, GuestMemoryBackend as _};
 
 use crate::precopy::MigrationError;
@@ -191,6 +191,48 @@ impl Senders {
             Ok((_, Err(e))) => e.into(),
             _ => MigrationError::Stream(StreamError::Closed),
         }
+    }
+}
+
+/// Where the engine's pages go: the main stream's writer, or the data streams' senders.
+pub(crate) struct Out<'s, W: std::io::Write> {
+    pub main: FrameWriter<W>,
+    pub streams: Option<&'s Senders>,
+    /// Pages written on the main stream (without data streams).
+    pub main_pages: Tally,
+}
+
+impl<W: std::io::Write> Out<'_, W> {
+    /// Sends `pages` pages of guest memory from `gpa` (inside one slot).
+    pub fn pages(&mut self, vm: &Vm, gpa: u64, pages: u64) -> Result<(), MigrationError> {
+        if let Some(s) = self.streams {
+            return s.pages(gpa, pages);
+        }
+        // One lookup per run (it lies in one slot), not one per page.
+        let run = vm
+            .memory()
+            .get_slice(GuestAddress(gpa), pages as usize * PAGE)
+            .map_err(|e| StreamError::Io(std::io::Error::other(e.to_string())))?;
+        let (n, z) = self.main.guest_pages(gpa, &run)?;
+        self.main_pages.normal += n;
+        self.main_pages.zero += z;
+        Ok(())
+    }
+
+    /// Bytes handed to the transports so far.
+    pub fn bytes(&self) -> u64 {
+        self.main.bytes + self.streams.map_or(0, Senders::bytes)
+    }
+
+    /// Flushes every stream; what all of them sent so far.
+    pub fn sync(&mut self, end_streams: bool) -> Result<Tally, MigrationError> {
+        let pages = match self.streams {
+            Some(s) if end_streams => s.end()?,
+            Some(s) => s.sync()?,
+            None => Tally { compressed: self.main.compressed_pages, ..self.main_pages },
+        };
+        self.main.flush()?;
+        Ok(Tally { bytes: pages.bytes + self.main.bytes, ..pages })
     }
 }
 
