@@ -416,12 +416,7 @@ impl<'a> Source<'a> {
             out.main.message(&Message::IterationEnd(index))?;
             let now = out.sync(false)?;
             let duration = t.elapsed();
-            let sent = Tally {
-                bytes: now.bytes - before.bytes,
-                normal: now.normal - before.normal,
-                zero: now.zero - before.zero,
-                compressed: 0,
-            };
+            let sent = now - before;
             let it_bytes = sent.bytes;
             before = now;
             let mut maps = empty_maps(vm);
@@ -549,10 +544,10 @@ impl<'a> Source<'a> {
         // The data streams end (`Complete`) before the main stream is flushed.
         let now = out.sync(true)?;
         stats.final_copy = pause_at.elapsed() - stats.pause_latency;
-        let (normal, zero) = (now.normal - before.normal, now.zero - before.zero);
-        stats.final_pages = normal + zero;
-        stats.normal_pages += normal;
-        stats.zero_pages += zero;
+        let last = now - before;
+        stats.final_pages = last.normal + last.zero;
+        stats.normal_pages += last.normal;
+        stats.zero_pages += last.zero;
         Ok((pause_at, now))
     }
 }

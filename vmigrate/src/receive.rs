@@ -311,6 +311,28 @@ impl<'a> Destination<'a> {
     }
 }
 
+/// Writes (or, when [`FrameReader::read_frame_into`] already wrote it, counts) a page message
+/// into `mem` and `stats`; returns false, touching nothing, for any other message.
+pub(crate) fn take_pages(
+    mem: &GuestMemory,
+    layout: &Layout,
+    msg: &Message<'_>,
+    known_zero: Option<&(dyn Fn(u64) -> bool + Sync)>,
+    stats: &mut ReceiveStats,
+) -> Result<bool, StreamError> {
+    match msg {
+        Message::PagesWritten { pages, .. } => stats.normal_pages += pages,
+        Message::Pages { .. } | Message::ZeroPages { .. } | Message::CompressedPages { .. } => {
+            let kz = known_zero.map(|k| k as &dyn Fn(u64) -> bool);
+            let (n, z) = apply_memory(mem, layout, msg, kz)?;
+            stats.normal_pages += n;
+            stats.zero_pages += z;
+        }
+        _ => return Ok(false),
+    }
+    Ok(true)
+}
+
 /// Whether `e` follows from a failure elsewhere: a stream the peer closed or reset, or the
 /// peer's abort.
 fn is_echo(e: &MigrationError) -> bool {
@@ -351,18 +373,11 @@ fn receive_main<T: Transport>(
                     got: "pages".into(),
                 });
             }
-            Message::PagesWritten { pages, .. } => stats.normal_pages += pages,
             Message::CompressedPages { .. } if version < COMPRESSION_VERSION => {
                 return Err(MigrationError::Protocol {
                     expected: "no compressed pages in protocol version 1",
                     got: "CompressedPages".into(),
                 });
-            }
-            Message::Pages { .. } | Message::ZeroPages { .. } | Message::CompressedPages { .. } => {
-                let kz = known_zero.map(|k| k as &dyn Fn(u64) -> bool);
-                let (n, z) = apply_memory(mem, layout, &msg, kz)?;
-                stats.normal_pages += n;
-                stats.zero_pages += z;
             }
             Message::IterationEnd(_) => stats.iterations += 1,
             Message::CpuState(b) => state = Some(b.to_vec()),
@@ -370,10 +385,12 @@ fn receive_main<T: Transport>(
             Message::Complete => break,
             Message::Abort(reason) => return Err(MigrationError::PeerAborted(reason)),
             other => {
-                return Err(MigrationError::Protocol {
-                    expected: "pages or state",
-                    got: format!("{other:?}"),
-                });
+                if !take_pages(mem, layout, &other, known_zero, stats)? {
+                    return Err(MigrationError::Protocol {
+                        expected: "pages or state",
+                        got: format!("{other:?}"),
+                    });
+                }
             }
         }
     }
@@ -399,11 +416,7 @@ pub fn save_snapshot(
     let mut w = FrameWriter::new(file, crate::stream::SEND_BUFFER);
     w.message(&Message::Hello(hello_for(vm)))?;
     for s in vm.slots() {
-        let run = vm
-            .memory()
-            .get_slice(GuestAddress(s.guest_addr), s.size as usize)
-            .map_err(|e| StreamError::Io(std::io::Error::other(e.to_string())))?;
-        w.guest_pages(s.guest_addr, &run)?;
+        w.guest_range(vm.memory(), s.guest_addr, s.size as usize)?;
     }
     w.message(&Message::CpuState(&vm.save_state()?.to_bytes()))?;
     for (name, data) in &devices {

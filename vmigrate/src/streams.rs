@@ -21,10 +21,9 @@ use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
 use std::thread::Scope;
 
 use vcore::{GuestMemory, Vm};
-use vm_memory::{GuestAddress, GuestMemoryBackend as _};
 
 use crate::precopy::MigrationError;
-use crate::receive::{ReceiveStats, apply_memory};
+use crate::receive::{ReceiveStats, take_pages};
 use crate::stream::{
     FrameReader, FrameWriter, Layout, MAX_DATA_STREAMS, Message, PAGE, SEND_BUFFER, STREAMS_VERSION,
     StreamError,
@@ -78,6 +77,19 @@ pub(crate) struct Tally {
     pub normal: u64,
     pub zero: u64,
     pub compressed: u64,
+}
+
+impl std::ops::Sub for Tally {
+    type Output = Tally;
+    /// What was sent between two tallies (`self` the later).
+    fn sub(self, o: Tally) -> Tally {
+        Tally {
+            bytes: self.bytes - o.bytes,
+            normal: self.normal - o.normal,
+            zero: self.zero - o.zero,
+            compressed: self.compressed - o.compressed,
+        }
+    }
 }
 
 impl std::ops::Add for Tally {
@@ -208,12 +220,7 @@ impl<W: std::io::Write> Out<'_, W> {
         if let Some(s) = self.streams {
             return s.pages(gpa, pages);
         }
-        // One lookup per run (it lies in one slot), not one per page.
-        let run = vm
-            .memory()
-            .get_slice(GuestAddress(gpa), pages as usize * PAGE)
-            .map_err(|e| StreamError::Io(std::io::Error::other(e.to_string())))?;
-        let (n, z) = self.main.guest_pages(gpa, &run)?;
+        let (n, z) = self.main.guest_range(vm.memory(), gpa, pages as usize * PAGE)?;
         self.main_pages.normal += n;
         self.main_pages.zero += z;
         Ok(())
@@ -257,10 +264,7 @@ fn send_stream<D: Transport>(
             match job {
                 Job::Pages { gpa, pages } => {
                     let before = w.bytes;
-                    let run = mem
-                        .get_slice(GuestAddress(gpa), pages as usize * PAGE)
-                        .map_err(|e| StreamError::Io(std::io::Error::other(e.to_string())))?;
-                    let (n, z) = w.guest_pages(gpa, &run)?;
+                    let (n, z) = w.guest_range(mem, gpa, pages as usize * PAGE)?;
                     tally.normal += n;
                     tally.zero += z;
                     bytes.fetch_add(w.bytes - before, Ordering::Relaxed);
@@ -325,19 +329,14 @@ pub(crate) fn receive_stream<D: Transport>(
         loop {
             let msg = r.read_frame_into(mem, layout)?;
             match msg {
-                Message::PagesWritten { pages, .. } => stats.normal_pages += pages,
-                Message::Pages { .. } | Message::ZeroPages { .. } | Message::CompressedPages { .. } => {
-                    let kz = known_zero.map(|k| k as &dyn Fn(u64) -> bool);
-                    let (n, z) = apply_memory(mem, layout, &msg, kz)?;
-                    stats.normal_pages += n;
-                    stats.zero_pages += z;
-                }
                 Message::Complete => break,
                 other => {
-                    return Err(MigrationError::Protocol {
-                        expected: "pages on a data stream",
-                        got: format!("{other:?}"),
-                    });
+                    if !take_pages(mem, layout, &other, known_zero, &mut stats)? {
+                        return Err(MigrationError::Protocol {
+                            expected: "pages on a data stream",
+                            got: format!("{other:?}"),
+                        });
+                    }
                 }
             }
         }

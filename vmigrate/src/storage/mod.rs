@@ -74,6 +74,12 @@ pub enum StorageError {
     },
 }
 
+/// Maps an I/O error met while doing `what` to `path`.
+fn io_err(what: &'static str, path: impl std::fmt::Display) -> impl FnOnce(std::io::Error) -> StorageError {
+    let path = path.to_string();
+    move |source| StorageError::Io { what, path, source }
+}
+
 /// What a disk mirror did.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Default)]
 pub struct MirrorStats {
@@ -121,20 +127,16 @@ pub struct FileTarget {
 impl FileTarget {
     /// Creates (or truncates) the image at `path`, `size` bytes long.
     pub fn create(path: &Path, size: u64) -> Result<FileTarget, StorageError> {
-        let p = path.display().to_string();
-        let io = |what| {
-            let path = p.clone();
-            move |source| StorageError::Io { what, path, source }
-        };
+        let p = path.display();
         let file = File::options()
             .read(true)
             .write(true)
             .create(true)
             .truncate(true)
             .open(path)
-            .map_err(io("creating"))?;
-        file.set_len(size).map_err(io("sizing"))?;
-        Ok(FileTarget { file, path: p })
+            .map_err(io_err("creating", &p))?;
+        file.set_len(size).map_err(io_err("sizing", &p))?;
+        Ok(FileTarget { file, path: p.to_string() })
     }
 }
 
@@ -190,13 +192,9 @@ impl DiskMirror {
     pub fn to_target(src: &Path, dst: Box<dyn MirrorTarget>, block_size: u32) -> Result<Self, StorageError> {
         Self::check_block_size(block_size)?;
         let (src_path, dst_path) = (src.display().to_string(), dst.describe());
-        let io = |what, path: &str| {
-            let path = path.to_string();
-            move |source| StorageError::Io { what, path, source }
-        };
-        let src_file = File::open(src).map_err(io("opening", &src_path))?;
-        let size = src_file.metadata().map_err(io("reading the size of", &src_path))?.len();
-        let dst_size = dst.size().map_err(io("reading the size of", &dst_path))?;
+        let src_file = File::open(src).map_err(io_err("opening", &src_path))?;
+        let size = src_file.metadata().map_err(io_err("reading the size of", &src_path))?.len();
+        let dst_size = dst.size().map_err(io_err("reading the size of", &dst_path))?;
         if dst_size != size {
             return Err(StorageError::SizeMismatch { source_size: size, target_size: dst_size });
         }
@@ -283,11 +281,7 @@ impl DiskMirror {
     pub fn sync(&self) -> Result<(), StorageError> {
         let inner = &self.inner;
         let _st = inner.lock();
-        inner.dst.sync().map_err(|source| StorageError::Io {
-            what: "syncing",
-            path: inner.dst_path.clone(),
-            source,
-        })
+        inner.dst.sync().map_err(io_err("syncing", &inner.dst_path))
     }
 
     fn check_block_size(block_size: u32) -> Result<(), StorageError> {
@@ -300,11 +294,7 @@ impl DiskMirror {
 
 /// The size of the image at `path`.
 pub fn image_size(path: &Path) -> Result<u64, StorageError> {
-    std::fs::metadata(path).map(|m| m.len()).map_err(|source| StorageError::Io {
-        what: "opening",
-        path: path.display().to_string(),
-        source,
-    })
+    std::fs::metadata(path).map(|m| m.len()).map_err(io_err("opening", path.display()))
 }
 
 impl Inner {
@@ -357,11 +347,8 @@ impl Inner {
             }
             st.dirty.unset(b);
             let at = b * self.block;
-            self.copy(at, self.block.min(self.size - at)).map_err(|source| StorageError::Io {
-                what: "copying a block to",
-                path: self.dst_path.clone(),
-                source,
-            })?;
+            self.copy(at, self.block.min(self.size - at))
+                .map_err(io_err("copying a block to", &self.dst_path))?;
             copied += 1;
         }
         Ok((copied, self.lock().dirty.count()))

@@ -14,7 +14,7 @@ use std::sync::{Mutex, PoisonError};
 
 use serde::Serialize;
 
-use super::{FileTarget, MirrorTarget, StorageError};
+use super::{FileTarget, MirrorTarget, StorageError, io_err};
 use crate::stream::{FrameReader, FrameWriter, Message, StreamError};
 
 /// An image on another host, written through [`serve_image`] there.
@@ -26,7 +26,7 @@ pub struct RemoteImage<T: Read + Write + Send + std::fmt::Debug> {
 }
 
 /// Turns a stream error or a refusal into an I/O error for the mirror.
-fn io_err(e: StreamError) -> std::io::Error {
+fn stream_to_io(e: StreamError) -> std::io::Error {
     match e {
         StreamError::Io(e) => e,
         other => std::io::Error::other(other.to_string()),
@@ -46,8 +46,8 @@ impl<T: Read + Write + Send + std::fmt::Debug> RemoteImage<T> {
 
     fn request(&self, m: &Message<'_>) -> std::io::Result<u64> {
         let mut conn = self.conn.lock().unwrap_or_else(PoisonError::into_inner);
-        FrameWriter::new(&mut *conn, 0).message(m).map_err(io_err)?;
-        expect_ack(&mut *conn).map_err(io_err)
+        FrameWriter::new(&mut *conn, 0).message(m).map_err(stream_to_io)?;
+        expect_ack(&mut *conn).map_err(stream_to_io)
     }
 }
 
@@ -112,10 +112,6 @@ fn serve<T: Read + Write>(conn: &mut T, path: &Path, stats: &mut RemoteStats) ->
         Message::DiskHello { size } => size,
         other => return Err(StorageError::Remote(format!("{other:?} instead of DiskHello"))),
     };
-    let io = |what| {
-        let path = p.clone();
-        move |source| StorageError::Io { what, path, source }
-    };
     let image = FileTarget::create(path, size)?;
     stats.size = size;
     FrameWriter::new(&mut *conn, 0).message(&Message::DiskAck(0)).map_err(remote)?;
@@ -135,12 +131,12 @@ fn serve<T: Read + Write>(conn: &mut T, path: &Path, stats: &mut RemoteStats) ->
                         data.len()
                     )));
                 }
-                image.write_at(data, offset).map_err(io("writing"))?;
+                image.write_at(data, offset).map_err(io_err("writing", &p))?;
                 stats.writes += 1;
                 stats.bytes += data.len() as u64;
             }
             Message::Complete => {
-                image.sync().map_err(io("syncing"))?;
+                image.sync().map_err(io_err("syncing", &p))?;
                 stats.syncs += 1;
             }
             other => return Err(StorageError::Remote(format!("{other:?} in a disk mirror session"))),

@@ -179,6 +179,21 @@ impl<W: Write> FrameWriter<W> {
         }
     }
 
+    /// Encodes the `len` bytes of `mem` from guest address `gpa` (inside one region) as
+    /// [`FrameWriter::guest_pages`] does: one region lookup for the whole range, not one per page.
+    pub fn guest_range(
+        &mut self,
+        mem: &vcore::GuestMemory,
+        gpa: u64,
+        len: usize,
+    ) -> Result<(u64, u64), StreamError> {
+        use vm_memory::GuestMemoryBackend as _;
+        let run = mem
+            .get_slice(vm_memory::GuestAddress(gpa), len)
+            .map_err(|e| StreamError::Io(std::io::Error::other(e.to_string())))?;
+        self.guest_pages(gpa, &run)
+    }
+
     /// Encodes the pages of `run`, guest memory starting at guest address `gpa` (whole pages;
     /// a tail shorter than a page is ignored): consecutive data pages become `Pages` frames,
     /// zero pages become `ZeroPages` runs. Returns `(normal, zero)` pages.
