@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 use vcore::{GuestMemory, Snapshot, StateError};
 use vm_memory::{GuestAddress, GuestMemoryBackend};
 
-use super::{ChainError, DeviceError, DeviceState, QueueCtx, TYPE_BALLOON, VIRTIO_F_VERSION_1, VirtioDevice};
+use super::{DeviceError, DeviceState, QueueCtx, TYPE_BALLOON, VIRTIO_F_VERSION_1, VirtioDevice};
 
 /// Inflate queue.
 pub const INFLATE_QUEUE: usize = 0;
@@ -140,10 +140,8 @@ impl Balloon {
 
     fn pfns(ctx: &mut QueueCtx<'_>, q: usize) -> Result<Option<(u16, Vec<u32>)>, DeviceError> {
         let Some(chain) = ctx.pop(q).map_err(DeviceError::chain(q))? else { return Ok(None) };
-        let bytes = chain
-            .readable()
-            .read(ctx.mem(), 4 * MAX_PFNS_PER_CHAIN)
-            .map_err(|e| DeviceError::Chain { queue: q, source: ChainError::Memory(e.to_string()) })?;
+        let bytes =
+            chain.readable().read(ctx.mem(), 4 * MAX_PFNS_PER_CHAIN).map_err(DeviceError::memory(q))?;
         let pfns = bytes.chunks_exact(4).map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
         Ok(Some((chain.head, pfns)))
     }
@@ -250,9 +248,8 @@ impl VirtioDevice for Balloon {
                     ctx.add_used(STATS_QUEUE, head, 0).map_err(DeviceError::chain(STATS_QUEUE))?;
                 }
                 while let Some(chain) = ctx.pop(STATS_QUEUE).map_err(DeviceError::chain(STATS_QUEUE))? {
-                    let bytes = chain.readable().read(ctx.mem(), 10 * 64).map_err(|e| {
-                        DeviceError::Chain { queue, source: ChainError::Memory(e.to_string()) }
-                    })?;
+                    let bytes =
+                        chain.readable().read(ctx.mem(), 10 * 64).map_err(DeviceError::memory(queue))?;
                     let stats = bytes
                         .chunks_exact(10)
                         .map(|c| {

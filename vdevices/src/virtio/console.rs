@@ -8,7 +8,7 @@ use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use serde::{Deserialize, Serialize};
 use vcore::{Snapshot, StateError};
 
-use super::{ChainError, DeviceError, DeviceState, QueueCtx, TYPE_CONSOLE, VIRTIO_F_VERSION_1, VirtioDevice};
+use super::{DeviceError, DeviceState, QueueCtx, TYPE_CONSOLE, VIRTIO_F_VERSION_1, VirtioDevice};
 
 /// Receive queue (host to guest).
 pub const RX_QUEUE: usize = 0;
@@ -104,10 +104,7 @@ impl Console {
             let out = chain.writable();
             let n = (out.len() as usize).min(self.pending.len());
             let data: Vec<u8> = self.pending.drain(..n).collect();
-            out.write(ctx.mem(), &data).map_err(|e| DeviceError::Chain {
-                queue: RX_QUEUE,
-                source: ChainError::Memory(e.to_string()),
-            })?;
+            out.write(ctx.mem(), &data).map_err(DeviceError::memory(RX_QUEUE))?;
             self.bytes_in += n as u64;
             ctx.add_used(RX_QUEUE, chain.head, n as u32).map_err(DeviceError::chain(RX_QUEUE))?;
         }
@@ -135,10 +132,7 @@ impl VirtioDevice for Console {
             return self.deliver(ctx);
         }
         while let Some(chain) = ctx.pop(TX_QUEUE).map_err(DeviceError::chain(TX_QUEUE))? {
-            let data = chain
-                .readable()
-                .read(ctx.mem(), MAX_TX_CHAIN)
-                .map_err(|e| DeviceError::Chain { queue, source: ChainError::Memory(e.to_string()) })?;
+            let data = chain.readable().read(ctx.mem(), MAX_TX_CHAIN).map_err(DeviceError::memory(queue))?;
             // A host writer that fails loses console output, like a disconnected serial line.
             let _ = self.output.0.write_all(&data).and_then(|()| self.output.0.flush());
             self.bytes_out += data.len() as u64;

@@ -69,6 +69,10 @@ impl DeviceError {
     pub fn chain(queue: usize) -> impl FnOnce(ChainError) -> DeviceError {
         move |source| DeviceError::Chain { queue, source }
     }
+    /// Wraps a guest-memory error met reading or writing a chain's buffers on `queue`.
+    pub fn memory(queue: usize) -> impl FnOnce(vm_memory::GuestMemoryError) -> DeviceError {
+        move |e| DeviceError::Chain { queue, source: ChainError::Memory(e.to_string()) }
+    }
 }
 
 /// The saved state of one device, whatever its type (what the transport's state carries).

@@ -190,10 +190,7 @@ impl Net {
                 continue;
             }
             self.rx_buf[10..12].copy_from_slice(&1u16.to_le_bytes()); // num_buffers
-            out.write(ctx.mem(), &self.rx_buf[..n]).map_err(|e| DeviceError::Chain {
-                queue: RX_QUEUE,
-                source: ChainError::Memory(e.to_string()),
-            })?;
+            out.write(ctx.mem(), &self.rx_buf[..n]).map_err(DeviceError::memory(RX_QUEUE))?;
             self.stats.rx_frames += 1;
             self.stats.rx_bytes += (n - HDR_LEN) as u64;
             ctx.add_used(RX_QUEUE, chain.head, n as u32).map_err(DeviceError::chain(RX_QUEUE))?;
@@ -233,10 +230,7 @@ impl Net {
         let mut at = 0;
         for (head, out) in &chains {
             let take = (out.len() as usize).min(n - at);
-            out.write(ctx.mem(), &self.rx_buf[at..at + take]).map_err(|e| DeviceError::Chain {
-                queue: RX_QUEUE,
-                source: ChainError::Memory(e.to_string()),
-            })?;
+            out.write(ctx.mem(), &self.rx_buf[at..at + take]).map_err(DeviceError::memory(RX_QUEUE))?;
             ctx.add_used(RX_QUEUE, *head, take as u32).map_err(DeviceError::chain(RX_QUEUE))?;
             at += take;
         }
@@ -248,10 +242,7 @@ impl Net {
 
     fn tx(&mut self, ctx: &mut QueueCtx<'_>) -> Result<(), DeviceError> {
         while let Some(chain) = ctx.pop(TX_QUEUE).map_err(DeviceError::chain(TX_QUEUE))? {
-            let frame = chain.readable().read(ctx.mem(), MAX_FRAME).map_err(|e| DeviceError::Chain {
-                queue: TX_QUEUE,
-                source: ChainError::Memory(e.to_string()),
-            })?;
+            let frame = chain.readable().read(ctx.mem(), MAX_FRAME).map_err(DeviceError::memory(TX_QUEUE))?;
             if frame.len() < HDR_LEN {
                 return Err(DeviceError::Chain {
                     queue: TX_QUEUE,

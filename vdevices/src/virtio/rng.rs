@@ -3,7 +3,7 @@
 use serde::{Deserialize, Serialize};
 use vcore::{Snapshot, StateError};
 
-use super::{ChainError, DeviceError, DeviceState, QueueCtx, TYPE_RNG, VIRTIO_F_VERSION_1, VirtioDevice};
+use super::{DeviceError, DeviceState, QueueCtx, TYPE_RNG, VIRTIO_F_VERSION_1, VirtioDevice};
 
 /// Largest request served in one go; larger buffers get this many bytes.
 pub const MAX_REQUEST_BYTES: usize = 64 << 10;
@@ -51,9 +51,7 @@ impl VirtioDevice for Rng {
             let n = (out.len() as usize).min(MAX_REQUEST_BYTES);
             let mut buf = vec![0u8; n];
             let written = match getrandom::fill(&mut buf) {
-                Ok(()) => out
-                    .write(ctx.mem(), &buf)
-                    .map_err(|e| DeviceError::Chain { queue, source: ChainError::Memory(e.to_string()) })?,
+                Ok(()) => out.write(ctx.mem(), &buf).map_err(DeviceError::memory(queue))?,
                 // No entropy this time: complete the request empty, the driver asks again.
                 Err(_) => 0,
             };

@@ -319,9 +319,7 @@ impl MmioTransport {
     /// Serves work that arrived while nobody served it: the event loop takes the queues (their
     /// events are set); backend fds are edge-triggered, so they are looked at now.
     fn serve_pending(&self) {
-        for evt in &self.shared.queue_evts {
-            let _ = evt.write(1);
-        }
+        self.kick_queues(u64::MAX);
         let backends = self.lock().device.backend_fds().len();
         for i in 0..backends {
             self.process_backend(i);
@@ -335,7 +333,7 @@ impl MmioTransport {
         for round in 1.. {
             let before = inner.queues.get(q).map(|x| x.next_avail());
             let served = self.serve(&mut inner, |dev, ctx| dev.process_queue(q, ctx));
-            self.kick_fresh(served.fresh & !(1 << q));
+            self.kick_queues(served.fresh & !(1 << q));
             // Requests the driver published while we served did not notify (avail_event was
             // behind them): serve them now. A queue whose device took nothing this round (an rx
             // queue waiting for data) is left for its backend, unless the device waits for more
@@ -360,11 +358,11 @@ impl MmioTransport {
     pub fn process_backend(&self, index: usize) {
         let mut inner = self.lock();
         let served = self.serve(&mut inner, |dev, ctx| dev.process_backend(index, ctx));
-        self.kick_fresh(served.fresh);
+        self.kick_queues(served.fresh);
     }
 
-    /// Has the event loop serve the queues in `mask` (buffers arrived for a waiting device).
-    fn kick_fresh(&self, mask: u64) {
+    /// Has the event loop serve the queues in `mask`.
+    fn kick_queues(&self, mask: u64) {
         for (q, evt) in self.shared.queue_evts.iter().enumerate() {
             if mask & (1 << q) != 0 {
                 let _ = evt.write(1);
