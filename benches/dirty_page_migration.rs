@@ -178,23 +178,8 @@ fn raw_tcp(c: &mut Criterion) {
     let data: Vec<u8> = (0..size).map(|i| (i % 251) as u8 | 1).collect();
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
-    let receiver = std::thread::spawn(move || {
-        let s = tcp_accept(&listener, DEFAULT_PEER_TIMEOUT).unwrap();
-        let mem = create_guest_memory(&[RamRange { guest_addr: 0, size: size as u64 }]).unwrap();
-        let layout = Layout { regions: vec![(0, size as u64)] };
-        let mut r = FrameReader::new(s);
-        let mut ack = r.get_mut().try_clone().unwrap();
-        loop {
-            match r.read_frame_into(&mem, &layout) {
-                Ok(vinfra::vmigrate::stream::Message::Complete) => ack.write_all(&[1]).unwrap(),
-                Ok(m) => {
-                    apply_memory(&mem, &layout, &m, None).unwrap();
-                }
-                Err(_) => break,
-            }
-        }
-    });
     let mut s = tcp_connect(addr, DEFAULT_PEER_TIMEOUT).unwrap();
+    let receiver = page_receiver(tcp_accept(&listener, DEFAULT_PEER_TIMEOUT).unwrap(), size as u64);
     let mut back = s.try_clone().unwrap();
     let src = create_guest_memory(&[RamRange { guest_addr: 0, size: size as u64 }]).unwrap();
     src.write_slice(&data, GuestAddress(0)).unwrap();
@@ -216,8 +201,26 @@ fn raw_tcp(c: &mut Criterion) {
     g.finish();
 }
 
-/// A running dirtier; with `fill`, guest memory past the guest's own pages holds data (no zero
-/// page) before it starts.
+/// A thread that decodes the pages arriving on `conn` into a `size`-byte guest memory of its own
+/// and answers each `Complete` with one byte; it ends when the connection closes.
+fn page_receiver(conn: std::net::TcpStream, size: u64) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        let mem = create_guest_memory(&[RamRange { guest_addr: 0, size }]).unwrap();
+        let layout = Layout { regions: vec![(0, size)] };
+        let mut ack = conn.try_clone().unwrap();
+        let mut r = FrameReader::new(conn);
+        loop {
+            match r.read_frame_into(&mem, &layout) {
+                Ok(vinfra::vmigrate::stream::Message::Complete) => ack.write_all(&[1]).unwrap(),
+                Ok(m) => {
+                    apply_memory(&mem, &layout, &m, None).unwrap();
+                }
+                Err(_) => break,
+            }
+        }
+    })
+}
+
 /// The 64 MiB of `src` as pages over `n` loopback connections at once, as the engine's data
 /// streams carry them: 1 MiB partitions, partition `i` on connection `i % n`, a sending and a
 /// receiving thread per connection, each receiver writing into its own copy of guest memory.
@@ -234,23 +237,8 @@ fn pages_over_streams(
     let receivers: Vec<_> = (0..n)
         .map(|_| {
             let s = tcp_connect(addr, DEFAULT_PEER_TIMEOUT).unwrap();
-            let r = tcp_accept(&listener, DEFAULT_PEER_TIMEOUT).unwrap();
+            let thread = page_receiver(tcp_accept(&listener, DEFAULT_PEER_TIMEOUT).unwrap(), size);
             let back = s.try_clone().unwrap();
-            let thread = std::thread::spawn(move || {
-                let mem = create_guest_memory(&[RamRange { guest_addr: 0, size }]).unwrap();
-                let layout = Layout { regions: vec![(0, size)] };
-                let mut ack = r.try_clone().unwrap();
-                let mut r = FrameReader::new(r);
-                loop {
-                    match r.read_frame_into(&mem, &layout) {
-                        Ok(Message::Complete) => ack.write_all(&[1]).unwrap(),
-                        Ok(m) => {
-                            apply_memory(&mem, &layout, &m, None).unwrap();
-                        }
-                        Err(_) => break,
-                    }
-                }
-            });
             (s, back, thread)
         })
         .collect();
@@ -264,8 +252,7 @@ fn pages_over_streams(
                     sc.spawn(move || {
                         let mut w = FrameWriter::new(conn, SEND_BUFFER);
                         for &(gpa, pages) in mine {
-                            let run = src.get_slice(GuestAddress(gpa), pages as usize * 4096).unwrap();
-                            w.guest_pages(gpa, &run).unwrap();
+                            w.guest_range(src, gpa, pages as usize * 4096).unwrap();
                         }
                         w.message(&Message::Complete).unwrap();
                         w.flush().unwrap();
@@ -285,6 +272,8 @@ fn pages_over_streams(
     }
 }
 
+/// A running dirtier; with `fill`, guest memory past the guest's own pages holds data (no zero
+/// page) before it starts.
 fn source(d: DirtierConfig, cfg: VmConfig, fill: bool) -> Vm {
     let vm = VmBuilder::new(cfg).payload(Dirtier(d)).build().unwrap();
     if fill {
