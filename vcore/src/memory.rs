@@ -69,16 +69,21 @@ pub fn create_guest_memory(ranges: &[RamRange]) -> Result<GuestMemory, MemoryErr
     })
 }
 
+/// `madvise(advice)` over the whole of region `r`, for advice that keeps its contents
+/// (`MADV_HUGEPAGE`, `MADV_POPULATE_WRITE`).
+fn advise_region(r: &vm_memory::GuestRegionMmap<AtomicBitmap>, advice: libc::c_int) -> std::io::Result<()> {
+    debug_assert!(advice == libc::MADV_HUGEPAGE || advice == libc::MADV_POPULATE_WRITE);
+    // SAFETY: the range is exactly one mapping the region owns and keeps alive while it lives;
+    // the advice allowed here changes how the kernel backs it, never its contents.
+    let rc = unsafe { libc::madvise(r.as_ptr().cast(), r.len() as usize, advice) };
+    if rc == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) }
+}
+
 /// Asks the kernel to back every region of `mem` with transparent huge pages
 /// (`madvise(MADV_HUGEPAGE)`). Call it before the memory is touched.
 pub fn advise_huge_pages(mem: &GuestMemory) -> Result<(), MemoryError> {
     for r in mem.iter() {
-        // SAFETY: the range is exactly one mapping the region owns and keeps alive while `mem`
-        // lives; MADV_HUGEPAGE changes how the kernel backs it, never its contents.
-        let rc = unsafe { libc::madvise(r.as_ptr().cast(), r.len() as usize, libc::MADV_HUGEPAGE) };
-        if rc != 0 {
-            return Err(MemoryError::HugePages(std::io::Error::last_os_error()));
-        }
+        advise_region(r, libc::MADV_HUGEPAGE).map_err(MemoryError::HugePages)?;
     }
     Ok(())
 }
@@ -89,13 +94,7 @@ pub fn advise_huge_pages(mem: &GuestMemory) -> Result<(), MemoryError> {
 pub fn prealloc(mem: &GuestMemory) -> Result<(), MemoryError> {
     for r in mem.iter() {
         let (ptr, len) = (r.as_ptr(), r.len() as usize);
-        // SAFETY: the range is exactly one mapping the region owns; populating it for writing
-        // only allocates the pages the mapping already promises, contents unchanged.
-        let rc = unsafe { libc::madvise(ptr.cast(), len, libc::MADV_POPULATE_WRITE) };
-        if rc == 0 {
-            continue;
-        }
-        let err = std::io::Error::last_os_error();
+        let Err(err) = advise_region(r, libc::MADV_POPULATE_WRITE) else { continue };
         if err.raw_os_error() != Some(libc::EINVAL) {
             return Err(MemoryError::Prealloc(err));
         }
