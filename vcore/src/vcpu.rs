@@ -255,16 +255,7 @@ impl Control {
 
     /// Asks every vCPU to pause and waits until all `total` are out of `KVM_RUN`.
     pub(crate) fn pause(&self, vcpus: &[Arc<VcpuShared>]) {
-        {
-            // Under the lock, so that an idling vCPU (see `idle`) cannot miss it.
-            let mut st = lock(&self.state);
-            st.target = Target::Pause;
-            self.request.store(true, Ordering::SeqCst);
-            self.cond.notify_all();
-        }
-        for v in vcpus {
-            v.kick();
-        }
+        self.call_out(Target::Pause, vcpus);
         // Poll (yielding) briefly before sleeping: vCPUs usually park within microseconds, and a sleeping
         // waiter costs a wake-up IPI to an idle CPU (tens of µs when the host is itself a VM).
         // Only while there are fewer vCPU threads than CPUs: otherwise the waiter's CPU time is
@@ -286,9 +277,15 @@ impl Control {
     }
 
     pub(crate) fn stop(&self, vcpus: &[Arc<VcpuShared>]) {
+        self.call_out(Target::Stop, vcpus);
+    }
+
+    /// Sets `target` and requests every vCPU out of `KVM_RUN`: kicks those inside it and wakes
+    /// those idling. Under the lock, so that an idling vCPU (see `idle`) cannot miss it.
+    fn call_out(&self, target: Target, vcpus: &[Arc<VcpuShared>]) {
         {
             let mut st = lock(&self.state);
-            st.target = Target::Stop;
+            st.target = target;
             self.request.store(true, Ordering::SeqCst);
             self.cond.notify_all();
         }
