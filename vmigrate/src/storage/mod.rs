@@ -18,6 +18,12 @@
 //! mode happens under it: a write either marked its blocks dirty before the switch (and they
 //! are copied after it) or is copied by the observer itself after it. Copies read the source
 //! file after the device's write reached it, so a copy is never older than a completed write.
+//!
+//! The copier's copies are written behind ([`MirrorTarget::write_behind`]: a remote target keeps
+//! a window of them in flight) and settled at the end of each pass, so a pass, and readiness,
+//! count only blocks the destination has. The observer's copies are synchronous
+//! ([`MirrorTarget::write_at`]). Both go to the target in the order the lock gives them, and the
+//! target lands them in that order, so no copy overtakes a newer one of the same block.
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
@@ -31,7 +37,7 @@ use serde::Serialize;
 use crate::dirty::DirtyBitmap;
 
 mod remote;
-pub use remote::{RemoteImage, RemoteStats, serve_image};
+pub use remote::{REMOTE_WINDOW_BYTES, REMOTE_WINDOW_FRAMES, RemoteImage, RemoteStats, serve_image};
 
 /// Errors of a disk mirror.
 #[derive(Debug, thiserror::Error)]
@@ -58,9 +64,29 @@ pub enum StorageError {
         /// Target size.
         target_size: u64,
     },
-    /// The remote side refused or broke the session.
+    /// The remote side broke the session (a corrupt frame, an unexpected message, a closed
+    /// connection).
     #[error("remote image: {0}")]
     Remote(String),
+    /// The image host ended the session with an `Abort` (a write out of bounds, a full disk).
+    #[error("the image host {peer} aborted the session: {reason}")]
+    Refused {
+        /// The image host.
+        peer: String,
+        /// Its reason.
+        reason: String,
+    },
+    /// The image host acknowledged another byte count than the writes sent up to then add
+    /// up to: a write was lost, duplicated or reordered.
+    #[error("the image host {peer} acknowledged {acked} bytes written where {expected} were due")]
+    AckMismatch {
+        /// The image host.
+        peer: String,
+        /// Bytes sent up to the write acknowledged.
+        expected: u64,
+        /// Bytes the acknowledgement carried.
+        acked: u64,
+    },
     /// The observer failed to mirror a guest write (the first such error).
     #[error("mirroring a guest write of {len} bytes at {offset}")]
     Mirror {
@@ -78,6 +104,27 @@ pub enum StorageError {
 fn io_err(what: &'static str, path: impl std::fmt::Display) -> impl FnOnce(std::io::Error) -> StorageError {
     let path = path.to_string();
     move |source| StorageError::Io { what, path, source }
+}
+
+/// Maps an error a [`MirrorTarget`] met while doing `what`: the [`StorageError`] it carries if
+/// any (a [`RemoteImage`]'s refusal, for example), else an I/O error on `path`.
+fn target_err(what: &'static str, path: &str) -> impl FnOnce(std::io::Error) -> StorageError {
+    let path = path.to_string();
+    move |e| match e.downcast::<StorageError>() {
+        Ok(e) => e,
+        Err(source) => StorageError::Io { what, path, source },
+    }
+}
+
+/// `e`'s message followed by those of its causes (an error a target wraps keeps its own).
+fn with_causes(e: &dyn std::error::Error) -> String {
+    let mut msg = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        msg = format!("{msg}: {c}");
+        cause = c.source();
+    }
+    msg
 }
 
 /// What a disk mirror did.
@@ -106,12 +153,29 @@ pub struct DiskMirror {
 
 /// Where a [`DiskMirror`] writes: a local file, or an image on another host
 /// ([`RemoteImage`]).
+///
+/// Writes land in the order they are made, whichever method makes them: a write never
+/// overtakes an earlier one to the same bytes.
 pub trait MirrorTarget: Send + Sync + std::fmt::Debug {
-    /// Writes all of `data` at byte `offset`.
+    /// Writes all of `data` at byte `offset`; returns once it, and every earlier write, is in
+    /// the target (guest writes mirrored synchronously rely on this).
     fn write_at(&self, data: &[u8], offset: u64) -> std::io::Result<()>;
+    /// Starts writing all of `data` at byte `offset` and may return before it is in the target
+    /// (a remote image sends it and waits only when too many writes are in flight). An error
+    /// of this write may be reported by a later call instead: [`MirrorTarget::settle`],
+    /// [`MirrorTarget::write_at`] or [`MirrorTarget::sync`] report it at the latest. The
+    /// default is [`MirrorTarget::write_at`].
+    fn write_behind(&self, data: &[u8], offset: u64) -> std::io::Result<()> {
+        self.write_at(data, offset)
+    }
+    /// Returns once every earlier write is in the target, or the error one of them met. The
+    /// default returns at once, for targets whose writes are in when they return.
+    fn settle(&self) -> std::io::Result<()> {
+        Ok(())
+    }
     /// Size of the target in bytes (it must equal the source's).
     fn size(&self) -> std::io::Result<u64>;
-    /// Makes every write so far durable.
+    /// Makes every write so far durable (settling them first).
     fn sync(&self) -> std::io::Result<()>;
     /// Names the target in errors.
     fn describe(&self) -> String;
@@ -194,7 +258,7 @@ impl DiskMirror {
         let (src_path, dst_path) = (src.display().to_string(), dst.describe());
         let src_file = File::open(src).map_err(io_err("opening", &src_path))?;
         let size = src_file.metadata().map_err(io_err("reading the size of", &src_path))?.len();
-        let dst_size = dst.size().map_err(io_err("reading the size of", &dst_path))?;
+        let dst_size = dst.size().map_err(target_err("reading the size of", &dst_path))?;
         if dst_size != size {
             return Err(StorageError::SizeMismatch { source_size: size, target_size: dst_size });
         }
@@ -281,7 +345,7 @@ impl DiskMirror {
     pub fn sync(&self) -> Result<(), StorageError> {
         let inner = &self.inner;
         let _st = inner.lock();
-        inner.dst.sync().map_err(io_err("syncing", &inner.dst_path))
+        inner.dst.sync().map_err(target_err("syncing", &inner.dst_path))
     }
 
     fn check_block_size(block_size: u32) -> Result<(), StorageError> {
@@ -321,9 +385,13 @@ impl Inner {
         }
         let mut st = self.lock();
         if st.sync {
-            if let Err(source) = self.copy(offset, end - offset) {
+            // Synchronous: the target has this write (and every bulk copy sent before it) when
+            // `write_at` returns, before the device completes the guest's request.
+            let copied =
+                self.read_source(offset, end - offset).and_then(|buf| self.dst.write_at(&buf, offset));
+            if let Err(source) = copied {
                 let mut failed = self.failed.lock().unwrap_or_else(PoisonError::into_inner);
-                failed.get_or_insert((offset, len, source.kind(), source.to_string()));
+                failed.get_or_insert((offset, len, source.kind(), with_causes(&source)));
             }
             self.writes_mirrored.fetch_add(1, Ordering::Relaxed);
         } else {
@@ -333,13 +401,21 @@ impl Inner {
         }
     }
 
-    /// Copies every block dirty now, each under the lock; returns (copied, dirty after).
+    /// Copies every block dirty now, each under the lock, then settles the target: when it
+    /// returns, every block it copied is in the target. Returns (copied, dirty after).
+    ///
+    /// The copies are written behind (pipelined). That keeps the order of writes: a block is
+    /// read and handed to the target under the lock, so a later guest write to it either marks
+    /// it dirty again (and its next copy goes to the target after this one) or, in synchronous
+    /// mode, is read and handed to the target by the observer after this copy; the target lands
+    /// writes in the order it gets them ([`MirrorTarget`]).
     fn copy_dirty(&self) -> Result<(u64, u64), StorageError> {
         let todo: Vec<u64> = {
             let st = self.lock();
             st.dirty.runs().flat_map(|(first, n)| first..first + n).collect()
         };
         let mut copied = 0;
+        let mut buf = Vec::new();
         for b in todo {
             let mut st = self.lock();
             if !st.dirty.is_set(b) {
@@ -347,20 +423,28 @@ impl Inner {
             }
             st.dirty.unset(b);
             let at = b * self.block;
-            self.copy(at, self.block.min(self.size - at))
-                .map_err(io_err("copying a block to", &self.dst_path))?;
+            buf.resize(self.block.min(self.size - at) as usize, 0);
+            self.read_source_into(&mut buf, at).map_err(io_err("copying a block from", &self.src_path))?;
+            self.dst.write_behind(&buf, at).map_err(target_err("copying a block to", &self.dst_path))?;
+            drop(st);
             copied += 1;
         }
+        self.dst.settle().map_err(target_err("copying blocks to", &self.dst_path))?;
         Ok((copied, self.lock().dirty.count()))
     }
 
-    /// Copies `[offset, offset + len)` from the source to the destination (caller holds the lock).
-    fn copy(&self, offset: u64, len: u64) -> std::io::Result<()> {
+    /// Reads `[offset, offset + buf.len())` of the source into `buf`.
+    fn read_source_into(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        self.src
+            .read_exact_at(buf, offset)
+            .map_err(|e| std::io::Error::new(e.kind(), format!("reading {} at {offset}: {e}", self.src_path)))
+    }
+
+    /// Reads `[offset, offset + len)` of the source.
+    fn read_source(&self, offset: u64, len: u64) -> std::io::Result<Vec<u8>> {
         let mut buf = vec![0u8; len as usize];
-        self.src.read_exact_at(&mut buf, offset).map_err(|e| {
-            std::io::Error::new(e.kind(), format!("reading {} at {offset}: {e}", self.src_path))
-        })?;
-        self.dst.write_at(&buf, offset)
+        self.read_source_into(&mut buf, offset)?;
+        Ok(buf)
     }
 }
 
