@@ -155,35 +155,94 @@ impl Chain {
     }
 }
 
+/// Descriptor flag: the chain goes on at `next`.
+const F_NEXT: u16 = 1;
+/// Descriptor flag: the buffer is device-writable.
+const F_WRITE: u16 = 2;
+/// Descriptor flag: the buffer is an indirect descriptor table.
+const F_INDIRECT: u16 = 4;
+
 /// Validates the chain at the next available position of `queue` and advances past it.
 ///
 /// `Ok(None)` when the ring is empty (or the queue not ready).
-pub fn pop_chain(queue: &mut Queue, mem: &GuestMemory) -> Result<Option<Chain>, ChainError> {
+#[cfg(test)]
+fn pop_chain(queue: &mut Queue, mem: &GuestMemory) -> Result<Option<Chain>, ChainError> {
+    pop_seen(queue, mem, &mut None)
+}
+
+/// Copies `N` bytes of guest memory at `addr` with one region lookup and one copy (the generic
+/// `Bytes` path walks a slice iterator); `None` when they are not all inside guest memory.
+pub(crate) fn read_array<const N: usize>(mem: &GuestMemory, addr: u64) -> Option<[u8; N]> {
+    let slice = mem.get_slice(GuestAddress(addr), N).ok()?;
+    let mut out = [0u8; N];
+    slice.copy_to(&mut out[..]);
+    Some(out)
+}
+
+/// [`pop_chain`], reading the guest's avail index only when `seen` (the index read last time,
+/// kept by the caller across pops) says the ring is used up: with many chains pending, the
+/// device reads that cache line, which the driver keeps writing, once per batch instead of once
+/// per chain. The descriptor table is read directly (one region lookup per chain, not one per
+/// descriptor as `virtio-queue`'s iterator does); indirect descriptors are refused (no device
+/// offers `VIRTIO_F_INDIRECT_DESC`).
+pub(crate) fn pop_seen(
+    queue: &mut Queue,
+    mem: &GuestMemory,
+    seen: &mut Option<Wrapping<u16>>,
+) -> Result<Option<Chain>, ChainError> {
     if !queue.ready() {
         return Ok(None);
     }
-    let avail = queue.avail_idx(mem, Ordering::Acquire).map_err(|e| ChainError::Ring(e.to_string()))?;
-    let pending = (avail - Wrapping(queue.next_avail())).0;
+    let next = Wrapping(queue.next_avail());
+    let size = queue.size();
+    let avail = match *seen {
+        Some(a) if a != next => a,
+        _ => {
+            let a = queue.avail_idx(mem, Ordering::Acquire).map_err(|e| ChainError::Ring(e.to_string()))?;
+            *seen = Some(a);
+            a
+        }
+    };
+    let pending = (avail - next).0;
     if pending == 0 {
         return Ok(None);
     }
-    if pending > queue.size() {
-        return Err(ChainError::AvailJump {
-            avail: avail.0,
-            next_avail: queue.next_avail(),
-            pending,
-            size: queue.size(),
-        });
+    if pending > size {
+        return Err(ChainError::AvailJump { avail: avail.0, next_avail: next.0, pending, size });
     }
-    let mut iter = queue.iter(mem).map_err(|e| ChainError::Ring(e.to_string()))?;
-    let dc = iter.next().ok_or(ChainError::BadHead)?;
-    let head = dc.head_index();
+    // The ring entry was written before the index the Acquire load above read (or, with a
+    // cached index, before the one an earlier pop read).
+    let slot = queue.avail_ring() + 4 + 2 * u64::from(next.0 % size);
+    let head = read_array::<2>(mem, slot).map(u16::from_le_bytes);
+    let head = head.ok_or_else(|| ChainError::Ring(format!("avail ring entry at {slot:#x}")))?;
+    if head >= size {
+        return Err(ChainError::BadHead);
+    }
+    let table = queue.desc_table();
+    let table = mem
+        .get_slice(GuestAddress(table), 16 * usize::from(size))
+        .map_err(|e| ChainError::Ring(format!("descriptor table at {table:#x}: {e}")))?;
     // Most requests are header + data + status: one allocation, no regrowth.
     let mut descs = Vec::with_capacity(4);
-    let mut open = true;
     let mut seen_write = false;
-    for d in dc {
-        let desc = Desc { addr: d.addr().0, len: d.len(), write: d.is_write_only() };
+    let mut i = head;
+    loop {
+        // A chain longer than the table has a loop.
+        if descs.len() == usize::from(size) {
+            return Err(ChainError::Unterminated { head });
+        }
+        let mut raw = [0u8; 16];
+        table.subslice(16 * usize::from(i), 16).map_err(|_| ChainError::BadHead)?.copy_to(&mut raw[..]);
+        let [a0, a1, a2, a3, a4, a5, a6, a7, l0, l1, l2, l3, f0, f1, n0, n1] = raw;
+        let flags = u16::from_le_bytes([f0, f1]);
+        let desc = Desc {
+            addr: u64::from_le_bytes([a0, a1, a2, a3, a4, a5, a6, a7]),
+            len: u32::from_le_bytes([l0, l1, l2, l3]),
+            write: flags & F_WRITE != 0,
+        };
+        if flags & F_INDIRECT != 0 {
+            return Err(ChainError::Malformed("indirect descriptor (VIRTIO_F_INDIRECT_DESC is not offered)"));
+        }
         if !mem.check_range(GuestAddress(desc.addr), desc.len as usize) {
             return Err(ChainError::OutOfMemory { addr: desc.addr, len: desc.len });
         }
@@ -191,12 +250,16 @@ pub fn pop_chain(queue: &mut Queue, mem: &GuestMemory) -> Result<Option<Chain>, 
             return Err(ChainError::Order { head });
         }
         seen_write |= desc.write;
-        open = d.has_next();
         descs.push(desc);
+        if flags & F_NEXT == 0 {
+            break;
+        }
+        i = u16::from_le_bytes([n0, n1]);
+        if i >= size {
+            return Err(ChainError::Unterminated { head });
+        }
     }
-    if open || descs.is_empty() {
-        return Err(ChainError::Unterminated { head });
-    }
+    queue.set_next_avail(next.0.wrapping_add(1));
     Ok(Some(Chain { head, descs }))
 }
 
@@ -209,6 +272,9 @@ pub struct QueueCtx<'a> {
     irq: Irq<'a>,
     /// Queues whose buffers were too few, with the avail index the device had seen.
     starved: Vec<(usize, u16)>,
+    /// The avail index last read, per queue (see [`pop_seen`]); queues past the 8th read it
+    /// every time.
+    seen: [Option<Wrapping<u16>>; 8],
 }
 
 /// The transport's interrupt, for [`QueueCtx::signal_used`].
@@ -236,7 +302,7 @@ impl<'a> QueueCtx<'a> {
     /// A context over `queues` in `mem` that can raise the used-buffer interrupt while the
     /// device works.
     pub(crate) fn with_irq(mem: &'a GuestMemory, queues: &'a mut [Queue], irq: Irq<'a>) -> Self {
-        QueueCtx { mem, queues, used: 0, irq, starved: Vec::new() }
+        QueueCtx { mem, queues, used: 0, irq, starved: Vec::new(), seen: [None; 8] }
     }
     /// Interrupts the driver now for the used entries added to queue `q` so far, if it asked
     /// for it (`used_event`), instead of when the device has served everything: a driver then
@@ -258,8 +324,10 @@ impl<'a> QueueCtx<'a> {
     }
     /// The next chain of queue `q`, validated; `Ok(None)` when there is none.
     pub fn pop(&mut self, q: usize) -> Result<Option<Chain>, ChainError> {
+        let mut fresh = None;
+        let seen = self.seen.get_mut(q).unwrap_or(&mut fresh);
         match self.queues.get_mut(q) {
-            Some(queue) => pop_chain(queue, self.mem),
+            Some(queue) => pop_seen(queue, self.mem, seen),
             None => Ok(None),
         }
     }
@@ -359,10 +427,44 @@ mod tests {
         publish(&mem, 0, 0, 9); // 9 entries in a ring of 8
         assert!(matches!(pop_chain(&mut q, &mem), Err(ChainError::AvailJump { pending: 9, .. })));
         let (mem, mut q) = setup(8);
+        put_desc(&mem, 0, 0x8000, 16, 4, 0); // indirect, never offered
+        publish(&mem, 0, 0, 1);
+        assert!(matches!(pop_chain(&mut q, &mem), Err(ChainError::Malformed(_))));
+        let (mem, mut q) = setup(8);
+        put_desc(&mem, 0, 0x8000, 16, 1, 8); // `next` past the table
+        publish(&mem, 0, 0, 1);
+        assert_eq!(pop_chain(&mut q, &mem), Err(ChainError::Unterminated { head: 0 }));
+        let (mem, mut q) = setup(8);
+        put_desc(&mem, 0, 0x8000, 16, 0, 0);
+        publish(&mem, 0, 8, 1); // head past the table
+        assert_eq!(pop_chain(&mut q, &mem), Err(ChainError::BadHead));
+        let (mem, mut q) = setup(8);
         put_desc(&mem, 0, 0x8000, 16, 2 | 1, 1);
         put_desc(&mem, 1, 0x9000, 16, 0, 0); // readable after writable
         publish(&mem, 0, 0, 1);
         assert_eq!(pop_chain(&mut q, &mem), Err(ChainError::Order { head: 0 }));
+    }
+
+    #[test]
+    fn cached_avail_index_is_reread_when_used_up() {
+        let (mem, mut q) = setup(8);
+        for i in 0..4 {
+            put_desc(&mem, i, 0x8000 + 0x100 * u64::from(i), 16, 0, 0);
+        }
+        publish(&mem, 0, 0, 1);
+        let mut seen = None;
+        assert_eq!(pop_seen(&mut q, &mem, &mut seen).unwrap().unwrap().head, 0);
+        assert_eq!(seen, Some(Wrapping(1)));
+        assert_eq!(pop_seen(&mut q, &mem, &mut seen).unwrap(), None);
+        // Two more arrive: the used-up cache is read again, then serves both without a read.
+        publish(&mem, 1, 1, 2);
+        publish(&mem, 2, 2, 3);
+        assert_eq!(pop_seen(&mut q, &mem, &mut seen).unwrap().unwrap().head, 1);
+        publish(&mem, 3, 3, 4);
+        assert_eq!(pop_seen(&mut q, &mem, &mut seen).unwrap().unwrap().head, 2);
+        assert_eq!(seen, Some(Wrapping(3)));
+        assert_eq!(pop_seen(&mut q, &mem, &mut seen).unwrap().unwrap().head, 3);
+        assert_eq!(pop_seen(&mut q, &mem, &mut seen).unwrap(), None);
     }
 
     #[test]

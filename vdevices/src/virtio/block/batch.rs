@@ -8,6 +8,7 @@ use std::fs::File;
 use vcore::GuestMemory;
 use vm_memory::{Bytes, GuestAddress};
 
+use super::super::chain::read_array;
 use super::super::{Chain, ChainError, Desc};
 use super::{SECTOR_SIZE, req};
 use crate::sys::{IOV_MAX, read_to_guest, write_from_guest};
@@ -112,15 +113,21 @@ impl Batch {
         let status = descs[last_w].addr + u64::from(descs[last_w].len) - 1;
         let mut hdr = [0u8; 16];
         let mut got = 0usize;
+        // Drivers put the header in a descriptor of its own: one copy, no slice walk.
+        if let Some(h) =
+            descs.first().filter(|d| d.len >= 16 && first_w > 0).and_then(|d| read_array(mem, d.addr))
+        {
+            (hdr, got) = (h, 16);
+        }
         for d in &descs[..first_w] {
+            if got == 16 {
+                break;
+            }
             let n = (d.len as usize).min(16 - got);
             if n > 0 && mem.read_slice(&mut hdr[got..got + n], GuestAddress(d.addr)).is_err() {
                 return Ok(None);
             }
             got += n;
-            if got == 16 {
-                break;
-            }
         }
         if got < 16 {
             return Ok(None);
