@@ -28,10 +28,10 @@ use crate::dirty::{DirtyBitmap, DirtyTracker, empty_maps, trackers_for};
 pub use crate::error::MigrationError;
 use crate::stats::{Iteration, MigrationStats, Progress};
 use crate::stream::{
-    COMPRESSION_VERSION, FrameReader, FrameWriter, Hello, Layout, Message, PAGE, PROTOCOL_VERSIONS,
-    StreamError,
+    COMPRESSION_VERSION, FrameReader, FrameWriter, Hello, LIVE_PAGES_VERSION, Layout, Message, PAGE,
+    PROTOCOL_VERSIONS, StreamError,
 };
-use crate::streams::{Out, Senders, Tally, check_streams};
+use crate::streams::{Encoding, Out, Senders, Tally, check_streams};
 use crate::transport::Transport;
 
 /// What to do when pre-copy stalls or runs out of time.
@@ -74,6 +74,11 @@ pub struct ConvergencePolicy {
     /// protocol version 2). For slow links; off by default, since on a fast link the
     /// compression costs more time than the bytes it saves.
     pub compress: bool,
+    /// Send long stretches of data pages straight out of guest memory, without copying them
+    /// first (when the destination speaks protocol version 4; see
+    /// [`FrameWriter::set_live`]). On by default; a page the guest writes while it is sent is
+    /// sent again.
+    pub zero_copy: bool,
 }
 
 impl Default for ConvergencePolicy {
@@ -91,6 +96,7 @@ impl Default for ConvergencePolicy {
             timeout_ms: None,
             on_timeout: Strategy::Cancel,
             compress: false,
+            zero_copy: true,
         }
     }
 }
@@ -345,15 +351,17 @@ impl<'a> Source<'a> {
         (self.progress)(&Progress::Setup { total_pages });
 
         stats.data_streams = data.len();
-        let compress = self.policy.compress && version >= COMPRESSION_VERSION;
-        let mut main = FrameWriter::new(&mut *transport, FLUSH_BYTES);
-        main.set_compress(compress);
+        let enc = Encoding {
+            compress: self.policy.compress && version >= COMPRESSION_VERSION,
+            live: self.policy.zero_copy && version >= LIVE_PAGES_VERSION,
+        };
+        let main = enc.writer(&mut *transport, FLUSH_BYTES);
         let (pause_at, sent) = if data.is_empty() {
             let mut out = Out { main, streams: None, main_pages: Tally::default() };
             self.stream_memory(&mut out, stats, paused, start)?
         } else {
             std::thread::scope(|s| {
-                let senders = Senders::start(s, vm.memory(), data, compress);
+                let senders = Senders::start(s, vm.memory(), data, enc);
                 let mut out = Out { main, streams: Some(&senders), main_pages: Tally::default() };
                 // On an error the senders go first: their threads then see their queues close,
                 // close their streams and end, and the scope can join them.
@@ -364,6 +372,7 @@ impl<'a> Source<'a> {
             })?
         };
         stats.compressed_pages = sent.compressed;
+        stats.live_pages = sent.live;
         total_bytes += sent.bytes;
         match FrameReader::new(&mut *transport).read_frame()? {
             Message::Ready => {}

@@ -12,8 +12,8 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
 use crate::precopy::{MigrationError, hello_for, host_cpu_features};
 use crate::stream::{
-    COMPRESSION_VERSION, FrameReader, FrameWriter, Hello, Kind, Layout, Message, PAGE, PROTOCOL_VERSIONS,
-    StreamError,
+    COMPRESSION_VERSION, FrameReader, FrameWriter, Hello, Kind, Layout, MAX_PAGES_PER_FRAME, Message, PAGE,
+    PROTOCOL_VERSIONS, StreamError, page_crc,
 };
 use crate::streams::{check_streams, receive_stream};
 use crate::transport::Transport;
@@ -35,6 +35,8 @@ pub struct ReceiveStats {
     pub start_us: u64,
     /// Data streams that carried the pages (0: the main stream carried them).
     pub data_streams: usize,
+    /// Pages that arrived torn (sent live while the guest wrote them) and arrived again later.
+    pub torn_pages: u64,
 }
 
 impl ReceiveStats {
@@ -42,6 +44,38 @@ impl ReceiveStats {
         self.bytes += o.bytes;
         self.normal_pages += o.normal_pages;
         self.zero_pages += o.zero_pages;
+        self.torn_pages += o.torn_pages;
+    }
+}
+
+/// Pages that arrived torn (a `LivePages` page whose checksum failed) and have not arrived
+/// intact since: each must arrive intact before the stream ends (the source sends a page written while it was sent again, because
+/// it is dirty; nothing sends a page damaged on the way again).
+#[derive(Debug, Default)]
+pub(crate) struct Torn(std::collections::BTreeSet<u64>);
+
+impl Torn {
+    fn mark(&mut self, gpa: u64, pages: u64) {
+        self.0.extend((0..pages).map(|i| gpa + i * PAGE as u64));
+    }
+
+    fn clear(&mut self, gpa: u64, pages: u64) {
+        if self.0.is_empty() {
+            return;
+        }
+        let end = gpa.saturating_add(pages.saturating_mul(PAGE as u64));
+        let intact: Vec<u64> = self.0.range(gpa..end).copied().collect();
+        for p in intact {
+            self.0.remove(&p);
+        }
+    }
+
+    /// An error if some page is still torn.
+    pub(crate) fn check(&self) -> Result<(), StreamError> {
+        match self.0.first() {
+            None => Ok(()),
+            Some(&first) => Err(StreamError::Torn { pages: self.0.len() as u64, first }),
+        }
     }
 }
 
@@ -50,7 +84,9 @@ type Sections = Vec<(String, Vec<u8>)>;
 
 /// Writes a page message into `mem`, checking every address against `layout` first.
 /// `known_zero(gpa)`, if given, says a page is certainly zero already (it is then not touched).
-/// Returns `(normal pages, zero pages)` written; other messages write nothing.
+/// Returns `(normal pages, zero pages)` written; other messages write nothing. Torn pages of a
+/// `LivePages` frame are not written and make it an error (after the intact ones are written):
+/// a receiver that waits for them to arrive again handles `LivePages` itself.
 pub fn apply_memory(
     mem: &GuestMemory,
     layout: &Layout,
@@ -64,6 +100,22 @@ pub fn apply_memory(
             layout.check(gpa, data.len() as u64)?;
             mem.write_slice(data, GuestAddress(gpa)).map_err(io)?;
             Ok(((data.len() / PAGE) as u64, 0))
+        }
+        Message::LivePages { gpa, sums, data } => {
+            layout.check(gpa, data.len() as u64)?;
+            let mut bad = (0u64, u64::MAX);
+            for (i, (page, sum)) in data.chunks_exact(PAGE).zip(sums.chunks_exact(4)).enumerate() {
+                let at = gpa + (i * PAGE) as u64;
+                if page_crc(page).to_le_bytes() == sum {
+                    mem.write_slice(page, GuestAddress(at)).map_err(io)?;
+                } else {
+                    bad = (bad.0 + 1, bad.1.min(at));
+                }
+            }
+            match bad {
+                (0, _) => Ok(((data.len() / PAGE) as u64, 0)),
+                (pages, first) => Err(StreamError::Torn { pages, first }),
+            }
         }
         Message::CompressedPages { gpa, count, data } => {
             let len = count as usize * PAGE;
@@ -312,21 +364,56 @@ impl<'a> Destination<'a> {
 }
 
 /// Writes (or, when [`FrameReader::read_frame_into`] already wrote it, counts) a page message
-/// into `mem` and `stats`; returns false, touching nothing, for any other message.
+/// into `mem` and `stats`, and keeps `torn` up to date; returns false, touching nothing, for any
+/// other message.
 pub(crate) fn take_pages(
     mem: &GuestMemory,
     layout: &Layout,
     msg: &Message<'_>,
     known_zero: Option<&(dyn Fn(u64) -> bool + Sync)>,
     stats: &mut ReceiveStats,
+    torn: &mut Torn,
 ) -> Result<bool, StreamError> {
-    match msg {
-        Message::PagesWritten { pages, .. } => stats.normal_pages += pages,
-        Message::Pages { .. } | Message::ZeroPages { .. } | Message::CompressedPages { .. } => {
+    match *msg {
+        Message::PagesWritten { gpa, pages, torn: mask } if mask == [0; MAX_PAGES_PER_FRAME / 64] => {
+            stats.normal_pages += pages;
+            torn.clear(gpa, pages);
+        }
+        Message::PagesWritten { gpa, pages, torn: mask } => {
+            for i in 0..pages.min(MAX_PAGES_PER_FRAME as u64) {
+                let at = gpa + i * PAGE as u64;
+                if mask[(i / 64) as usize] & (1 << (i % 64)) != 0 {
+                    stats.torn_pages += 1;
+                    torn.mark(at, 1);
+                } else {
+                    stats.normal_pages += 1;
+                    torn.clear(at, 1);
+                }
+            }
+        }
+        Message::LivePages { gpa, sums, data } => {
+            layout.check(gpa, data.len() as u64)?;
+            for (i, (page, sum)) in data.chunks_exact(PAGE).zip(sums.chunks_exact(4)).enumerate() {
+                let at = gpa + (i * PAGE) as u64;
+                if page_crc(page).to_le_bytes() == sum {
+                    mem.write_slice(page, GuestAddress(at))
+                        .map_err(|e| StreamError::Io(std::io::Error::other(e.to_string())))?;
+                    stats.normal_pages += 1;
+                    torn.clear(at, 1);
+                } else {
+                    stats.torn_pages += 1;
+                    torn.mark(at, 1);
+                }
+            }
+        }
+        Message::Pages { gpa, .. }
+        | Message::ZeroPages { gpa, .. }
+        | Message::CompressedPages { gpa, .. } => {
             let kz = known_zero.map(|k| k as &dyn Fn(u64) -> bool);
             let (n, z) = apply_memory(mem, layout, msg, kz)?;
             stats.normal_pages += n;
             stats.zero_pages += z;
+            torn.clear(gpa, n + z);
         }
         _ => return Ok(false),
     }
@@ -356,12 +443,14 @@ fn receive_main<T: Transport>(
 ) -> Result<(Option<Vec<u8>>, Sections), MigrationError> {
     let mut r = FrameReader::new(&mut *transport);
     let (mut state, mut sections) = (None, Vec::new());
+    let mut torn = Torn::default();
     loop {
         // Page contents go straight from the transport into guest memory (this VM is not
         // running, and is discarded if receiving fails).
         let msg = r.read_frame_into(mem, layout)?;
         match msg {
             Message::PagesWritten { .. }
+            | Message::LivePages { .. }
             | Message::Pages { .. }
             | Message::ZeroPages { .. }
             | Message::CompressedPages { .. }
@@ -385,7 +474,7 @@ fn receive_main<T: Transport>(
             Message::Complete => break,
             Message::Abort(reason) => return Err(MigrationError::PeerAborted(reason)),
             other => {
-                if !take_pages(mem, layout, &other, known_zero, stats)? {
+                if !take_pages(mem, layout, &other, known_zero, stats, &mut torn)? {
                     return Err(MigrationError::Protocol {
                         expected: "pages or state",
                         got: format!("{other:?}"),
@@ -394,6 +483,7 @@ fn receive_main<T: Transport>(
             }
         }
     }
+    torn.check()?;
     stats.bytes += r.bytes;
     Ok((state, sections))
 }

@@ -55,6 +55,8 @@ pub struct MigrationStats {
     pub zero_pages: u64,
     /// Data pages sent LZ4-compressed ([`ConvergencePolicy::compress`](crate::ConvergencePolicy)).
     pub compressed_pages: u64,
+    /// Data pages sent straight out of guest memory, without a copy (`LivePages` frames).
+    pub live_pages: u64,
     /// Pre-copy iterations, in order.
     pub iterations: Vec<Iteration>,
     /// Pages sent during the stop-and-copy phase.

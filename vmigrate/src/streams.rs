@@ -23,7 +23,7 @@ use std::thread::Scope;
 use vcore::{GuestMemory, Vm};
 
 use crate::precopy::MigrationError;
-use crate::receive::{ReceiveStats, take_pages};
+use crate::receive::{ReceiveStats, Torn, take_pages};
 use crate::stream::{
     FrameReader, FrameWriter, Layout, MAX_DATA_STREAMS, Message, PAGE, SEND_BUFFER, STREAMS_VERSION,
     StreamError,
@@ -77,6 +77,25 @@ pub(crate) struct Tally {
     pub normal: u64,
     pub zero: u64,
     pub compressed: u64,
+    pub live: u64,
+}
+
+/// How senders encode pages: LZ4 ([`FrameWriter::set_compress`]), or live, without a copy
+/// ([`FrameWriter::set_live`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Encoding {
+    pub compress: bool,
+    pub live: bool,
+}
+
+impl Encoding {
+    /// A writer over `t` set up for this encoding.
+    pub fn writer<W: std::io::Write>(self, t: W, flush_at: usize) -> FrameWriter<W> {
+        let mut w = FrameWriter::new(t, flush_at);
+        w.set_compress(self.compress);
+        w.set_live(self.live);
+        w
+    }
 }
 
 impl std::ops::Sub for Tally {
@@ -88,6 +107,7 @@ impl std::ops::Sub for Tally {
             normal: self.normal - o.normal,
             zero: self.zero - o.zero,
             compressed: self.compressed - o.compressed,
+            live: self.live - o.live,
         }
     }
 }
@@ -100,6 +120,7 @@ impl std::ops::Add for Tally {
             normal: self.normal + o.normal,
             zero: self.zero + o.zero,
             compressed: self.compressed + o.compressed,
+            live: self.live + o.live,
         }
     }
 }
@@ -132,7 +153,7 @@ impl Senders {
         scope: &'scope Scope<'scope, 'env>,
         mem: &'scope GuestMemory,
         data: Vec<D>,
-        compress: bool,
+        enc: Encoding,
     ) -> Senders {
         let count = data.len() as u16;
         let (reply_tx, replies) = sync_channel(data.len());
@@ -146,7 +167,7 @@ impl Senders {
                 std::thread::Builder::new()
                     .name(format!("vmigrate-send-{index}"))
                     .spawn_scoped(scope, move || {
-                        send_stream(mem, t, index as u16, count, compress, &rx, &reply, &bytes)
+                        send_stream(mem, t, index as u16, count, enc, &rx, &reply, &bytes)
                     })
                     .expect("spawning a sender thread");
                 tx
@@ -236,7 +257,11 @@ impl<W: std::io::Write> Out<'_, W> {
         let pages = match self.streams {
             Some(s) if end_streams => s.end()?,
             Some(s) => s.sync()?,
-            None => Tally { compressed: self.main.compressed_pages, ..self.main_pages },
+            None => Tally {
+                compressed: self.main.compressed_pages,
+                live: self.main.live_pages,
+                ..self.main_pages
+            },
         };
         self.main.flush()?;
         Ok(Tally { bytes: pages.bytes + self.main.bytes, ..pages })
@@ -250,13 +275,12 @@ fn send_stream<D: Transport>(
     mut t: D,
     index: u16,
     count: u16,
-    compress: bool,
+    enc: Encoding,
     jobs: &Receiver<Job>,
     reply: &SyncSender<(usize, Result<Tally, StreamError>)>,
     bytes: &AtomicU64,
 ) {
-    let mut w = FrameWriter::new(&mut t, SEND_BUFFER);
-    w.set_compress(compress);
+    let mut w = enc.writer(&mut t, SEND_BUFFER);
     let mut tally = Tally::default();
     let result = (|| -> Result<bool, StreamError> {
         w.message(&Message::StreamHello { index, count })?;
@@ -277,6 +301,7 @@ fn send_stream<D: Transport>(
                     w.flush()?;
                     tally.bytes = w.bytes;
                     tally.compressed = w.compressed_pages;
+                    tally.live = w.live_pages;
                     if reply.send((usize::from(index), Ok(tally))).is_err() || end {
                         return Ok(end);
                     }
@@ -326,12 +351,13 @@ pub(crate) fn receive_stream<D: Transport>(
                 return Err(MigrationError::Protocol { expected: "StreamHello", got: format!("{other:?}") });
             }
         }
+        let mut torn = Torn::default();
         loop {
             let msg = r.read_frame_into(mem, layout)?;
             match msg {
                 Message::Complete => break,
                 other => {
-                    if !take_pages(mem, layout, &other, known_zero, &mut stats)? {
+                    if !take_pages(mem, layout, &other, known_zero, &mut stats, &mut torn)? {
                         return Err(MigrationError::Protocol {
                             expected: "pages on a data stream",
                             got: format!("{other:?}"),
@@ -340,6 +366,7 @@ pub(crate) fn receive_stream<D: Transport>(
                 }
             }
         }
+        torn.check()?;
         stats.bytes = r.bytes;
         Ok(())
     })();

@@ -8,7 +8,9 @@ use vcore::config::RamRange;
 use vcore::memory::create_guest_memory;
 use vcore::vm_memory::{Bytes, GuestAddress};
 use vmigrate::receive::apply_memory;
-use vmigrate::stream::{CpuFeatures, FrameReader, FrameWriter, Hello, Layout, Message, PAGE};
+use vmigrate::stream::{
+    CpuFeatures, FrameReader, FrameWriter, Hello, LIVE_MIN_PAGES, Layout, Message, PAGE, page_crc,
+};
 
 const IN: (u64, u64) = (0, 1 << 20);
 const OUT: (u64, u64) = (16 << 20, 1 << 20);
@@ -66,6 +68,12 @@ fn valid_stream(pages: &[(u64, u8)]) -> Vec<u8> {
         let mut page = [fill; PAGE];
         w.guest_pages(gpa, &vm_memory::VolatileSlice::from(&mut page[..])).unwrap();
     }
+    // A stretch sent live (protocol version 4): a `LivePages` frame.
+    w.set_compress(false);
+    w.set_live(true);
+    let fill = pages.first().map_or(1, |p| p.1 | 1);
+    let mut run = [fill; LIVE_MIN_PAGES * PAGE];
+    w.guest_pages(16 * PAGE as u64, &vm_memory::VolatileSlice::from(&mut run[..])).unwrap();
     w.message(&Message::CpuState(b"state")).unwrap();
     w.message(&Message::Device { name: "dev".into(), data: b"abc" }).unwrap();
     w.message(&Message::Complete).unwrap();
@@ -78,8 +86,10 @@ fn valid_stream(pages: &[(u64, u8)]) -> Vec<u8> {
 fn a_valid_stream_decodes_and_lands_in_place() {
     let mem = memory();
     let bytes = valid_stream(&[(3, 7), (4, 0), (9, 1)]);
-    assert_eq!(decode_all(&mem, &bytes), 7); // Hello, Pages, ZeroPages, Pages, CpuState, Device, Complete
+    // Hello, Pages, ZeroPages, Pages, LivePages, CpuState, Device, Complete
+    assert_eq!(decode_all(&mem, &bytes), 8);
     assert_eq!(mem.read_obj::<u8>(GuestAddress(3 * PAGE as u64)).unwrap(), 7);
+    assert_eq!(mem.read_obj::<u8>(GuestAddress((16 + LIVE_MIN_PAGES as u64) * PAGE as u64 - 1)).unwrap(), 7);
     assert_eq!(mem.read_obj::<u8>(GuestAddress(9 * PAGE as u64 + 4095)).unwrap(), 1);
     assert!(outside_untouched(&mem));
 }
@@ -104,6 +114,16 @@ proptest! {
             let mut payload = a.to_le_bytes().to_vec();
             match kind {
                 4 => payload.extend(std::iter::repeat_n(0x5a, pages.max(1) * PAGE)),
+                // Address, page checksums (right ones, or hostile), pages; its header checksum
+                // covers the address and the page checksums only.
+                18 => {
+                    let n = pages.max(1);
+                    let sum = if pages == 2 { page_crc(&[0x5a; PAGE]) } else { b as u32 };
+                    let sums: Vec<u8> = std::iter::repeat_n(sum.to_le_bytes(), n).flatten().collect();
+                    let data = vec![0x5a; n * PAGE];
+                    let _ = w.message(&Message::LivePages { gpa: a, sums: &sums, data: &data });
+                    continue;
+                }
                 5 => payload.extend_from_slice(&(b % 1024).to_le_bytes()),
                 // Address, a page count, and a hostile LZ4 block (or a real one of 0x5a pages).
                 13 => {
@@ -165,6 +185,7 @@ fn kind_of(k: u16) -> Option<vmigrate::stream::Kind> {
         DiskHello,
         DiskWrite,
         DiskAck,
+        LivePages,
     ]
     .into_iter()
     .find(|x| *x as u16 == k)

@@ -7,7 +7,9 @@ use vcore::config::RamRange;
 use vcore::memory::create_guest_memory;
 use vcore::vm_memory::{Bytes, GuestAddress, VolatileSlice};
 use vmigrate::receive::apply_memory;
-use vmigrate::stream::{FrameReader, FrameWriter, Layout, MAX_PAGES_PER_FRAME, Message, PAGE, is_zero};
+use vmigrate::stream::{
+    FrameReader, FrameWriter, LIVE_MIN_PAGES, Layout, MAX_PAGES_PER_FRAME, Message, PAGE, is_zero,
+};
 
 const BASE: u64 = 1 << 20;
 const SIZE: u64 = 4 << 20;
@@ -24,6 +26,7 @@ proptest! {
         first in 0u64..64,
         flush_at in prop_oneof![Just(0usize), Just(64 << 10), Just(1 << 20)],
         compress in any::<bool>(),
+        live in any::<bool>(),
     ) {
         let mut bytes = vec![0u8; pages.len() * PAGE];
         for (i, p) in pages.iter().enumerate() {
@@ -35,11 +38,15 @@ proptest! {
         let mut out = Vec::new();
         let mut w = FrameWriter::new(&mut out, flush_at);
         w.set_compress(compress);
+        w.set_live(live);
         let mut model = bytes.clone();
         let (normal, zero) = w.guest_pages(gpa, &VolatileSlice::from(&mut model[..])).unwrap();
         w.flush().unwrap();
         // Pages of one non-zero byte compress far more than an eighth: all of them go compressed.
         prop_assert_eq!(w.compressed_pages, if compress { normal } else { 0 });
+        // Live frames only without compression, for stretches of at least LIVE_MIN_PAGES.
+        let live_max = if live && !compress { normal } else { 0 };
+        prop_assert!(w.live_pages <= live_max, "{} live pages", w.live_pages);
         drop(w);
         let data_pages = pages.iter().filter(|p| p.is_some()).count() as u64;
         prop_assert_eq!(normal, data_pages);
@@ -56,6 +63,10 @@ proptest! {
                 prop_assert!(data.len() / PAGE <= MAX_PAGES_PER_FRAME);
                 prop_assert!(data.chunks(PAGE).all(|p| !is_zero(p)), "a zero page inside a data frame");
             }
+            if let Message::LivePages { data, .. } = &m {
+                prop_assert!(data.len() / PAGE >= LIVE_MIN_PAGES && data.len() / PAGE <= MAX_PAGES_PER_FRAME);
+                prop_assert!(data.chunks(PAGE).all(|p| !is_zero(p)), "a zero page inside a live frame");
+            }
             if let Message::CompressedPages { count, data, .. } = &m {
                 let pages = lz4_flex::block::decompress(data, *count as usize * PAGE).unwrap();
                 prop_assert!(pages.chunks(PAGE).all(|p| !is_zero(p)), "a zero page inside a compressed frame");
@@ -68,6 +79,23 @@ proptest! {
         let mut back = vec![0u8; bytes.len()];
         mem.read_slice(&mut back, GuestAddress(gpa)).unwrap();
         prop_assert!(back == bytes, "decoded memory differs");
+        // The same stream decoded straight into guest memory.
+        let direct = create_guest_memory(&[RamRange { guest_addr: BASE, size: SIZE }]).unwrap();
+        direct.write_slice(&vec![0xcc; SIZE as usize], GuestAddress(BASE)).unwrap();
+        let mut r = FrameReader::new(out.as_slice());
+        loop {
+            match r.read_frame_into(&direct, &layout) {
+                Ok(Message::PagesWritten { torn, .. }) => {
+                    prop_assert!(torn.iter().all(|&w| w == 0), "torn pages from memory nobody wrote");
+                }
+                Ok(m) => {
+                    apply_memory(&direct, &layout, &m, None).unwrap();
+                }
+                Err(_) => break,
+            }
+        }
+        direct.read_slice(&mut back, GuestAddress(gpa)).unwrap();
+        prop_assert!(back == bytes, "memory decoded in place differs");
         // Nothing around the run was touched.
         let mut before = vec![0u8; (gpa - BASE) as usize];
         mem.read_slice(&mut before, GuestAddress(BASE)).unwrap();

@@ -13,6 +13,16 @@
 //! (Payload first: the checksum of a finished payload is extended by the header once the length
 //! is known.)
 //!
+//! One kind is checksummed in two parts: [`Kind::LivePages`] (protocol version 4) carries pages
+//! sent straight out of a running guest's memory, without a copy, so the guest may write a page
+//! while the kernel copies it into the socket. Its payload is the address, a CRC32C per page,
+//! then the pages; the header checksum covers the address and the page checksums, which must be
+//! intact. A page whose own checksum does not match is *torn*, not the stream corrupt: it was
+//! written while it was sent, so it is dirty and is sent again in a later pass. The receiver
+//! keeps every torn page unverified until it arrives intact, and refuses the stream if one is
+//! still torn at the end. A page damaged on the way is caught the same way: nothing sends it
+//! again.
+//!
 //! Decoding never trusts the peer: the magic, the kind, the length bound and the checksum are
 //! checked before a payload is parsed, payloads must have exactly their declared size, and
 //! guest addresses are checked against the [`Layout`] agreed in the handshake before anything is
@@ -21,11 +31,13 @@
 use serde::{Deserialize, Serialize};
 
 /// Protocol versions this build speaks (oldest, newest).
-pub const PROTOCOL_VERSIONS: (u16, u16) = (1, 3);
+pub const PROTOCOL_VERSIONS: (u16, u16) = (1, 4);
 /// The first version with [`Kind::CompressedPages`].
 pub const COMPRESSION_VERSION: u16 = 2;
 /// The first version with data streams ([`Kind::StreamHello`]).
 pub const STREAMS_VERSION: u16 = 3;
+/// The first version with [`Kind::LivePages`].
+pub const LIVE_PAGES_VERSION: u16 = 4;
 /// Most data streams of one migration.
 pub const MAX_DATA_STREAMS: u16 = 64;
 /// Most bytes in one `DiskWrite` frame (a disk mirror's largest block).
@@ -83,6 +95,9 @@ pub enum Kind {
     /// Disk mirror session, image host → mirror: bytes written so far (after `DiskHello`,
     /// each `DiskWrite`, and `Complete`, which also makes them durable).
     DiskAck = 17,
+    /// A run of guest pages sent from a running guest's memory without a copy, with a checksum
+    /// of its own for the data (protocol version 4; see the module documentation).
+    LivePages = 18,
 }
 
 impl Kind {
@@ -106,6 +121,7 @@ impl Kind {
             15 => DiskHello,
             16 => DiskWrite,
             17 => DiskAck,
+            18 => LivePages,
             _ => return None,
         })
     }
@@ -114,6 +130,7 @@ impl Kind {
     pub fn max_len(self) -> usize {
         match self {
             Kind::Pages => 8 + MAX_PAGES_PER_FRAME * PAGE,
+            Kind::LivePages => 8 + MAX_PAGES_PER_FRAME * (4 + PAGE),
             // Only sent when smaller than the pages themselves.
             Kind::CompressedPages => 12 + MAX_PAGES_PER_FRAME * PAGE,
             Kind::CpuState | Kind::Device => 32 << 20,
@@ -127,6 +144,41 @@ impl Kind {
         }
     }
 }
+
+/// The pages of a [`Kind::LivePages`] payload of `len` bytes (an address, a CRC32C per page,
+/// the pages), if `len` has that shape.
+pub fn live_pages(len: usize) -> Option<usize> {
+    let n = len.checked_sub(8)? / (4 + PAGE);
+    (n > 0 && len == 8 + n * (4 + PAGE)).then_some(n)
+}
+
+/// The bytes of a [`Kind::LivePages`] payload of `pages` pages before the pages: the address
+/// and the page checksums, which the frame's header checksum covers.
+pub fn live_head(pages: usize) -> usize {
+    8 + 4 * pages
+}
+
+/// The header checksum of a frame of `kind` with `payload`: the whole payload, or for
+/// [`Kind::LivePages`] the address and the page checksums.
+pub fn header_crc(kind: Kind, payload: &[u8], header: &[u8]) -> u32 {
+    match kind {
+        Kind::LivePages => {
+            let head = live_pages(payload.len()).map_or(payload.len(), live_head);
+            frame_crc(&payload[..head.min(payload.len())], header)
+        }
+        _ => frame_crc(payload, header),
+    }
+}
+
+/// The CRC32C of one page.
+pub fn page_crc(page: &[u8]) -> u32 {
+    let mut c = Crc32c::new();
+    c.update(page);
+    c.finish()
+}
+
+/// Which pages of a frame arrived torn: bit `i % 64` of word `i / 64` is page `i`.
+pub type TornMask = [u64; MAX_PAGES_PER_FRAME / 64];
 
 /// Errors of encoding and decoding frames.
 #[derive(Debug, thiserror::Error)]
@@ -173,6 +225,15 @@ pub enum StreamError {
         kind: Kind,
         /// What is wrong.
         reason: String,
+    },
+    /// Pages that arrived torn (their data checksum did not match) and were not sent again
+    /// before the end of the stream: the data is corrupt.
+    #[error("{pages} pages arrived with a bad checksum and were never sent again (the first at {first:#x})")]
+    Torn {
+        /// How many pages are still torn.
+        pages: u64,
+        /// The lowest such guest address.
+        first: u64,
     },
     /// A guest range outside the agreed memory layout.
     #[error("guest range {gpa:#x}+{len:#x} is outside the memory layout")]
@@ -276,12 +337,26 @@ pub enum Message<'a> {
         /// The LZ4 block; it must decompress to exactly `count` pages.
         data: &'a [u8],
     },
-    /// Pages already written into guest memory by [`FrameReader::read_frame_into`].
+    /// Pages sent live ([`Kind::LivePages`]) starting at `gpa`: `sums` holds a CRC32C per page
+    /// (little endian), `data` the pages. A page whose checksum does not match is torn.
+    LivePages {
+        /// First page's guest address.
+        gpa: u64,
+        /// One CRC32C per page.
+        sums: &'a [u8],
+        /// Page contents.
+        data: &'a [u8],
+    },
+    /// Pages already written into guest memory by [`FrameReader::read_frame_into`]
+    /// (receive-side only).
     PagesWritten {
         /// First page's guest address.
         gpa: u64,
         /// Pages.
         pages: u64,
+        /// Those that arrived torn (from a `LivePages` frame): their bytes in guest memory are
+        /// not verified, and they must arrive again.
+        torn: TornMask,
     },
     /// `count` zero pages from `gpa`.
     ZeroPages {
@@ -370,6 +445,20 @@ impl Message<'_> {
                 }
                 Message::Pages { gpa, data: &payload[8..] }
             }
+            Kind::LivePages => {
+                let Some(n) = live_pages(payload.len()) else {
+                    return Err(malformed(
+                        kind,
+                        format!("{} bytes is not an address, page checksums and whole pages", payload.len()),
+                    ));
+                };
+                let gpa = u64_at(payload, 0);
+                if !gpa.is_multiple_of(PAGE as u64) {
+                    return Err(malformed(kind, format!("unaligned address {gpa:#x}")));
+                }
+                let head = live_head(n);
+                Message::LivePages { gpa, sums: &payload[8..head], data: &payload[head..] }
+            }
             Kind::CompressedPages => {
                 if payload.len() < 12 {
                     return Err(malformed(kind, "no address and count"));
@@ -446,7 +535,7 @@ mod reader;
 mod writer;
 
 pub use reader::FrameReader;
-pub use writer::FrameWriter;
+pub use writer::{FrameWriter, LIVE_MIN_PAGES};
 
 /// Whether `page` is all zeros: 64 bytes at a time (vectorizable), stopping at the first
 /// non-zero block, so a data page costs almost nothing to classify.

@@ -3,7 +3,8 @@
 use std::io::Read;
 
 use super::{
-    Crc32c, HEADER_LEN, Kind, Layout, MAGIC, Message, PAGE, StreamError, frame_crc, malformed, u64_at,
+    Crc32c, HEADER_LEN, Kind, Layout, MAGIC, MAX_PAGES_PER_FRAME, Message, PAGE, StreamError, TornMask,
+    frame_crc, header_crc, live_head, live_pages, malformed, u64_at,
 };
 
 /// Bytes of a `Pages` frame read (then checksummed) at a time.
@@ -66,7 +67,7 @@ impl<R: Read> FrameReader<R> {
     pub fn read_frame(&mut self) -> Result<Message<'_>, StreamError> {
         let (kind, len, expected, h) = self.header()?;
         self.payload(len)?;
-        let found = frame_crc(&self.buf, &h);
+        let found = header_crc(kind, &self.buf, &h);
         if expected != found {
             return Err(StreamError::Checksum { kind, expected, found });
         }
@@ -76,10 +77,11 @@ impl<R: Read> FrameReader<R> {
 }
 
 impl<R: crate::transport::PageSource> FrameReader<R> {
-    /// Like [`FrameReader::read_frame`], but the contents of a `Pages` frame are read straight
-    /// from the transport into `mem`, once its address is checked against `layout`, and
-    /// checksummed there: one copy less. A `Pages` frame comes back as
-    /// [`Message::PagesWritten`]. On a checksum error those pages hold unverified bytes:
+    /// Like [`FrameReader::read_frame`], but the contents of a `Pages` or `LivePages` frame are
+    /// read straight from the transport into `mem`, once its address is checked against
+    /// `layout`, and checksummed there: one copy less. Such a frame comes back as
+    /// [`Message::PagesWritten`], which names the live pages whose own checksum failed (torn).
+    /// On a checksum error, and for torn pages, guest memory holds unverified bytes:
     /// only use this for a destination VM that does not run while receiving (nothing else
     /// writes its memory) and is discarded when receiving fails.
     pub fn read_frame_into(
@@ -88,29 +90,54 @@ impl<R: crate::transport::PageSource> FrameReader<R> {
         layout: &Layout,
     ) -> Result<Message<'_>, StreamError> {
         let (kind, len, expected, h) = self.header()?;
-        if kind != Kind::Pages {
-            self.payload(len)?;
-            let found = frame_crc(&self.buf, &h);
+        let head = match kind {
+            Kind::Pages if len >= 8 + PAGE && (len - 8) % PAGE == 0 => 8,
+            Kind::Pages => {
+                return Err(malformed(kind, format!("{len} bytes is not an address and whole pages")));
+            }
+            Kind::LivePages => match live_pages(len) {
+                Some(n) => live_head(n),
+                None => {
+                    return Err(malformed(
+                        kind,
+                        format!("{len} bytes is not an address, page checksums and whole pages"),
+                    ));
+                }
+            },
+            _ => {
+                self.payload(len)?;
+                let found = frame_crc(&self.buf, &h);
+                if expected != found {
+                    return Err(StreamError::Checksum { kind, expected, found });
+                }
+                self.bytes += (HEADER_LEN + len) as u64;
+                return Message::parse(kind, &self.buf);
+            }
+        };
+        let live = kind == Kind::LivePages;
+        self.payload(head)?;
+        // The checksum that vouches for the address: the header's, over the whole frame for
+        // `Pages`, over the address and the page checksums for `LivePages` (checked before
+        // anything is written).
+        let mut crc = Crc32c::new();
+        crc.update(&self.buf[..head]);
+        if live {
+            crc.update(&h[..12]);
+            let found = crc.finish();
             if expected != found {
                 return Err(StreamError::Checksum { kind, expected, found });
             }
-            self.bytes += (HEADER_LEN + len) as u64;
-            return Message::parse(kind, &self.buf);
         }
-        if len < 8 + PAGE || (len - 8) % PAGE != 0 {
-            return Err(malformed(kind, format!("{len} bytes is not an address and whole pages")));
-        }
-        self.payload(8)?;
         let gpa = u64_at(&self.buf, 0);
         if !gpa.is_multiple_of(PAGE as u64) {
             return Err(malformed(kind, format!("unaligned address {gpa:#x}")));
         }
-        let data_len = len - 8;
+        let data_len = len - head;
         layout.check(gpa, data_len as u64)?;
+        let guest_io = |e: vm_memory::GuestMemoryError| StreamError::Io(std::io::Error::other(e.to_string()));
         // Read and checksummed in pieces: each is checksummed in place right after the
         // kernel copied it in, while it is still in cache.
-        let mut crc = Crc32c::new();
-        crc.update(&self.buf[..8]);
+        let mut torn: TornMask = [0; MAX_PAGES_PER_FRAME / 64];
         let piece = READ_PIECE;
         let mut done = 0;
         while done < data_len {
@@ -120,16 +147,29 @@ impl<R: crate::transport::PageSource> FrameReader<R> {
                 std::io::ErrorKind::UnexpectedEof => StreamError::Closed,
                 _ => StreamError::Io(e),
             })?;
-            crate::sys::crc32c_guest(mem, at, n, &mut crc)
-                .map_err(|e| StreamError::Io(std::io::Error::other(e.to_string())))?;
+            if live {
+                for p in (done / PAGE)..((done + n) / PAGE) {
+                    let mut c = Crc32c::new();
+                    crate::sys::crc32c_guest(mem, gpa + (p * PAGE) as u64, PAGE, &mut c).map_err(guest_io)?;
+                    let want = &self.buf[8 + 4 * p..12 + 4 * p];
+                    if c.finish().to_le_bytes() != want {
+                        torn[p / 64] |= 1 << (p % 64);
+                    }
+                }
+            } else {
+                crate::sys::crc32c_guest(mem, at, n, &mut crc).map_err(guest_io)?;
+            }
             done += n;
         }
-        crc.update(&h[..12]);
-        let found = crc.finish();
-        if expected != found {
-            return Err(StreamError::Checksum { kind, expected, found });
-        }
         self.bytes += (HEADER_LEN + len) as u64;
-        Ok(Message::PagesWritten { gpa, pages: (data_len / PAGE) as u64 })
+        let pages = (data_len / PAGE) as u64;
+        if !live {
+            crc.update(&h[..12]);
+            let found = crc.finish();
+            if expected != found {
+                return Err(StreamError::Checksum { kind, expected, found });
+            }
+        }
+        Ok(Message::PagesWritten { gpa, pages, torn })
     }
 }

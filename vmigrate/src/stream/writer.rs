@@ -1,8 +1,25 @@
 //! Encoding frames into large buffers.
 
-use std::io::Write;
+use std::io::{IoSlice, Write};
 
-use super::{HEADER_LEN, Kind, MAGIC, MAX_PAGES_PER_FRAME, Message, PAGE, StreamError, frame_crc, malformed};
+use super::{
+    HEADER_LEN, Kind, MAGIC, MAX_PAGES_PER_FRAME, Message, PAGE, StreamError, frame_crc, live_head,
+    malformed, page_crc,
+};
+
+/// Shortest stretch of data pages sent as a [`Kind::LivePages`] frame in live mode; shorter ones
+/// are copied (two iovecs and a frame header per stretch would cost more than the copy).
+pub const LIVE_MIN_PAGES: usize = 8;
+
+/// A piece of what the writer hands to the transport next.
+#[derive(Debug, Clone, Copy)]
+enum Part {
+    /// The buffer's bytes from where the previous part ended up to `end`.
+    Buf { end: usize },
+    /// `len` bytes of guest memory at host address `addr`. Only between a
+    /// [`FrameWriter::guest_pages`] call's start and its end, which hands everything over.
+    Guest { addr: usize, len: usize },
+}
 
 /// Writes frames into a large buffer and hands it to the transport in big writes.
 #[derive(Debug)]
@@ -21,6 +38,16 @@ pub struct FrameWriter<W: Write> {
     scratch: Vec<u8>,
     /// Pages sent in `CompressedPages` frames so far.
     pub compressed_pages: u64,
+    /// Send long stretches of data pages as `LivePages`, without a copy ([`FrameWriter::set_live`]).
+    live: bool,
+    /// Pages sent in `LivePages` frames so far.
+    pub live_pages: u64,
+    /// What to hand over when guest memory is part of it; empty otherwise.
+    parts: Vec<Part>,
+    /// Where the buffer's bytes not yet in `parts` start.
+    part_from: usize,
+    /// Guest bytes in `parts`.
+    guest_bytes: usize,
 }
 
 impl<W: Write> FrameWriter<W> {
@@ -36,7 +63,23 @@ impl<W: Write> FrameWriter<W> {
             compress: false,
             scratch: Vec::new(),
             compressed_pages: 0,
+            live: false,
+            live_pages: 0,
+            parts: Vec::new(),
+            part_from: 0,
+            guest_bytes: 0,
         }
+    }
+
+    /// Sends each stretch of at least [`LIVE_MIN_PAGES`] data pages as a `LivePages` frame
+    /// (protocol version 4): the transport reads the pages straight out of guest memory (one
+    /// vectored write per [`FrameWriter::guest_pages`] call, not one per page), and only a
+    /// checksum pass reads them here, instead of a copy into the send buffer and a checksum pass
+    /// over the copy. The guest may write such a page while it is sent; the receiver then finds
+    /// it torn and waits for it again (it is dirty, so a later pass sends it). Ignored while
+    /// compressing, which needs the copy anyway.
+    pub fn set_live(&mut self, on: bool) {
+        self.live = on;
     }
 
     /// Sends each frame of pages LZ4-compressed (as `CompressedPages`, protocol version 2)
@@ -102,7 +145,7 @@ impl<W: Write> FrameWriter<W> {
         // One pass over the whole payload: far faster than page-sized CRC calls.
         let crc = frame_crc(&self.buf[at + HEADER_LEN..self.len], &self.buf[at..at + 12]);
         self.buf[at + 12..at + 16].copy_from_slice(&crc.to_le_bytes());
-        if self.len >= self.flush_at {
+        if self.len + self.guest_bytes >= self.flush_at {
             self.hand_over()?;
         }
         Ok(())
@@ -171,6 +214,21 @@ impl<W: Write> FrameWriter<W> {
                 p[2..].copy_from_slice(&count.to_le_bytes());
                 self.frame(Kind::StreamHello, &p)
             }
+            Message::LivePages { gpa, sums, data } => {
+                let at = self.begin(Kind::LivePages);
+                self.put(&gpa.to_le_bytes());
+                self.put(sums);
+                self.put(data);
+                self.buf[at + 8..at + 12]
+                    .copy_from_slice(&((self.len - at - HEADER_LEN) as u32).to_le_bytes());
+                let head = (at + HEADER_LEN + 8 + sums.len()).min(self.len);
+                let crc = frame_crc(&self.buf[at + HEADER_LEN..head], &self.buf[at..at + 12]);
+                self.buf[at + 12..at + 16].copy_from_slice(&crc.to_le_bytes());
+                if self.len + self.guest_bytes >= self.flush_at {
+                    self.hand_over()?;
+                }
+                Ok(())
+            }
             Message::PagesWritten { .. } => Err(malformed(Kind::Pages, "PagesWritten is receive-side only")),
             Message::Complete => self.frame(Kind::Complete, &[]),
             Message::Ready => self.frame(Kind::Ready, &[]),
@@ -195,16 +253,37 @@ impl<W: Write> FrameWriter<W> {
     }
 
     /// Encodes the pages of `run`, guest memory starting at guest address `gpa` (whole pages;
-    /// a tail shorter than a page is ignored): consecutive data pages become `Pages` frames,
-    /// zero pages become `ZeroPages` runs. Returns `(normal, zero)` pages.
+    /// a tail shorter than a page is ignored): consecutive data pages become `Pages` frames (or
+    /// in live mode, [`FrameWriter::set_live`], long stretches become `LivePages` frames), zero
+    /// pages become `ZeroPages` runs. Returns `(normal, zero)` pages. Live pages are handed to
+    /// the transport before this returns.
     ///
     /// Each page is checked for zeros where it lies (a zero page costs one read pass and is
     /// never copied), and each stretch of consecutive data pages is copied once, in one piece,
-    /// straight into the send buffer. The guest may keep running: a page that changes after it
-    /// was checked or copied is dirty again and sent again, and a frame's checksum always
-    /// covers the bytes copied. Any byte slice works as a run too:
-    /// `VolatileSlice::from(&mut bytes[..])`.
+    /// straight into the send buffer (or, live, checksummed where it lies). The guest may keep
+    /// running: a page that changes after it was checked or copied is dirty again and sent
+    /// again, and a `Pages` frame's checksum always covers the bytes copied. Any byte slice
+    /// works as a run too: `VolatileSlice::from(&mut bytes[..])`.
     pub fn guest_pages<B: vm_memory::bitmap::BitmapSlice>(
+        &mut self,
+        gpa: u64,
+        run: &vm_memory::VolatileSlice<'_, B>,
+    ) -> Result<(u64, u64), StreamError> {
+        let res = self.encode_pages(gpa, run);
+        if !self.parts.is_empty() {
+            // The guest parts must not outlive `run`'s borrow: send them now, or forget them
+            // (and the stream with them) after an error.
+            if res.is_ok() {
+                self.hand_over()?;
+            } else {
+                self.parts.clear();
+                (self.len, self.part_from, self.guest_bytes) = (0, 0, 0);
+            }
+        }
+        res
+    }
+
+    fn encode_pages<B: vm_memory::bitmap::BitmapSlice>(
         &mut self,
         gpa: u64,
         run: &vm_memory::VolatileSlice<'_, B>,
@@ -212,6 +291,7 @@ impl<W: Write> FrameWriter<W> {
         let io = |e: vm_memory::VolatileMemoryError| StreamError::Io(std::io::Error::other(e.to_string()));
         let pages = run.len() / PAGE;
         let zero_at = |i: usize| run.subslice(i * PAGE, PAGE).map(|p| crate::sys::guest_page_is_zero(&p));
+        let live = self.live && !self.compress;
         let (mut normal, mut zero) = (0u64, 0u64);
         let mut open: Option<(usize, usize)> = None; // data frame being filled: (start, pages)
         let mut zero_run: Option<(u64, u64)> = None; // (first address, pages)
@@ -231,26 +311,44 @@ impl<W: Write> FrameWriter<W> {
                 i += 1;
                 continue;
             }
-            let (at, n) = match open.take() {
-                Some(frame) => frame,
-                None => {
-                    if let Some((z, c)) = zero_run.take() {
-                        self.message(&Message::ZeroPages { gpa: z, count: c })?;
-                    }
-                    let at = self.begin(Kind::Pages);
-                    self.put(&addr.to_le_bytes());
-                    (at, 0)
-                }
+            if let Some((z, c)) = zero_run.take() {
+                self.message(&Message::ZeroPages { gpa: z, count: c })?;
+            }
+            // The stretch of data pages from `i`, up to a frame's worth.
+            let (n, limit) = match open {
+                Some((_, n)) => (n, if live { MAX_PAGES_PER_FRAME } else { MAX_PAGES_PER_FRAME - n }),
+                None => (0, MAX_PAGES_PER_FRAME),
             };
-            // The stretch of data pages from `i` that fits this frame.
             let mut end = i + 1;
-            while end < pages && end - i < MAX_PAGES_PER_FRAME - n {
+            while end < pages && end - i < limit {
                 if zero_at(end).map_err(io)? {
                     known_zero = true;
                     break;
                 }
                 end += 1;
             }
+            if live && end - i >= LIVE_MIN_PAGES {
+                if let Some((at, n)) = open.take() {
+                    self.close_pages(at, n)?;
+                }
+                self.live_frame(addr, &run.subslice(i * PAGE, (end - i) * PAGE).map_err(io)?)?;
+                normal += (end - i) as u64;
+                i = end;
+                continue;
+            }
+            if end - i > MAX_PAGES_PER_FRAME - n {
+                // Longer than what the open frame takes: the rest is looked at again.
+                end = i + (MAX_PAGES_PER_FRAME - n);
+                known_zero = false;
+            }
+            let (at, n) = match open.take() {
+                Some(frame) => frame,
+                None => {
+                    let at = self.begin(Kind::Pages);
+                    self.put(&addr.to_le_bytes());
+                    (at, 0)
+                }
+            };
             let count = end - i;
             let slot = self.grow(count * PAGE);
             run.subslice(i * PAGE, count * PAGE).map_err(io)?.copy_to(&mut self.buf[slot]);
@@ -271,6 +369,41 @@ impl<W: Write> FrameWriter<W> {
         Ok((normal, zero))
     }
 
+    /// Adds a `LivePages` frame for `data`, guest pages at `gpa`: the header, the address and
+    /// the page checksums go into the buffer, the pages themselves stay where they are until
+    /// [`FrameWriter::hand_over`].
+    fn live_frame<B: vm_memory::bitmap::BitmapSlice>(
+        &mut self,
+        gpa: u64,
+        data: &vm_memory::VolatileSlice<'_, B>,
+    ) -> Result<(), StreamError> {
+        let guard = data.ptr_guard();
+        let (addr, len) = (guard.as_ptr() as usize, data.len());
+        // SAFETY: vm-memory maps `len` bytes at `addr` while `data` is borrowed (for a plain
+        // mmap, as guest memory is, the guard is a no-op). The guest may write these bytes
+        // concurrently, from a vCPU outside this program; the checksum then covers some mix of
+        // old and new bytes, which the frame format allows for (the pages arrive torn and are
+        // sent again). Nothing here relies on the bytes staying the same.
+        let bytes = unsafe { std::slice::from_raw_parts(addr as *const u8, len) };
+        let at = self.begin(Kind::LivePages);
+        self.put(&gpa.to_le_bytes());
+        for page in bytes.chunks_exact(PAGE) {
+            self.put(&page_crc(page).to_le_bytes());
+        }
+        self.buf[at + 8..at + 12].copy_from_slice(&((live_head(len / PAGE) + len) as u32).to_le_bytes());
+        let crc = frame_crc(&self.buf[at + HEADER_LEN..self.len], &self.buf[at..at + 12]);
+        self.buf[at + 12..at + 16].copy_from_slice(&crc.to_le_bytes());
+        self.parts.push(Part::Buf { end: self.len });
+        self.part_from = self.len;
+        self.parts.push(Part::Guest { addr, len });
+        self.guest_bytes += len;
+        self.live_pages += (len / PAGE) as u64;
+        if self.len + self.guest_bytes >= self.flush_at {
+            self.hand_over()?;
+        }
+        Ok(())
+    }
+
     /// Ends a `Pages` frame, or drops it if it holds no page.
     fn close_pages(&mut self, at: usize, n: usize) -> Result<(), StreamError> {
         if n == 0 {
@@ -288,13 +421,52 @@ impl<W: Write> FrameWriter<W> {
         Ok(())
     }
 
-    /// Writes everything buffered to the transport (without flushing it).
+    /// Writes everything buffered (and the guest memory of live frames) to the transport,
+    /// without flushing it.
     fn hand_over(&mut self) -> Result<(), StreamError> {
-        if self.len > 0 {
-            self.inner.write_all(&self.buf[..self.len])?;
-            self.bytes += self.len as u64;
-            self.len = 0;
+        if self.parts.is_empty() {
+            if self.len > 0 {
+                self.inner.write_all(&self.buf[..self.len])?;
+                self.bytes += self.len as u64;
+                self.len = 0;
+            }
+            return Ok(());
         }
+        if self.len > self.part_from {
+            self.parts.push(Part::Buf { end: self.len });
+        }
+        let mut from = 0;
+        let mut slices: Vec<IoSlice<'_>> = Vec::with_capacity(self.parts.len());
+        for &p in &self.parts {
+            slices.push(match p {
+                Part::Buf { end } => {
+                    let s = IoSlice::new(&self.buf[from..end]);
+                    from = end;
+                    s
+                }
+                Part::Guest { addr, len } => {
+                    // SAFETY: a guest part only exists during the `guest_pages` call that added
+                    // it, whose `run` keeps the mapping of `len` bytes at `addr` alive (see
+                    // `live_frame`); only the kernel reads the bytes, which the guest may be
+                    // writing meanwhile (the receiver then finds those pages torn).
+                    let bytes = unsafe { std::slice::from_raw_parts(addr as *const u8, len) };
+                    IoSlice::new(bytes)
+                }
+            });
+        }
+        let total = self.len + self.guest_bytes;
+        let mut left = &mut slices[..];
+        while !left.is_empty() {
+            match self.inner.write_vectored(left) {
+                Ok(0) => return Err(StreamError::Io(std::io::ErrorKind::WriteZero.into())),
+                Ok(n) => IoSlice::advance_slices(&mut left, n),
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        self.bytes += total as u64;
+        self.parts.clear();
+        (self.len, self.part_from, self.guest_bytes) = (0, 0, 0);
         Ok(())
     }
 }
