@@ -123,6 +123,10 @@ struct PolicyArgs {
     /// --bandwidth-mib).
     #[arg(long, global = true)]
     compress: bool,
+    /// Copy every page into the send buffer first instead of sending long stretches straight
+    /// out of guest memory (live pages, protocol version 4, the default).
+    #[arg(long, global = true)]
+    copy_pages: bool,
     /// Send the pages over this many extra TCP connections, each with a thread of its own on
     /// both sides (both sides must agree); 0 = the main connection carries them.
     #[arg(long, default_value_t = 0, global = true, value_parser = clap::value_parser!(u16).range(0..=64))]
@@ -177,6 +181,7 @@ impl PolicyArgs {
             auto_converge: !self.no_auto_converge,
             max_iterations: self.max_iterations,
             compress: self.compress,
+            zero_copy: !self.copy_pages,
             ..Default::default()
         }
     }
@@ -298,6 +303,8 @@ struct Summary {
     normal_pages: u64,
     zero_pages: u64,
     compressed_pages: u64,
+    live_pages: u64,
+    torn_pages: u64,
     throughput_mib_s: f64,
     max_throttle_percent: u8,
     data_streams: usize,
@@ -324,6 +331,7 @@ fn fill(s: &mut Summary, st: &MigrationStats) {
     s.normal_pages = st.normal_pages;
     s.zero_pages = st.zero_pages;
     s.compressed_pages = st.compressed_pages;
+    s.live_pages = st.live_pages;
     s.throughput_mib_s = st.throughput_bps / (1 << 20) as f64;
     s.max_throttle_percent = st.max_throttle_percent;
     s.data_streams = st.data_streams;
@@ -369,7 +377,7 @@ fn local(cli: &Cli) -> Result<Summary> {
     let arrived = Arc::new(Mutex::new((Vec::new(), Duration::ZERO)));
     let verify = !cli.no_verify;
     let streams = usize::from(cli.policy.streams);
-    let stats = std::thread::scope(|s| -> Result<MigrationStats> {
+    let stats = std::thread::scope(|s| -> Result<(MigrationStats, u64)> {
         let arrived = arrived.clone();
         let dst = &dst;
         let receiver = s.spawn(move || -> Result<ReceiveStats> {
@@ -389,12 +397,14 @@ fn local(cli: &Cli) -> Result<Summary> {
             .run_streams(conn, data);
         let received = receiver.join().map_err(|_| anyhow::anyhow!("receiver panicked"))?;
         let stats = stats.context("migration")?;
-        received.context("destination")?;
-        Ok(stats)
+        let received = received.context("destination")?;
+        Ok((stats, received.torn_pages))
     })?;
+    let (stats, torn) = stats;
     let mut s = summary_for("local", &cli.vm);
     s.probed_dirty_pps = Some(probed);
     fill(&mut s, &stats);
+    s.torn_pages = torn;
     let (digest, verification) = arrived.lock().unwrap().clone();
     s.verification_ms = ms(verification);
     s.downtime_without_verification_ms = s.downtime_ms - s.verification_ms;
@@ -465,6 +475,15 @@ fn print_table(s: &Summary) {
     if s.compressed_pages > 0 {
         rows.push(("compressed (LZ4)", format!("{} of the data pages", s.compressed_pages)));
     }
+    if s.live_pages > 0 || s.torn_pages > 0 {
+        rows.push((
+            "sent live (no copy)",
+            format!(
+                "{} of the data pages; {} arrived torn (written while sent) and came again",
+                s.live_pages, s.torn_pages
+            ),
+        ));
+    }
     if let Some(eq) = s.memory_equal_at_pause {
         rows.push(("memory equal at pause", if eq { "yes".into() } else { "NO".into() }));
     }
@@ -521,6 +540,7 @@ fn main() -> Result<()> {
             s.bytes_sent = r.bytes;
             s.normal_pages = r.normal_pages;
             s.zero_pages = r.zero_pages;
+            s.torn_pages = r.torn_pages;
             s.data_streams = r.data_streams;
             s.iterations = r.iterations as usize;
             s.guest_pages_at_pause = read_progress(dst.memory()).pages_written;
