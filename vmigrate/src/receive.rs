@@ -102,16 +102,12 @@ pub fn apply_memory(
             Ok(((data.len() / PAGE) as u64, 0))
         }
         Message::LivePages { gpa, sums, data } => {
-            layout.check(gpa, data.len() as u64)?;
             let mut bad = (0u64, u64::MAX);
-            for (i, (page, sum)) in data.chunks_exact(PAGE).zip(sums.chunks_exact(4)).enumerate() {
-                let at = gpa + (i * PAGE) as u64;
-                if page_crc(page).to_le_bytes() == sum {
-                    mem.write_slice(page, GuestAddress(at)).map_err(io)?;
-                } else {
+            apply_live(mem, layout, gpa, sums, data, |at, intact| {
+                if !intact {
                     bad = (bad.0 + 1, bad.1.min(at));
                 }
-            }
+            })?;
             match bad {
                 (0, _) => Ok(((data.len() / PAGE) as u64, 0)),
                 (pages, first) => Err(StreamError::Torn { pages, first }),
@@ -363,6 +359,29 @@ impl<'a> Destination<'a> {
     }
 }
 
+/// Writes the pages of a `LivePages` frame whose checksums match into `mem` (after checking the
+/// range against `layout`), and tells `page(address, intact)` about every page.
+fn apply_live(
+    mem: &GuestMemory,
+    layout: &Layout,
+    gpa: u64,
+    sums: &[u8],
+    data: &[u8],
+    mut page: impl FnMut(u64, bool),
+) -> Result<(), StreamError> {
+    layout.check(gpa, data.len() as u64)?;
+    for (i, (bytes, sum)) in data.chunks_exact(PAGE).zip(sums.chunks_exact(4)).enumerate() {
+        let at = gpa + (i * PAGE) as u64;
+        let intact = page_crc(bytes).to_le_bytes() == sum;
+        if intact {
+            mem.write_slice(bytes, GuestAddress(at))
+                .map_err(|e| StreamError::Io(std::io::Error::other(e.to_string())))?;
+        }
+        page(at, intact);
+    }
+    Ok(())
+}
+
 /// Writes (or, when [`FrameReader::read_frame_into`] already wrote it, counts) a page message
 /// into `mem` and `stats`, and keeps `torn` up to date; returns false, touching nothing, for any
 /// other message.
@@ -392,19 +411,15 @@ pub(crate) fn take_pages(
             }
         }
         Message::LivePages { gpa, sums, data } => {
-            layout.check(gpa, data.len() as u64)?;
-            for (i, (page, sum)) in data.chunks_exact(PAGE).zip(sums.chunks_exact(4)).enumerate() {
-                let at = gpa + (i * PAGE) as u64;
-                if page_crc(page).to_le_bytes() == sum {
-                    mem.write_slice(page, GuestAddress(at))
-                        .map_err(|e| StreamError::Io(std::io::Error::other(e.to_string())))?;
+            apply_live(mem, layout, gpa, sums, data, |at, intact| {
+                if intact {
                     stats.normal_pages += 1;
                     torn.clear(at, 1);
                 } else {
                     stats.torn_pages += 1;
                     torn.mark(at, 1);
                 }
-            }
+            })?;
         }
         Message::Pages { gpa, .. }
         | Message::ZeroPages { gpa, .. }
