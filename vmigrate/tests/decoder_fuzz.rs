@@ -72,7 +72,7 @@ fn valid_stream(pages: &[(u64, u8)]) -> Vec<u8> {
     w.set_compress(false);
     w.set_live(true);
     let fill = pages.first().map_or(1, |p| p.1 | 1);
-    let mut run = [fill; LIVE_MIN_PAGES * PAGE];
+    let mut run = vec![fill; LIVE_MIN_PAGES * PAGE];
     w.guest_pages(16 * PAGE as u64, &vm_memory::VolatileSlice::from(&mut run[..])).unwrap();
     w.message(&Message::CpuState(b"state")).unwrap();
     w.message(&Message::Device { name: "dev".into(), data: b"abc" }).unwrap();

@@ -22,12 +22,15 @@ fn page_strategy() -> impl Strategy<Value = Option<(usize, u8)>> {
 proptest! {
     #[test]
     fn pages_round_trip_through_the_encoder(
-        pages in proptest::collection::vec(page_strategy(), 0..700),
+        pages in proptest::collection::vec(page_strategy(), 0..500),
         first in 0u64..64,
         flush_at in prop_oneof![Just(0usize), Just(64 << 10), Just(1 << 20)],
         compress in any::<bool>(),
         live in any::<bool>(),
+        lead in prop_oneof![Just(0usize), 1usize..400],
     ) {
+        // A leading stretch of `lead` data pages: long enough, often, to go live.
+        let pages: Vec<_> = (0..lead).map(|i| Some((i % PAGE, (i % 255) as u8 + 1))).chain(pages).collect();
         let mut bytes = vec![0u8; pages.len() * PAGE];
         for (i, p) in pages.iter().enumerate() {
             if let Some((at, v)) = p {
@@ -47,6 +50,9 @@ proptest! {
         // Live frames only without compression, for stretches of at least LIVE_MIN_PAGES.
         let live_max = if live && !compress { normal } else { 0 };
         prop_assert!(w.live_pages <= live_max, "{} live pages", w.live_pages);
+        if live && !compress && lead >= LIVE_MIN_PAGES {
+            prop_assert!(w.live_pages >= LIVE_MIN_PAGES as u64, "a long stretch goes live");
+        }
         drop(w);
         let data_pages = pages.iter().filter(|p| p.is_some()).count() as u64;
         prop_assert_eq!(normal, data_pages);

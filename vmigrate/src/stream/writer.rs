@@ -8,8 +8,11 @@ use super::{
 };
 
 /// Shortest stretch of data pages sent as a [`Kind::LivePages`] frame in live mode; shorter ones
-/// are copied (two iovecs and a frame header per stretch would cost more than the copy).
-pub const LIVE_MIN_PAGES: usize = 8;
+/// are copied. A call of [`FrameWriter::guest_pages`] that sent live pages hands everything to
+/// the transport before it returns (the pages must not be read after the call), so this also
+/// bounds how small such a write can get: 256 KiB, enough to amortize the system call, where
+/// scattered dirty pages are copied and leave in 1 MiB writes as before.
+pub const LIVE_MIN_PAGES: usize = 64;
 
 /// A piece of what the writer hands to the transport next.
 #[derive(Debug, Clone, Copy)]
