@@ -218,10 +218,10 @@ pub(crate) fn pop_seen(
     if head >= size {
         return Err(ChainError::BadHead);
     }
-    let table = queue.desc_table();
-    let table = mem
-        .get_slice(GuestAddress(table), 16 * usize::from(size))
-        .map_err(|e| ChainError::Ring(format!("descriptor table at {table:#x}: {e}")))?;
+    let base = queue.desc_table();
+    // One mapping for the whole table; a table that spans two adjacent memory regions (no one
+    // mapping holds it) is read descriptor by descriptor instead.
+    let table = mem.get_slice(GuestAddress(base), 16 * usize::from(size)).ok();
     // Most requests are header + data + status: one allocation, no regrowth.
     let mut descs = Vec::with_capacity(4);
     let mut seen_write = false;
@@ -231,8 +231,19 @@ pub(crate) fn pop_seen(
         if descs.len() == usize::from(size) {
             return Err(ChainError::Unterminated { head });
         }
-        let mut raw = [0u8; 16];
-        table.subslice(16 * usize::from(i), 16).map_err(|_| ChainError::BadHead)?.copy_to(&mut raw[..]);
+        let at = 16 * usize::from(i);
+        let raw = match &table {
+            Some(t) => t.subslice(at, 16).ok().map(|d| {
+                let mut raw = [0u8; 16];
+                d.copy_to(&mut raw[..]);
+                raw
+            }),
+            None => read_array::<16>(mem, base + at as u64).or_else(|| {
+                let mut raw = [0u8; 16];
+                mem.read_slice(&mut raw, GuestAddress(base + at as u64)).ok().map(|()| raw)
+            }),
+        };
+        let raw = raw.ok_or_else(|| ChainError::Ring(format!("descriptor {i} of the table at {base:#x}")))?;
         let [a0, a1, a2, a3, a4, a5, a6, a7, l0, l1, l2, l3, f0, f1, n0, n1] = raw;
         let flags = u16::from_le_bytes([f0, f1]);
         let desc = Desc {
@@ -443,6 +454,32 @@ mod tests {
         put_desc(&mem, 1, 0x9000, 16, 0, 0); // readable after writable
         publish(&mem, 0, 0, 1);
         assert_eq!(pop_chain(&mut q, &mem), Err(ChainError::Order { head: 0 }));
+    }
+
+    #[test]
+    fn a_table_across_two_adjacent_regions_is_read_descriptor_by_descriptor() {
+        let mem =
+            GuestMemory::from_ranges(&[(GuestAddress(0), 0x2000), (GuestAddress(0x2000), 0xe000)]).unwrap();
+        let mut q = Queue::new(16).unwrap();
+        q.set_size(16);
+        q.set_desc_table_address(Some(0x1f80), Some(0)); // descriptors 8.. lie in the second region
+        q.set_avail_ring_address(Some(0x3000), Some(0));
+        q.set_used_ring_address(Some(0x4000), Some(0));
+        q.set_ready(true);
+        let desc = |i: u64, addr: u64, flags: u16, next: u16| {
+            let a = 0x1f80 + 16 * i;
+            mem.write_obj(addr, GuestAddress(a)).unwrap();
+            mem.write_obj(64u32, GuestAddress(a + 8)).unwrap();
+            mem.write_obj(flags, GuestAddress(a + 12)).unwrap();
+            mem.write_obj(next, GuestAddress(a + 14)).unwrap();
+        };
+        desc(7, 0x5000, 1, 9); // first region, chained into the second
+        desc(9, 0x6000, 2, 0);
+        mem.write_obj(7u16, GuestAddress(0x3004)).unwrap();
+        mem.write_obj(1u16, GuestAddress(0x3002)).unwrap();
+        let c = pop_chain(&mut q, &mem).unwrap().unwrap();
+        assert_eq!(c.head, 7);
+        assert_eq!(c.descs.iter().map(|d| d.addr).collect::<Vec<_>>(), [0x5000, 0x6000]);
     }
 
     #[test]
