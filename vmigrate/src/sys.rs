@@ -134,6 +134,32 @@ pub(crate) fn crc32c_guest(
     Ok(())
 }
 
+/// Calls `page(gpa, crc)` with the CRC32C of each 4 KiB page of the `len` bytes (whole pages)
+/// of `mem` from `gpa`: one region lookup for the range, not one per page. The same
+/// requirement on concurrent writers as [`crc32c_guest`].
+pub(crate) fn guest_page_crcs(
+    mem: &vcore::GuestMemory,
+    gpa: u64,
+    len: usize,
+    mut page: impl FnMut(u64, u32),
+) -> Result<(), vm_memory::GuestMemoryError> {
+    use vm_memory::GuestMemoryBackend as _;
+    const PAGE: usize = crate::stream::PAGE;
+    let mut at = gpa;
+    for slice in mem.get_slices(vm_memory::GuestAddress(gpa), len) {
+        let slice = slice?;
+        let guard = slice.ptr_guard();
+        // SAFETY: as in `crc32c_guest`: `slice.len()` mapped bytes at `guard.as_ptr()` while
+        // `mem` is borrowed, and the caller guarantees nothing writes them concurrently.
+        let bytes = unsafe { std::slice::from_raw_parts(guard.as_ptr(), slice.len()) };
+        for p in bytes.chunks(PAGE) {
+            page(at, crate::stream::page_crc(p));
+            at += p.len() as u64;
+        }
+    }
+    Ok(())
+}
+
 /// Whether the first 4 KiB of `page` read as zeros, checked where they lie in guest memory
 /// (volatile reads, 64 bytes at a time, stopping at the first non-zero block).
 ///

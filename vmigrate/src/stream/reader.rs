@@ -148,14 +148,14 @@ impl<R: crate::transport::PageSource> FrameReader<R> {
                 _ => StreamError::Io(e),
             })?;
             if live {
-                for p in (done / PAGE)..((done + n) / PAGE) {
-                    let mut c = Crc32c::new();
-                    crate::sys::crc32c_guest(mem, gpa + (p * PAGE) as u64, PAGE, &mut c).map_err(guest_io)?;
-                    let want = &self.buf[8 + 4 * p..12 + 4 * p];
-                    if c.finish().to_le_bytes() != want {
+                let sums = &self.buf[8..head];
+                crate::sys::guest_page_crcs(mem, at, n, |page_gpa, crc| {
+                    let p = ((page_gpa - gpa) / PAGE as u64) as usize;
+                    if sums[4 * p..4 * p + 4] != crc.to_le_bytes() {
                         torn[p / 64] |= 1 << (p % 64);
                     }
-                }
+                })
+                .map_err(guest_io)?;
             } else {
                 crate::sys::crc32c_guest(mem, at, n, &mut crc).map_err(guest_io)?;
             }
