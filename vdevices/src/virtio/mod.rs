@@ -14,6 +14,7 @@ mod chain;
 pub mod console;
 pub mod mmio;
 pub mod net;
+pub mod packed;
 pub mod rng;
 
 use std::os::fd::RawFd;
