@@ -110,6 +110,30 @@ pub fn prealloc(mem: &GuestMemory) -> Result<(), MemoryError> {
     Ok(())
 }
 
+/// Allocates the pages of `[gpa, gpa + len)` (inside one region, page-aligned) now, with one
+/// `madvise(MADV_POPULATE_WRITE)` instead of a page fault per page as they are first written:
+/// what a migration destination does before it writes a run of pages into a VM that never ran
+/// (on kvm-pvm a fault costs ~1.3 µs a page; the kernel fills a range far faster). Contents stay
+/// as they were. `Ok(false)`, having done nothing, on a kernel without it (`EINVAL`, before
+/// Linux 5.14).
+pub fn populate_range(mem: &GuestMemory, gpa: u64, len: usize) -> std::io::Result<bool> {
+    let slice = mem
+        .get_slice(GuestAddress(gpa), len)
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e.to_string()))?;
+    let ptr = slice.ptr_guard_mut().as_ptr();
+    if !(ptr as usize).is_multiple_of(PAGE_SIZE as usize) {
+        return Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, "unaligned guest range"));
+    }
+    // SAFETY: `[ptr, ptr + len)` lies inside one mapping of `mem` (checked by `get_slice`),
+    // page-aligned; MADV_POPULATE_WRITE allocates pages and never changes their contents.
+    let rc = unsafe { libc::madvise(ptr.cast(), len, libc::MADV_POPULATE_WRITE) };
+    if rc == 0 {
+        return Ok(true);
+    }
+    let err = std::io::Error::last_os_error();
+    if err.raw_os_error() == Some(libc::EINVAL) { Ok(false) } else { Err(err) }
+}
+
 /// The slot table of `mem`: region `i` is slot `i`, with dirty logging off.
 pub fn slots_of(mem: &GuestMemory) -> Vec<MemSlot> {
     mem.iter()
@@ -207,5 +231,20 @@ mod tests {
         assert!(page.iter().all(|&b| b == 0));
         let region = mem.find_region(GuestAddress(0)).unwrap();
         assert!(!region.bitmap().dirty_at(0), "no VMM write is recorded");
+    }
+
+    #[test]
+    fn populate_range_allocates_exactly_the_range() {
+        let size = 8u64 << 20;
+        let mem = create_guest_memory(&[RamRange { guest_addr: 0, size }]).unwrap();
+        mem.write_obj(7u8, GuestAddress(0x20_0000)).unwrap();
+        let before = resident_pages(&mem);
+        if !populate_range(&mem, 0x20_0000, 1 << 20).unwrap() {
+            eprintln!("skipped: this kernel has no MADV_POPULATE_WRITE");
+            return;
+        }
+        assert_eq!(resident_pages(&mem), before + 255, "the 256 pages of the range, one already there");
+        assert_eq!(mem.read_obj::<u8>(GuestAddress(0x20_0000)).unwrap(), 7, "contents kept");
+        assert!(populate_range(&mem, size - 0x1000, 0x2000).is_err(), "a range past the end");
     }
 }

@@ -79,6 +79,16 @@ impl Torn {
     }
 }
 
+/// What the receiver knows of a destination VM that never ran.
+#[derive(Clone, Copy)]
+pub(crate) struct Fresh<'a> {
+    /// Says a page is certainly zero already: the VMM never wrote it (see [`apply_memory`]).
+    pub known_zero: Option<&'a (dyn Fn(u64) -> bool + Sync)>,
+    /// Allocate each run of pages in one call before reading it in
+    /// ([`FrameReader::set_populate`]): a VM that never ran and was not preallocated.
+    pub populate: bool,
+}
+
 /// Device sections as they arrived: `(name, bytes)`.
 type Sections = Vec<(String, Vec<u8>)>;
 
@@ -286,18 +296,11 @@ impl<'a> Destination<'a> {
                 })
             }) as Box<dyn Fn(u64) -> bool + Sync>
         });
+        let kz = Fresh { known_zero: known_zero.as_deref(), populate: fresh && !vm.config().prealloc };
         let (state, sections) = if data.is_empty() {
-            receive_main(
-                transport,
-                vm.memory(),
-                &hello.layout,
-                version,
-                known_zero.as_deref(),
-                false,
-                &mut stats,
-            )?
+            receive_main(transport, vm.memory(), &hello.layout, version, kz, false, &mut stats)?
         } else {
-            let (layout, kz) = (&hello.layout, known_zero.as_deref());
+            let layout = &hello.layout;
             let count = data.len();
             std::thread::scope(|s| {
                 let streams: Vec<_> = data
@@ -452,11 +455,12 @@ fn receive_main<T: Transport>(
     mem: &GuestMemory,
     layout: &Layout,
     version: u16,
-    known_zero: Option<&(dyn Fn(u64) -> bool + Sync)>,
+    fresh: Fresh<'_>,
     data_streams: bool,
     stats: &mut ReceiveStats,
 ) -> Result<(Option<Vec<u8>>, Sections), MigrationError> {
     let mut r = FrameReader::new(&mut *transport);
+    r.set_populate(fresh.populate);
     let (mut state, mut sections) = (None, Vec::new());
     let mut torn = Torn::default();
     loop {
@@ -489,7 +493,7 @@ fn receive_main<T: Transport>(
             Message::Complete => break,
             Message::Abort(reason) => return Err(MigrationError::PeerAborted(reason)),
             other => {
-                if !take_pages(mem, layout, &other, known_zero, stats, &mut torn)? {
+                if !take_pages(mem, layout, &other, fresh.known_zero, stats, &mut torn)? {
                     return Err(MigrationError::Protocol {
                         expected: "pages or state",
                         got: format!("{other:?}"),

@@ -23,7 +23,7 @@ use std::thread::Scope;
 use vcore::{GuestMemory, Vm};
 
 use crate::precopy::MigrationError;
-use crate::receive::{ReceiveStats, Torn, take_pages};
+use crate::receive::{Fresh, ReceiveStats, Torn, take_pages};
 use crate::stream::{
     FrameReader, FrameWriter, Layout, MAX_DATA_STREAMS, Message, PAGE, SEND_BUFFER, STREAMS_VERSION,
     StreamError,
@@ -322,11 +322,11 @@ fn send_stream<D: Transport>(
 }
 
 /// One receiver thread: applies data stream `index` (of `count`) to `mem` until its
-/// `Complete`. `known_zero` as in [`apply_memory`]. A failed stream is closed.
+/// `Complete`, knowing what `fresh` says of the VM. A failed stream is closed.
 pub(crate) fn receive_stream<D: Transport>(
     mem: &GuestMemory,
     layout: &Layout,
-    known_zero: Option<&(dyn Fn(u64) -> bool + Sync)>,
+    fresh: Fresh<'_>,
     mut t: D,
     index: usize,
     count: usize,
@@ -352,12 +352,13 @@ pub(crate) fn receive_stream<D: Transport>(
             }
         }
         let mut torn = Torn::default();
+        r.set_populate(fresh.populate);
         loop {
             let msg = r.read_frame_into(mem, layout)?;
             match msg {
                 Message::Complete => break,
                 other => {
-                    if !take_pages(mem, layout, &other, known_zero, &mut stats, &mut torn)? {
+                    if !take_pages(mem, layout, &other, fresh.known_zero, &mut stats, &mut torn)? {
                         return Err(MigrationError::Protocol {
                             expected: "pages on a data stream",
                             got: format!("{other:?}"),

@@ -17,12 +17,22 @@ pub struct FrameReader<R> {
     buf: Vec<u8>,
     /// Bytes read so far.
     pub bytes: u64,
+    /// Allocate a run's pages in one call before reading it in ([`FrameReader::set_populate`]).
+    populate: bool,
 }
 
 impl<R: Read> FrameReader<R> {
     /// Wraps `inner`.
     pub fn new(inner: R) -> Self {
-        FrameReader { inner, buf: Vec::new(), bytes: 0 }
+        FrameReader { inner, buf: Vec::new(), bytes: 0, populate: false }
+    }
+
+    /// For a destination VM that never ran: before [`FrameReader::read_frame_into`] writes a
+    /// run of pages the VMM has not written yet, it allocates them with one
+    /// [`vcore::memory::populate_range`] instead of a page fault per page as the socket's data
+    /// lands (zero pages, never written, stay unallocated).
+    pub fn set_populate(&mut self, on: bool) {
+        self.populate = on;
     }
 
     /// The transport.
@@ -74,6 +84,13 @@ impl<R: Read> FrameReader<R> {
         self.bytes += (HEADER_LEN + len) as u64;
         Message::parse(kind, &self.buf)
     }
+}
+
+/// Whether the VMM has written the page at `gpa` (its dirty bitmap says so).
+fn vmm_wrote(mem: &vcore::GuestMemory, gpa: u64) -> bool {
+    use vm_memory::{GuestMemoryBackend as _, GuestMemoryRegion as _};
+    mem.find_region(vm_memory::GuestAddress(gpa))
+        .is_some_and(|r| vm_memory::MmapRegion::bitmap(r).is_addr_set((gpa - r.start_addr().0) as usize))
 }
 
 impl<R: crate::transport::PageSource> FrameReader<R> {
@@ -134,6 +151,13 @@ impl<R: crate::transport::PageSource> FrameReader<R> {
         }
         let data_len = len - head;
         layout.check(gpa, data_len as u64)?;
+        if self.populate && !vmm_wrote(mem, gpa) {
+            // A kernel without MADV_POPULATE_WRITE: the pages fault in as before, from now on
+            // without asking again. Another failure only costs those faults.
+            if let Ok(false) = vcore::memory::populate_range(mem, gpa, data_len) {
+                self.populate = false;
+            }
+        }
         let guest_io = |e: vm_memory::GuestMemoryError| StreamError::Io(std::io::Error::other(e.to_string()));
         // Read and checksummed in pieces: each is checksummed in place right after the
         // kernel copied it in, while it is still in cache.
