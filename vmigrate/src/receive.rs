@@ -8,12 +8,12 @@ use std::time::Instant;
 
 use serde::Serialize;
 use vcore::{GuestMemory, Vm, VmSnapshot};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+use vm_memory::{Bytes, GuestAddress};
 
 use crate::precopy::{MigrationError, hello_for, host_cpu_features};
 use crate::stream::{
     COMPRESSION_VERSION, FrameReader, FrameWriter, Hello, Kind, Layout, MAX_PAGES_PER_FRAME, Message, PAGE,
-    PROTOCOL_VERSIONS, StreamError, page_crc,
+    PROTOCOL_VERSIONS, StreamError, page_crc, vmm_wrote,
 };
 use crate::streams::{check_streams, receive_stream};
 use crate::transport::Transport;
@@ -289,13 +289,8 @@ impl<'a> Destination<'a> {
         // tracked per page: every other page is zero.
         let fresh = vm.run_state() == vcore::RunState::Created;
         let mem = vm.memory();
-        let known_zero: Option<Box<dyn Fn(u64) -> bool + Sync>> = fresh.then(|| {
-            Box::new(move |gpa: u64| {
-                mem.find_region(GuestAddress(gpa)).is_some_and(|r| {
-                    !vm_memory::MmapRegion::bitmap(r).is_addr_set((gpa - r.start_addr().0) as usize)
-                })
-            }) as Box<dyn Fn(u64) -> bool + Sync>
-        });
+        let known_zero: Option<Box<dyn Fn(u64) -> bool + Sync>> =
+            fresh.then(|| Box::new(move |gpa: u64| !vmm_wrote(mem, gpa)) as Box<dyn Fn(u64) -> bool + Sync>);
         let kz = Fresh { known_zero: known_zero.as_deref(), populate: fresh && !vm.config().prealloc };
         let (state, sections) = if data.is_empty() {
             receive_main(transport, vm.memory(), &hello.layout, version, kz, false, &mut stats)?

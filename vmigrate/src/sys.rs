@@ -111,15 +111,16 @@ impl Drop for DirtyRing {
     }
 }
 
-/// Extends `crc` by `len` bytes of guest memory at `gpa`, read in place.
+/// Calls `f` with the `len` bytes of guest memory at `gpa`, in place, one piece per memory
+/// region they span.
 ///
 /// Only for memory no vCPU or device writes meanwhile (a destination VM that is not running):
-/// the bytes are viewed as a plain slice.
-pub(crate) fn crc32c_guest(
+/// the bytes are viewed as plain slices.
+fn guest_bytes(
     mem: &vcore::GuestMemory,
     gpa: u64,
     len: usize,
-    crc: &mut crate::stream::Crc32c,
+    mut f: impl FnMut(&[u8]),
 ) -> Result<(), vm_memory::GuestMemoryError> {
     use vm_memory::GuestMemoryBackend as _;
     for slice in mem.get_slices(vm_memory::GuestAddress(gpa), len) {
@@ -128,36 +129,38 @@ pub(crate) fn crc32c_guest(
         // SAFETY: vm-memory guarantees `slice.len()` mapped bytes at `guard.as_ptr()` while `mem`
         // is borrowed (the guard keeps the pointer valid). The caller guarantees nothing writes
         // this range concurrently, so the shared view does not race.
-        let bytes = unsafe { std::slice::from_raw_parts(guard.as_ptr(), slice.len()) };
-        crc.update(bytes);
+        f(unsafe { std::slice::from_raw_parts(guard.as_ptr(), slice.len()) });
     }
     Ok(())
 }
 
+/// Extends `crc` by `len` bytes of guest memory at `gpa`, read in place (the requirement of
+/// [`guest_bytes`] on concurrent writers holds).
+pub(crate) fn crc32c_guest(
+    mem: &vcore::GuestMemory,
+    gpa: u64,
+    len: usize,
+    crc: &mut crate::stream::Crc32c,
+) -> Result<(), vm_memory::GuestMemoryError> {
+    guest_bytes(mem, gpa, len, |bytes| crc.update(bytes))
+}
+
 /// Calls `page(gpa, crc)` with the CRC32C of each 4 KiB page of the `len` bytes (whole pages)
-/// of `mem` from `gpa`: one region lookup for the range, not one per page. The same
-/// requirement on concurrent writers as [`crc32c_guest`].
+/// of `mem` from `gpa`: one region lookup for the range, not one per page (the requirement of
+/// [`guest_bytes`] on concurrent writers holds).
 pub(crate) fn guest_page_crcs(
     mem: &vcore::GuestMemory,
     gpa: u64,
     len: usize,
     mut page: impl FnMut(u64, u32),
 ) -> Result<(), vm_memory::GuestMemoryError> {
-    use vm_memory::GuestMemoryBackend as _;
-    const PAGE: usize = crate::stream::PAGE;
     let mut at = gpa;
-    for slice in mem.get_slices(vm_memory::GuestAddress(gpa), len) {
-        let slice = slice?;
-        let guard = slice.ptr_guard();
-        // SAFETY: as in `crc32c_guest`: `slice.len()` mapped bytes at `guard.as_ptr()` while
-        // `mem` is borrowed, and the caller guarantees nothing writes them concurrently.
-        let bytes = unsafe { std::slice::from_raw_parts(guard.as_ptr(), slice.len()) };
-        for p in bytes.chunks(PAGE) {
+    guest_bytes(mem, gpa, len, |bytes| {
+        for p in bytes.chunks(crate::stream::PAGE) {
             page(at, crate::stream::page_crc(p));
             at += p.len() as u64;
         }
-    }
-    Ok(())
+    })
 }
 
 /// Whether the first 4 KiB of `page` read as zeros, checked where they lie in guest memory

@@ -535,6 +535,7 @@ mod reader;
 mod writer;
 
 pub use reader::FrameReader;
+pub(crate) use reader::vmm_wrote;
 pub use writer::{FrameWriter, LIVE_MIN_PAGES};
 
 /// Whether `page` is all zeros: 64 bytes at a time (vectorizable), stopping at the first

@@ -86,8 +86,9 @@ impl<R: Read> FrameReader<R> {
     }
 }
 
-/// Whether the VMM has written the page at `gpa` (its dirty bitmap says so).
-fn vmm_wrote(mem: &vcore::GuestMemory, gpa: u64) -> bool {
+/// Whether the VMM has written the page at `gpa` (its dirty bitmap says so): in a VM that never
+/// ran, every other page is untouched, zero and unallocated.
+pub(crate) fn vmm_wrote(mem: &vcore::GuestMemory, gpa: u64) -> bool {
     use vm_memory::{GuestMemoryBackend as _, GuestMemoryRegion as _};
     mem.find_region(vm_memory::GuestAddress(gpa))
         .is_some_and(|r| vm_memory::MmapRegion::bitmap(r).is_addr_set((gpa - r.start_addr().0) as usize))
