@@ -69,21 +69,16 @@ pub fn create_guest_memory(ranges: &[RamRange]) -> Result<GuestMemory, MemoryErr
     })
 }
 
-/// `madvise(advice)` over the whole of region `r`, for advice that keeps its contents
-/// (`MADV_HUGEPAGE`, `MADV_POPULATE_WRITE`).
-fn advise_region(r: &vm_memory::GuestRegionMmap<AtomicBitmap>, advice: libc::c_int) -> std::io::Result<()> {
-    debug_assert!(advice == libc::MADV_HUGEPAGE || advice == libc::MADV_POPULATE_WRITE);
-    // SAFETY: the range is exactly one mapping the region owns and keeps alive while it lives;
-    // the advice allowed here changes how the kernel backs it, never its contents.
-    let rc = unsafe { libc::madvise(r.as_ptr().cast(), r.len() as usize, advice) };
-    if rc == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) }
-}
-
 /// Asks the kernel to back every region of `mem` with transparent huge pages
 /// (`madvise(MADV_HUGEPAGE)`). Call it before the memory is touched.
 pub fn advise_huge_pages(mem: &GuestMemory) -> Result<(), MemoryError> {
     for r in mem.iter() {
-        advise_region(r, libc::MADV_HUGEPAGE).map_err(MemoryError::HugePages)?;
+        // SAFETY: the range is exactly one mapping the region owns and keeps alive while `mem`
+        // lives; MADV_HUGEPAGE changes how the kernel backs it, never its contents.
+        let rc = unsafe { libc::madvise(r.as_ptr().cast(), r.len() as usize, libc::MADV_HUGEPAGE) };
+        if rc != 0 {
+            return Err(MemoryError::HugePages(std::io::Error::last_os_error()));
+        }
     }
     Ok(())
 }
@@ -94,9 +89,8 @@ pub fn advise_huge_pages(mem: &GuestMemory) -> Result<(), MemoryError> {
 pub fn prealloc(mem: &GuestMemory) -> Result<(), MemoryError> {
     for r in mem.iter() {
         let (ptr, len) = (r.as_ptr(), r.len() as usize);
-        let Err(err) = advise_region(r, libc::MADV_POPULATE_WRITE) else { continue };
-        if err.raw_os_error() != Some(libc::EINVAL) {
-            return Err(MemoryError::Prealloc(err));
+        if populate_range(mem, r.start_addr().0, len).map_err(MemoryError::Prealloc)? {
+            continue;
         }
         for off in (0..len).step_by(PAGE_SIZE as usize) {
             let p = ptr.wrapping_add(off);
