@@ -49,8 +49,9 @@ impl ReceiveStats {
 }
 
 /// Pages that arrived torn (a `LivePages` page whose checksum failed) and have not arrived
-/// intact since: each must arrive intact before the stream ends (the source sends a page written while it was sent again, because
-/// it is dirty; nothing sends a page damaged on the way again).
+/// intact since: each must arrive intact before the stream ends (the source sends a page
+/// written while it was sent again, because it is dirty; nothing sends a page damaged on the
+/// way again).
 #[derive(Debug, Default)]
 pub(crate) struct Torn(std::collections::BTreeSet<u64>);
 
@@ -70,6 +71,17 @@ impl Torn {
         }
     }
 
+    /// Counts a page of a live frame, `intact` or torn, and keeps the set up to date.
+    fn arrived(&mut self, stats: &mut ReceiveStats, at: u64, intact: bool) {
+        if intact {
+            stats.normal_pages += 1;
+            self.clear(at, 1);
+        } else {
+            stats.torn_pages += 1;
+            self.mark(at, 1);
+        }
+    }
+
     /// An error if some page is still torn.
     pub(crate) fn check(&self) -> Result<(), StreamError> {
         match self.0.first() {
@@ -80,10 +92,11 @@ impl Torn {
 }
 
 /// What the receiver knows of a destination VM that never ran.
-#[derive(Clone, Copy)]
-pub(crate) struct Fresh<'a> {
-    /// Says a page is certainly zero already: the VMM never wrote it (see [`apply_memory`]).
-    pub known_zero: Option<&'a (dyn Fn(u64) -> bool + Sync)>,
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Fresh {
+    /// The VM never ran: it holds only what the VMM wrote into it, and the VMM's writes are
+    /// tracked per page ([`vmm_wrote`]), so every other page is known to be zero.
+    pub never_ran: bool,
     /// Allocate each run of pages in one call before reading it in
     /// ([`FrameReader::set_populate`]): a VM that never ran and was not preallocated.
     pub populate: bool,
@@ -285,13 +298,9 @@ impl<'a> Destination<'a> {
         }
         check_streams(data.len(), version, "source")?;
         stats.data_streams = data.len();
-        // A VM that never ran holds only what the VMM wrote into it, and the VMM's writes are
-        // tracked per page: every other page is zero.
-        let fresh = vm.run_state() == vcore::RunState::Created;
+        let never_ran = vm.run_state() == vcore::RunState::Created;
         let mem = vm.memory();
-        let known_zero: Option<Box<dyn Fn(u64) -> bool + Sync>> =
-            fresh.then(|| Box::new(move |gpa: u64| !vmm_wrote(mem, gpa)) as Box<dyn Fn(u64) -> bool + Sync>);
-        let kz = Fresh { known_zero: known_zero.as_deref(), populate: fresh && !vm.config().prealloc };
+        let kz = Fresh { never_ran, populate: never_ran && !vm.config().prealloc };
         let (state, sections) = if data.is_empty() {
             receive_main(transport, vm.memory(), &hello.layout, version, kz, false, &mut stats)?
         } else {
@@ -381,13 +390,13 @@ fn apply_live(
 }
 
 /// Writes (or, when [`FrameReader::read_frame_into`] already wrote it, counts) a page message
-/// into `mem` and `stats`, and keeps `torn` up to date; returns false, touching nothing, for any
-/// other message.
+/// into `mem` and `stats`, and keeps `torn` up to date (zero pages of a VM that never ran are
+/// left alone where the VMM never wrote); returns false, touching nothing, for any other message.
 pub(crate) fn take_pages(
     mem: &GuestMemory,
     layout: &Layout,
     msg: &Message<'_>,
-    known_zero: Option<&(dyn Fn(u64) -> bool + Sync)>,
+    fresh: Fresh,
     stats: &mut ReceiveStats,
     torn: &mut Torn,
 ) -> Result<bool, StreamError> {
@@ -398,31 +407,18 @@ pub(crate) fn take_pages(
         }
         Message::PagesWritten { gpa, pages, torn: mask } => {
             for i in 0..pages.min(MAX_PAGES_PER_FRAME as u64) {
-                let at = gpa + i * PAGE as u64;
-                if mask[(i / 64) as usize] & (1 << (i % 64)) != 0 {
-                    stats.torn_pages += 1;
-                    torn.mark(at, 1);
-                } else {
-                    stats.normal_pages += 1;
-                    torn.clear(at, 1);
-                }
+                let intact = mask[(i / 64) as usize] & (1 << (i % 64)) == 0;
+                torn.arrived(stats, gpa + i * PAGE as u64, intact);
             }
         }
         Message::LivePages { gpa, sums, data } => {
-            apply_live(mem, layout, gpa, sums, data, |at, intact| {
-                if intact {
-                    stats.normal_pages += 1;
-                    torn.clear(at, 1);
-                } else {
-                    stats.torn_pages += 1;
-                    torn.mark(at, 1);
-                }
-            })?;
+            apply_live(mem, layout, gpa, sums, data, |at, intact| torn.arrived(stats, at, intact))?;
         }
         Message::Pages { gpa, .. }
         | Message::ZeroPages { gpa, .. }
         | Message::CompressedPages { gpa, .. } => {
-            let kz = known_zero.map(|k| k as &dyn Fn(u64) -> bool);
+            let unwritten = |gpa: u64| !vmm_wrote(mem, gpa);
+            let kz = fresh.never_ran.then_some(&unwritten as &dyn Fn(u64) -> bool);
             let (n, z) = apply_memory(mem, layout, msg, kz)?;
             stats.normal_pages += n;
             stats.zero_pages += z;
@@ -450,7 +446,7 @@ fn receive_main<T: Transport>(
     mem: &GuestMemory,
     layout: &Layout,
     version: u16,
-    fresh: Fresh<'_>,
+    fresh: Fresh,
     data_streams: bool,
     stats: &mut ReceiveStats,
 ) -> Result<(Option<Vec<u8>>, Sections), MigrationError> {
@@ -488,7 +484,7 @@ fn receive_main<T: Transport>(
             Message::Complete => break,
             Message::Abort(reason) => return Err(MigrationError::PeerAborted(reason)),
             other => {
-                if !take_pages(mem, layout, &other, fresh.known_zero, stats, &mut torn)? {
+                if !take_pages(mem, layout, &other, fresh, stats, &mut torn)? {
                     return Err(MigrationError::Protocol {
                         expected: "pages or state",
                         got: format!("{other:?}"),

@@ -326,7 +326,7 @@ fn send_stream<D: Transport>(
 pub(crate) fn receive_stream<D: Transport>(
     mem: &GuestMemory,
     layout: &Layout,
-    fresh: Fresh<'_>,
+    fresh: Fresh,
     mut t: D,
     index: usize,
     count: usize,
@@ -358,7 +358,7 @@ pub(crate) fn receive_stream<D: Transport>(
             match msg {
                 Message::Complete => break,
                 other => {
-                    if !take_pages(mem, layout, &other, fresh.known_zero, &mut stats, &mut torn)? {
+                    if !take_pages(mem, layout, &other, fresh, &mut stats, &mut torn)? {
                         return Err(MigrationError::Protocol {
                             expected: "pages on a data stream",
                             got: format!("{other:?}"),

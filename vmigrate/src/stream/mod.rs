@@ -164,7 +164,7 @@ pub fn header_crc(kind: Kind, payload: &[u8], header: &[u8]) -> u32 {
     match kind {
         Kind::LivePages => {
             let head = live_pages(payload.len()).map_or(payload.len(), live_head);
-            frame_crc(&payload[..head.min(payload.len())], header)
+            frame_crc(&payload[..head], header)
         }
         _ => frame_crc(payload, header),
     }

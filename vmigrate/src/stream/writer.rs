@@ -143,11 +143,23 @@ impl<W: Write> FrameWriter<W> {
         if self.compress && self.buf[at + 4..at + 6] == (Kind::Pages as u16).to_le_bytes() {
             self.try_compress(at);
         }
-        let len = (self.len - at - HEADER_LEN) as u32;
-        self.buf[at + 8..at + 12].copy_from_slice(&len.to_le_bytes());
         // One pass over the whole payload: far faster than page-sized CRC calls.
-        let crc = frame_crc(&self.buf[at + HEADER_LEN..self.len], &self.buf[at..at + 12]);
+        self.seal(at, self.len - at - HEADER_LEN, 0);
+        self.flush_if_full()
+    }
+
+    /// Fills in the header of the frame begun at `at`: its payload is what the buffer holds from
+    /// there on plus `outside` bytes the transport gets from elsewhere (live pages), and the
+    /// header checksum covers the first `covered` bytes of it.
+    fn seal(&mut self, at: usize, covered: usize, outside: usize) {
+        let len = (self.len - at - HEADER_LEN + outside) as u32;
+        self.buf[at + 8..at + 12].copy_from_slice(&len.to_le_bytes());
+        let crc = frame_crc(&self.buf[at + HEADER_LEN..at + HEADER_LEN + covered], &self.buf[at..at + 12]);
         self.buf[at + 12..at + 16].copy_from_slice(&crc.to_le_bytes());
+    }
+
+    /// Hands everything to the transport once `flush_at` bytes are waiting.
+    fn flush_if_full(&mut self) -> Result<(), StreamError> {
         if self.len + self.guest_bytes >= self.flush_at {
             self.hand_over()?;
         }
@@ -222,15 +234,8 @@ impl<W: Write> FrameWriter<W> {
                 self.put(&gpa.to_le_bytes());
                 self.put(sums);
                 self.put(data);
-                self.buf[at + 8..at + 12]
-                    .copy_from_slice(&((self.len - at - HEADER_LEN) as u32).to_le_bytes());
-                let head = (at + HEADER_LEN + 8 + sums.len()).min(self.len);
-                let crc = frame_crc(&self.buf[at + HEADER_LEN..head], &self.buf[at..at + 12]);
-                self.buf[at + 12..at + 16].copy_from_slice(&crc.to_le_bytes());
-                if self.len + self.guest_bytes >= self.flush_at {
-                    self.hand_over()?;
-                }
-                Ok(())
+                self.seal(at, 8 + sums.len(), 0);
+                self.flush_if_full()
             }
             Message::PagesWritten { .. } => Err(malformed(Kind::Pages, "PagesWritten is receive-side only")),
             Message::Complete => self.frame(Kind::Complete, &[]),
@@ -393,18 +398,13 @@ impl<W: Write> FrameWriter<W> {
         for page in bytes.chunks_exact(PAGE) {
             self.put(&page_crc(page).to_le_bytes());
         }
-        self.buf[at + 8..at + 12].copy_from_slice(&((live_head(len / PAGE) + len) as u32).to_le_bytes());
-        let crc = frame_crc(&self.buf[at + HEADER_LEN..self.len], &self.buf[at..at + 12]);
-        self.buf[at + 12..at + 16].copy_from_slice(&crc.to_le_bytes());
+        self.seal(at, live_head(len / PAGE), len);
         self.parts.push(Part::Buf { end: self.len });
         self.part_from = self.len;
         self.parts.push(Part::Guest { addr, len });
         self.guest_bytes += len;
         self.live_pages += (len / PAGE) as u64;
-        if self.len + self.guest_bytes >= self.flush_at {
-            self.hand_over()?;
-        }
-        Ok(())
+        self.flush_if_full()
     }
 
     /// Ends a `Pages` frame, or drops it if it holds no page.
