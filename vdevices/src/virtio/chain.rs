@@ -4,8 +4,9 @@ use std::num::Wrapping;
 use std::sync::atomic::Ordering;
 
 use vcore::GuestMemory;
-use virtio_queue::{Queue, QueueOwnedT, QueueT};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
+use virtio_queue::{Queue, QueueT};
+use vm_memory::bitmap::MS;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion, VolatileSlice};
 
 /// How the guest broke the split-queue protocol.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -167,7 +168,7 @@ const F_INDIRECT: u16 = 4;
 /// `Ok(None)` when the ring is empty (or the queue not ready).
 #[cfg(test)]
 fn pop_chain(queue: &mut Queue, mem: &GuestMemory) -> Result<Option<Chain>, ChainError> {
-    pop_seen(queue, mem, &mut None)
+    pop_seen(queue, mem, &mut Rings::default())
 }
 
 /// Copies `N` bytes of guest memory at `addr` with one region lookup and one copy (the generic
@@ -179,28 +180,113 @@ pub(crate) fn read_array<const N: usize>(mem: &GuestMemory, addr: u64) -> Option
     Some(out)
 }
 
-/// [`pop_chain`], reading the guest's avail index only when `seen` (the index read last time,
-/// kept by the caller across pops) says the ring is used up: with many chains pending, the
-/// device reads that cache line, which the driver keeps writing, once per batch instead of once
-/// per chain. The descriptor table is read directly (one region lookup per chain, not one per
-/// descriptor as `virtio-queue`'s iterator does); indirect descriptors are refused (no device
-/// offers `VIRTIO_F_INDIRECT_DESC`).
-pub(crate) fn pop_seen(
-    queue: &mut Queue,
+/// A host view of part of guest memory.
+type GuestSlice<'a> = VolatileSlice<'a, MS<'a, GuestMemory>>;
+
+/// What [`pop_seen`] keeps between the pops of one queue while a device serves it (the queue's
+/// addresses cannot change meanwhile: the driver writes them under the lock the device holds).
+#[derive(Debug, Default)]
+pub(super) struct Rings<'a> {
+    /// The avail index read last.
+    pub seen: Option<Wrapping<u16>>,
+    /// Whether `table` and `avail` were looked up.
+    mapped: bool,
+    /// The descriptor table, mapped once; `None` if no one mapping holds it (it spans two
+    /// adjacent memory regions: then each descriptor is looked up on its own).
+    table: Option<GuestSlice<'a>>,
+    /// The avail ring's entries, likewise.
+    avail: Option<GuestSlice<'a>>,
+    /// Guest addresses `[start, end)` of the memory region that held the last buffer checked:
+    /// most buffers are in it, and need no lookup.
+    region: (u64, u64),
+}
+
+impl<'a> Rings<'a> {
+    /// Maps `queue`'s descriptor table and avail entries, once.
+    fn map(&mut self, queue: &Queue, mem: &'a GuestMemory) {
+        if !self.mapped {
+            let size = usize::from(queue.size());
+            self.table = mem.get_slice(GuestAddress(queue.desc_table()), 16 * size).ok();
+            self.avail = mem.get_slice(GuestAddress(queue.avail_ring() + 4), 2 * size).ok();
+            self.mapped = true;
+        }
+    }
+
+    /// Whether the `len` bytes at `addr` are all guest memory.
+    fn holds(&mut self, mem: &GuestMemory, addr: u64, len: u32) -> bool {
+        let end = addr.checked_add(u64::from(len));
+        if end.is_some_and(|end| addr >= self.region.0 && end <= self.region.1) {
+            return true;
+        }
+        if !mem.check_range(GuestAddress(addr), len as usize) {
+            return false;
+        }
+        if let Some(r) = mem.find_region(GuestAddress(addr)) {
+            self.region = (r.start_addr().0, r.start_addr().0 + r.len());
+        }
+        true
+    }
+}
+
+/// `N` bytes at offset `at` of `ring` (mapped), or at guest address `addr` (not mapped).
+fn ring_bytes<const N: usize>(
+    ring: &Option<GuestSlice<'_>>,
+    at: usize,
     mem: &GuestMemory,
-    seen: &mut Option<Wrapping<u16>>,
+    addr: u64,
+) -> Option<[u8; N]> {
+    match ring {
+        Some(r) => r.subslice(at, N).ok().map(|s| {
+            let mut raw = [0u8; N];
+            s.copy_to(&mut raw[..]);
+            raw
+        }),
+        None => read_array::<N>(mem, addr),
+    }
+}
+
+/// Prefetches the first descriptor of up to 16 chains published between `next` and `avail`:
+/// the driver wrote them on another core, and walking the chains one by one would wait for
+/// each line in turn.
+fn prefetch_heads(queue: &Queue, mem: &GuestMemory, rings: &Rings<'_>, next: Wrapping<u16>, pending: u16) {
+    let size = queue.size();
+    for k in 0..pending.min(16) {
+        let slot = next.0.wrapping_add(k) % size;
+        let entry = ring_bytes::<2>(
+            &rings.avail,
+            2 * usize::from(slot),
+            mem,
+            queue.avail_ring() + 4 + 2 * u64::from(slot),
+        );
+        if let Some(head) = entry.map(u16::from_le_bytes).filter(|&h| h < size) {
+            crate::sys::prefetch(mem, queue.desc_table() + 16 * u64::from(head));
+        }
+    }
+}
+
+/// [`pop_chain`], reading the guest's avail index only when `rings.seen` (the index read last
+/// time, kept by the caller across pops) says the ring is used up: with many chains pending, the
+/// device reads that cache line, which the driver keeps writing, once per batch instead of once
+/// per chain. Then the first descriptors of the chains it announced are prefetched. The rings
+/// are mapped once per `rings` (not once per descriptor, as `virtio-queue`'s iterator does);
+/// indirect descriptors are refused (no device offers `VIRTIO_F_INDIRECT_DESC`).
+pub(super) fn pop_seen<'a>(
+    queue: &mut Queue,
+    mem: &'a GuestMemory,
+    rings: &mut Rings<'a>,
 ) -> Result<Option<Chain>, ChainError> {
     if !queue.ready() {
         return Ok(None);
     }
+    rings.map(queue, mem);
     let next = Wrapping(queue.next_avail());
     let size = queue.size();
-    let avail = match *seen {
-        Some(a) if a != next => a,
+    let (avail, fresh) = match rings.seen {
+        Some(a) if a != next => (a, false),
         _ => {
             let a = queue.avail_idx(mem, Ordering::Acquire).map_err(|e| ChainError::Ring(e.to_string()))?;
-            *seen = Some(a);
-            a
+            rings.seen = Some(a);
+            (a, true)
         }
     };
     let pending = (avail - next).0;
@@ -210,18 +296,19 @@ pub(crate) fn pop_seen(
     if pending > size {
         return Err(ChainError::AvailJump { avail: avail.0, next_avail: next.0, pending, size });
     }
+    if fresh {
+        prefetch_heads(queue, mem, rings, next, pending);
+    }
     // The ring entry was written before the index the Acquire load above read (or, with a
     // cached index, before the one an earlier pop read).
-    let slot = queue.avail_ring() + 4 + 2 * u64::from(next.0 % size);
-    let head = read_array::<2>(mem, slot).map(u16::from_le_bytes);
-    let head = head.ok_or_else(|| ChainError::Ring(format!("avail ring entry at {slot:#x}")))?;
+    let slot = next.0 % size;
+    let addr = queue.avail_ring() + 4 + 2 * u64::from(slot);
+    let head = ring_bytes::<2>(&rings.avail, 2 * usize::from(slot), mem, addr).map(u16::from_le_bytes);
+    let head = head.ok_or_else(|| ChainError::Ring(format!("avail ring entry at {addr:#x}")))?;
     if head >= size {
         return Err(ChainError::BadHead);
     }
     let base = queue.desc_table();
-    // One mapping for the whole table; a table that spans two adjacent memory regions (no one
-    // mapping holds it) is read descriptor by descriptor instead.
-    let table = mem.get_slice(GuestAddress(base), 16 * usize::from(size)).ok();
     // Most requests are header + data + status: one allocation, no regrowth.
     let mut descs = Vec::with_capacity(4);
     let mut seen_write = false;
@@ -231,17 +318,10 @@ pub(crate) fn pop_seen(
         if descs.len() == usize::from(size) {
             return Err(ChainError::Unterminated { head });
         }
+        // The table is 16-aligned (virtio-queue refuses anything else), so no descriptor spans
+        // two regions.
         let at = 16 * usize::from(i);
-        let raw = match &table {
-            Some(t) => t.subslice(at, 16).ok().map(|d| {
-                let mut raw = [0u8; 16];
-                d.copy_to(&mut raw[..]);
-                raw
-            }),
-            // The table is 16-aligned (virtio-queue refuses anything else), so no descriptor
-            // spans two regions.
-            None => read_array::<16>(mem, base + at as u64),
-        };
+        let raw = ring_bytes::<16>(&rings.table, at, mem, base + at as u64);
         let raw = raw.ok_or_else(|| ChainError::Ring(format!("descriptor {i} of the table at {base:#x}")))?;
         let [a0, a1, a2, a3, a4, a5, a6, a7, l0, l1, l2, l3, f0, f1, n0, n1] = raw;
         let flags = u16::from_le_bytes([f0, f1]);
@@ -253,7 +333,7 @@ pub(crate) fn pop_seen(
         if flags & F_INDIRECT != 0 {
             return Err(ChainError::Malformed("indirect descriptor (VIRTIO_F_INDIRECT_DESC is not offered)"));
         }
-        if !mem.check_range(GuestAddress(desc.addr), desc.len as usize) {
+        if !rings.holds(mem, desc.addr, desc.len) {
             return Err(ChainError::OutOfMemory { addr: desc.addr, len: desc.len });
         }
         if !desc.write && seen_write {
@@ -271,108 +351,6 @@ pub(crate) fn pop_seen(
     }
     queue.set_next_avail(next.0.wrapping_add(1));
     Ok(Some(Chain { head, descs }))
-}
-
-/// What a device sees of its queues while serving them.
-#[derive(Debug)]
-pub struct QueueCtx<'a> {
-    mem: &'a GuestMemory,
-    queues: &'a mut [Queue],
-    used: u64,
-    irq: Irq<'a>,
-    /// Queues whose buffers were too few, with the avail index the device had seen.
-    starved: Vec<(usize, u16)>,
-    /// The avail index last read, per queue (see [`pop_seen`]); queues past the 8th read it
-    /// every time.
-    seen: [Option<Wrapping<u16>>; 8],
-}
-
-/// The transport's interrupt, for [`QueueCtx::signal_used`].
-#[derive(Debug)]
-pub(crate) struct Irq<'a> {
-    /// The transport's `InterruptStatus`.
-    pub status: &'a std::sync::atomic::AtomicU32,
-    /// The irqfd.
-    pub evt: &'a vmm_sys_util::eventfd::EventFd,
-    /// The transport's interrupt counter.
-    pub raised: &'a mut u64,
-}
-
-impl Irq<'_> {
-    /// Sets `bits` in `InterruptStatus`, counts the interrupt and signals the irqfd.
-    pub(crate) fn raise(&mut self, bits: u32) {
-        self.status.fetch_or(bits, std::sync::atomic::Ordering::AcqRel);
-        *self.raised += 1;
-        // A full eventfd counter only means the interrupt is already pending.
-        let _ = self.evt.write(1);
-    }
-}
-
-impl<'a> QueueCtx<'a> {
-    /// A context over `queues` in `mem` that can raise the used-buffer interrupt while the
-    /// device works.
-    pub(crate) fn with_irq(mem: &'a GuestMemory, queues: &'a mut [Queue], irq: Irq<'a>) -> Self {
-        QueueCtx { mem, queues, used: 0, irq, starved: Vec::new(), seen: [None; 8] }
-    }
-    /// Interrupts the driver now for the used entries added to queue `q` so far, if it asked
-    /// for it (`used_event`), instead of when the device has served everything: a driver then
-    /// reaps and posts new requests while the device goes on with the rest. The transport
-    /// signals what is left when the device returns.
-    pub fn signal_used(&mut self, q: usize) {
-        if self.used & (1 << q) == 0 {
-            return;
-        }
-        let Some(queue) = self.queues.get_mut(q) else { return };
-        // A ring the guest moved out of memory: interrupt anyway, the driver resyncs.
-        if queue.needs_notification(self.mem).unwrap_or(true) {
-            self.irq.raise(crate::virtio::mmio::INT_VRING);
-        }
-    }
-    /// Guest memory.
-    pub fn mem(&self) -> &'a GuestMemory {
-        self.mem
-    }
-    /// The next chain of queue `q`, validated; `Ok(None)` when there is none.
-    pub fn pop(&mut self, q: usize) -> Result<Option<Chain>, ChainError> {
-        let mut fresh = None;
-        let seen = self.seen.get_mut(q).unwrap_or(&mut fresh);
-        match self.queues.get_mut(q) {
-            Some(queue) => pop_seen(queue, self.mem, seen),
-            None => Ok(None),
-        }
-    }
-    /// Says that the device leaves queue `q`'s buffers unused because they are too few for what
-    /// it must deliver (a frame that needs more receive buffers than the ring holds). Call it
-    /// after popping up to the end of the ring and before putting the chains back
-    /// ([`QueueCtx::unpop`]). The transport then asks the driver to notify on the very next
-    /// buffer it adds (with `VIRTIO_F_RING_EVENT_IDX`, `avail_event` goes to the avail index the
-    /// device saw, not to where it stopped), and serves the queue again if one arrived meanwhile.
-    pub fn wait_for_buffers(&mut self, q: usize) {
-        if let Some(queue) = self.queues.get(q) {
-            self.starved.push((q, queue.next_avail()));
-        }
-    }
-    /// The queues the device is waiting on ([`QueueCtx::wait_for_buffers`]).
-    pub(crate) fn starved(&self) -> &[(usize, u16)] {
-        &self.starved
-    }
-    /// Puts the last popped chain of queue `q` back (it will be popped again).
-    pub fn unpop(&mut self, q: usize) {
-        if let Some(queue) = self.queues.get_mut(q) {
-            queue.go_to_previous_position();
-        }
-    }
-    /// Returns chain `head` to the driver with `len` bytes written.
-    pub fn add_used(&mut self, q: usize, head: u16, len: u32) -> Result<(), ChainError> {
-        let queue = self.queues.get_mut(q).ok_or(ChainError::BadHead)?;
-        queue.add_used(self.mem, head, len).map_err(|e| ChainError::Used(e.to_string()))?;
-        self.used |= 1 << q;
-        Ok(())
-    }
-    /// Bitmask of queues that got used entries.
-    pub(crate) fn used_mask(&self) -> u64 {
-        self.used
-    }
 }
 
 #[cfg(test)]
@@ -482,25 +460,47 @@ mod tests {
     }
 
     #[test]
+    fn buffers_are_checked_in_the_cached_region_and_across_regions() {
+        let mem = GuestMemory::from_ranges(&[(GuestAddress(0), 0x10000), (GuestAddress(0x10000), 0x10000)])
+            .unwrap();
+        let (_, mut q) = setup(8);
+        let mut rings = Rings::default();
+        put_desc(&mem, 0, 0x8000, 16, 0, 0);
+        publish(&mem, 0, 0, 1);
+        assert!(pop_seen(&mut q, &mem, &mut rings).unwrap().is_some());
+        // Across the boundary of the cached region into the next one: still guest memory.
+        put_desc(&mem, 1, 0xff00, 0x200, 0, 0);
+        publish(&mem, 1, 1, 2);
+        assert!(pop_seen(&mut q, &mem, &mut rings).unwrap().is_some());
+        // Now the second region is cached; past its end is not memory.
+        put_desc(&mem, 2, 0x1ff00, 0x200, 0, 0);
+        publish(&mem, 2, 2, 3);
+        assert_eq!(
+            pop_seen(&mut q, &mem, &mut rings),
+            Err(ChainError::OutOfMemory { addr: 0x1ff00, len: 0x200 })
+        );
+    }
+
+    #[test]
     fn cached_avail_index_is_reread_when_used_up() {
         let (mem, mut q) = setup(8);
         for i in 0..4 {
             put_desc(&mem, i, 0x8000 + 0x100 * u64::from(i), 16, 0, 0);
         }
         publish(&mem, 0, 0, 1);
-        let mut seen = None;
-        assert_eq!(pop_seen(&mut q, &mem, &mut seen).unwrap().unwrap().head, 0);
-        assert_eq!(seen, Some(Wrapping(1)));
-        assert_eq!(pop_seen(&mut q, &mem, &mut seen).unwrap(), None);
+        let mut rings = Rings::default();
+        assert_eq!(pop_seen(&mut q, &mem, &mut rings).unwrap().unwrap().head, 0);
+        assert_eq!(rings.seen, Some(Wrapping(1)));
+        assert_eq!(pop_seen(&mut q, &mem, &mut rings).unwrap(), None);
         // Two more arrive: the used-up cache is read again, then serves both without a read.
         publish(&mem, 1, 1, 2);
         publish(&mem, 2, 2, 3);
-        assert_eq!(pop_seen(&mut q, &mem, &mut seen).unwrap().unwrap().head, 1);
+        assert_eq!(pop_seen(&mut q, &mem, &mut rings).unwrap().unwrap().head, 1);
         publish(&mem, 3, 3, 4);
-        assert_eq!(pop_seen(&mut q, &mem, &mut seen).unwrap().unwrap().head, 2);
-        assert_eq!(seen, Some(Wrapping(3)));
-        assert_eq!(pop_seen(&mut q, &mem, &mut seen).unwrap().unwrap().head, 3);
-        assert_eq!(pop_seen(&mut q, &mem, &mut seen).unwrap(), None);
+        assert_eq!(pop_seen(&mut q, &mem, &mut rings).unwrap().unwrap().head, 2);
+        assert_eq!(rings.seen, Some(Wrapping(3)));
+        assert_eq!(pop_seen(&mut q, &mem, &mut rings).unwrap().unwrap().head, 3);
+        assert_eq!(pop_seen(&mut q, &mem, &mut rings).unwrap(), None);
     }
 
     #[test]

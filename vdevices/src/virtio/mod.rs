@@ -12,6 +12,7 @@ pub mod balloon;
 pub mod block;
 mod chain;
 pub mod console;
+mod ctx;
 pub mod mmio;
 pub mod net;
 pub mod packed;
@@ -22,7 +23,8 @@ use std::os::fd::RawFd;
 use serde::{Deserialize, Serialize};
 use virtio_queue::Queue;
 
-pub use chain::{Chain, ChainError, Desc, QueueCtx, Segs};
+pub use chain::{Chain, ChainError, Desc, Segs};
+pub use ctx::QueueCtx;
 
 /// `VIRTIO_F_INDIRECT_DESC`: the driver may use indirect descriptor tables.
 pub const VIRTIO_F_INDIRECT_DESC: u64 = 1 << 28;

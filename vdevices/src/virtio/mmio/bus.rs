@@ -59,7 +59,7 @@ impl BusDevice for MmioTransport {
         let mut inner = self.lock();
         if offset >= reg::CONFIG {
             inner.device.write_config(offset - reg::CONFIG, data);
-            self.after_work(&mut inner, 0);
+            self.after_work(&mut inner, false);
             return;
         }
         let Ok(bytes) = <[u8; 4]>::try_from(data) else { return };

@@ -18,7 +18,7 @@ use virtio_queue::{Queue, QueueState, QueueT};
 use vm_memory::{Bytes as _, GuestAddress};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
-use super::chain::Irq;
+use super::ctx::Irq;
 use super::{DeviceError, DeviceState, QueueCtx, VIRTIO_F_VERSION_1, VirtioDevice};
 
 /// Size of one virtio-mmio device's register window.
@@ -262,7 +262,7 @@ impl MmioTransport {
     pub fn with_device<R>(&self, f: impl FnOnce(&mut dyn VirtioDevice) -> R) -> R {
         let mut inner = self.lock();
         let r = f(inner.device.as_mut());
-        self.after_work(&mut inner, 0);
+        self.after_work(&mut inner, false);
         r
     }
 
@@ -270,7 +270,7 @@ impl MmioTransport {
     /// generation and raises a configuration-change interrupt).
     pub fn config_changed(&self) {
         let mut inner = self.lock();
-        self.after_work(&mut inner, 0);
+        self.after_work(&mut inner, false);
     }
 
     /// Swaps the device behind the transport for the one `make` builds from the current
@@ -384,7 +384,14 @@ impl MmioTransport {
         let irq = self.irq(stats);
         let mut ctx = QueueCtx::with_irq(mem, queues, irq);
         let res = work(device.as_mut(), &mut ctx);
+        ctx.publish_all();
         let used = ctx.used_mask();
+        let mut notify = false;
+        for q in 0..64 {
+            if used & (1 << q) != 0 {
+                notify |= ctx.needs_notification(q);
+            }
+        }
         let starved = ctx.starved().to_vec();
         if let Err(e) = res {
             let mut msg = e.to_string();
@@ -398,7 +405,7 @@ impl MmioTransport {
             inner.status |= status::DEVICE_NEEDS_RESET;
             self.raise(inner, INT_CONFIG);
         }
-        self.after_work(inner, used);
+        self.after_work(inner, notify);
         Self::rearm(inner, &starved)
     }
 
@@ -431,17 +438,12 @@ impl MmioTransport {
         served
     }
 
-    fn after_work(&self, inner: &mut Inner, used: u64) {
+    /// Raises what the device's work calls for: the configuration interrupt if it changed its
+    /// configuration, the used-buffer interrupt if `notify` (a queue's driver asked for one).
+    fn after_work(&self, inner: &mut Inner, notify: bool) {
         if inner.device.take_config_changed() {
             inner.config_generation = inner.config_generation.wrapping_add(1);
             self.raise(inner, INT_CONFIG);
-        }
-        let mut notify = false;
-        for (q, queue) in inner.queues.iter_mut().enumerate() {
-            if used & (1 << q) != 0 {
-                // A ring the guest moved out of memory: interrupt anyway, the driver resyncs.
-                notify |= queue.needs_notification(&inner.mem).unwrap_or(true);
-            }
         }
         if notify {
             self.raise(inner, INT_VRING);
