@@ -132,7 +132,7 @@ pub struct Block {
     stats: BlockStats,
     /// Reads or writes parsed but not yet served (empty between notifications).
     batch: Batch,
-    /// Chains popped ahead of parsing (see `serve_queue`); empty between notifications.
+    /// Chains popped ahead of parsing (see `serve_queue`), kept to reuse their buffer lists.
     ahead: Vec<Chain>,
     /// Told of every write and discard once it reached the file, before the guest sees it done.
     observer: Observer,
@@ -346,7 +346,7 @@ impl Block {
     /// I/O, anything else is served alone, in ring order.
     ///
     /// Chains are popped a batch ahead of parsing, and each one's header is prefetched as it is
-    /// popped: the driver wrote the headers on another core, and reading them one by one, each
+    /// popped ([`QueueCtx::pop_into`]): the driver wrote the headers on another core, and reading them one by one, each
     /// right after its chain, waited for every cache line in turn (measured per request with 32
     /// 4 KiB reads in flight: parsing 70–76 ns before, 40 ns after).
     fn serve_queue(&mut self, queue: usize, ctx: &mut QueueCtx<'_>) -> Result<(), ChainError> {
@@ -354,35 +354,30 @@ impl Block {
         let writable = !self.config.read_only;
         let mut ahead = std::mem::take(&mut self.ahead);
         let res = loop {
-            let mut failed = None;
-            while ahead.len() < MAX_MERGE_REQS {
-                match ctx.pop(queue) {
-                    Ok(Some(chain)) => {
-                        if let Some(d) = chain.descs.first() {
-                            crate::sys::prefetch(ctx.mem(), d.addr);
-                        }
-                        ahead.push(chain);
-                    }
-                    Ok(None) => break,
+            let (mut n, mut failed) = (0, None);
+            while n < MAX_MERGE_REQS {
+                if ahead.len() == n {
+                    ahead.push(Chain { head: 0, descs: Vec::with_capacity(4) });
+                }
+                match ctx.pop_into(queue, &mut ahead[n]) {
+                    Ok(true) => n += 1,
+                    Ok(false) => break,
                     Err(e) => {
                         failed = Some(e);
                         break;
                     }
                 }
             }
-            let more = failed.is_none() && !ahead.is_empty();
-            if let Err(e) = self.serve_chains(queue, ctx, &ahead, capacity, writable) {
+            if let Err(e) = self.serve_chains(queue, ctx, &ahead[..n], capacity, writable) {
                 break Err(e);
             }
-            ahead.clear();
             if let Some(e) = failed {
                 break self.submit(queue, ctx).and(Err(e));
             }
-            if !more {
+            if n == 0 {
                 break self.submit(queue, ctx).map(|_| ());
             }
         };
-        ahead.clear();
         self.ahead = ahead;
         res
     }

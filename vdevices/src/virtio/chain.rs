@@ -196,9 +196,17 @@ pub(super) struct Rings<'a> {
     table: Option<GuestSlice<'a>>,
     /// The avail ring's entries, likewise.
     avail: Option<GuestSlice<'a>>,
-    /// Guest addresses `[start, end)` of the memory region that held the last buffer checked:
-    /// most buffers are in it, and need no lookup.
-    region: (u64, u64),
+    /// The memory region that held the last buffer checked: most buffers are in it, and need
+    /// no lookup.
+    region: Span,
+}
+
+/// A memory region: guest addresses `[start, end)`, mapped at host address `host`.
+#[derive(Debug, Default, Clone, Copy)]
+struct Span {
+    start: u64,
+    end: u64,
+    host: usize,
 }
 
 impl<'a> Rings<'a> {
@@ -215,16 +223,25 @@ impl<'a> Rings<'a> {
     /// Whether the `len` bytes at `addr` are all guest memory.
     fn holds(&mut self, mem: &GuestMemory, addr: u64, len: u32) -> bool {
         let end = addr.checked_add(u64::from(len));
-        if end.is_some_and(|end| addr >= self.region.0 && end <= self.region.1) {
+        if end.is_some_and(|end| addr >= self.region.start && end <= self.region.end) {
             return true;
         }
         if !mem.check_range(GuestAddress(addr), len as usize) {
             return false;
         }
         if let Some(r) = mem.find_region(GuestAddress(addr)) {
-            self.region = (r.start_addr().0, r.start_addr().0 + r.len());
+            let start = r.start_addr().0;
+            self.region = Span { start, end: start + r.len(), host: r.as_ptr() as usize };
         }
         true
+    }
+
+    /// Prefetches the cache line of guest address `addr` if it is in the last region checked
+    /// (see [`crate::sys::prefetch`]).
+    fn prefetch(&self, addr: u64) {
+        if addr >= self.region.start && addr < self.region.end {
+            crate::sys::prefetch(self.region.host + (addr - self.region.start) as usize);
+        }
     }
 }
 
@@ -258,23 +275,40 @@ fn prefetch_heads(queue: &Queue, mem: &GuestMemory, rings: &Rings<'_>, next: Wra
             mem,
             queue.avail_ring() + 4 + 2 * u64::from(slot),
         );
-        if let Some(head) = entry.map(u16::from_le_bytes).filter(|&h| h < size) {
-            crate::sys::prefetch(mem, queue.desc_table() + 16 * u64::from(head));
+        if let (Some(head), Some(table)) = (entry.map(u16::from_le_bytes).filter(|&h| h < size), &rings.table)
+        {
+            crate::sys::prefetch(table.ptr_guard().as_ptr() as usize + 16 * usize::from(head));
         }
     }
 }
 
-/// [`pop_chain`], reading the guest's avail index only when `rings.seen` (the index read last
-/// time, kept by the caller across pops) says the ring is used up: with many chains pending, the
-/// device reads that cache line, which the driver keeps writing, once per batch instead of once
-/// per chain. Then the first descriptors of the chains it announced are prefetched. The rings
-/// are mapped once per `rings` (not once per descriptor, as `virtio-queue`'s iterator does);
-/// indirect descriptors are refused (no device offers `VIRTIO_F_INDIRECT_DESC`).
+/// [`pop_chain`] with what `rings` keeps between pops.
 pub(super) fn pop_seen<'a>(
     queue: &mut Queue,
     mem: &'a GuestMemory,
     rings: &mut Rings<'a>,
 ) -> Result<Option<Chain>, ChainError> {
+    let mut descs = Vec::with_capacity(4);
+    Ok(pop_into(queue, mem, rings, &mut descs)?.map(|head| Chain { head, descs }))
+}
+
+/// Validates the chain at the next available position of `queue`, puts its buffers in `descs`
+/// (emptied first) and advances past it; returns its head, `None` if there is none.
+///
+/// It reads the guest's avail index only when `rings.seen` (the index read last time, kept by
+/// the caller across pops) says the ring is used up: with many chains pending, the device reads
+/// that cache line, which the driver keeps writing, once per batch instead of once per chain.
+/// Then the first descriptors of the chains it announced are prefetched, and each chain's first
+/// buffer (a request header, mostly) as the chain is returned. The rings are mapped once per
+/// `rings` (not once per descriptor, as `virtio-queue`'s iterator does); indirect descriptors
+/// are refused (no device offers `VIRTIO_F_INDIRECT_DESC`).
+pub(super) fn pop_into<'a>(
+    queue: &mut Queue,
+    mem: &'a GuestMemory,
+    rings: &mut Rings<'a>,
+    descs: &mut Vec<Desc>,
+) -> Result<Option<u16>, ChainError> {
+    descs.clear();
     if !queue.ready() {
         return Ok(None);
     }
@@ -309,8 +343,6 @@ pub(super) fn pop_seen<'a>(
         return Err(ChainError::BadHead);
     }
     let base = queue.desc_table();
-    // Most requests are header + data + status: one allocation, no regrowth.
-    let mut descs = Vec::with_capacity(4);
     let mut seen_write = false;
     let mut i = head;
     loop {
@@ -350,7 +382,10 @@ pub(super) fn pop_seen<'a>(
         }
     }
     queue.set_next_avail(next.0.wrapping_add(1));
-    Ok(Some(Chain { head, descs }))
+    if let Some(d) = descs.first() {
+        rings.prefetch(d.addr);
+    }
+    Ok(Some(head))
 }
 
 #[cfg(test)]

@@ -22,7 +22,7 @@ use vm_memory::bitmap::Bitmap;
 use vm_memory::volatile_memory::VolatileSlice;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
-use super::chain::{Chain, ChainError, Rings, pop_seen};
+use super::chain::{Chain, ChainError, Rings, pop_into, pop_seen};
 
 /// How many queues a [`QueueCtx`] tracks with fixed-size state (the avail index read last, the
 /// used index last signalled). Queues past these work, only less efficiently (see the fields).
@@ -141,6 +141,21 @@ impl<'a> QueueCtx<'a> {
             Some(queue) => pop_seen(queue, self.mem, rings),
             None => Ok(None),
         }
+    }
+    /// [`QueueCtx::pop`] into `chain`, reusing its buffer list: `Ok(false)` (and `chain`
+    /// emptied) when there is none.
+    pub fn pop_into(&mut self, q: usize, chain: &mut Chain) -> Result<bool, ChainError> {
+        let mut fresh = Rings::default();
+        let rings = self.rings.get_mut(q).unwrap_or(&mut fresh);
+        let head = match self.queues.get_mut(q) {
+            Some(queue) => pop_into(queue, self.mem, rings, &mut chain.descs)?,
+            None => {
+                chain.descs.clear();
+                None
+            }
+        };
+        chain.head = head.unwrap_or(0);
+        Ok(head.is_some())
     }
     /// Says that the device leaves queue `q`'s buffers unused because they are too few for what
     /// it must deliver (a frame that needs more receive buffers than the ring holds). Call it
