@@ -124,7 +124,7 @@ impl<'a> QueueCtx<'a> {
     /// everything: a driver then reaps and posts new requests while the device goes on with the
     /// rest. The transport publishes and signals what is left when the device returns.
     pub fn signal_used(&mut self, q: usize) {
-        self.publish(q);
+        self.publish_used(q);
         if self.needs_notification(q) {
             self.irq.raise(crate::virtio::mmio::INT_VRING);
         }
@@ -228,9 +228,12 @@ impl<'a> QueueCtx<'a> {
         }
         self.n_marks = 0;
     }
-    /// Stores queue `q`'s used index if entries were added since it was last stored, and marks
-    /// the ring and the deferred writes dirty.
-    fn publish(&mut self, q: usize) {
+    /// Makes the used entries added to queue `q` so far visible to the driver now (stores the
+    /// used index, marks the ring and the deferred writes dirty), without an interrupt: for a
+    /// device that completes one buffer at a time while it keeps working, such as a received
+    /// frame, so that a driver polling the ring takes each at once. The interrupt follows when
+    /// the device returns, or at [`QueueCtx::signal_used`].
+    pub fn publish_used(&mut self, q: usize) {
         if self.unpublished & (1 << q) == 0 {
             return;
         }
@@ -252,7 +255,7 @@ impl<'a> QueueCtx<'a> {
         while left != 0 {
             let q = left.trailing_zeros() as usize;
             left &= left - 1;
-            self.publish(q);
+            self.publish_used(q);
         }
         self.flush_marks();
     }

@@ -194,6 +194,7 @@ impl Net {
             self.stats.rx_frames += 1;
             self.stats.rx_bytes += (n - HDR_LEN) as u64;
             ctx.add_used(RX_QUEUE, chain.head, n as u32).map_err(DeviceError::chain(RX_QUEUE))?;
+            ctx.publish_used(RX_QUEUE);
         }
     }
 
@@ -234,6 +235,7 @@ impl Net {
             ctx.add_used(RX_QUEUE, *head, take as u32).map_err(DeviceError::chain(RX_QUEUE))?;
             at += take;
         }
+        ctx.publish_used(RX_QUEUE);
         self.stats.rx_frames += 1;
         self.stats.rx_bytes += (n - HDR_LEN) as u64;
         self.rx_chains = chains;
