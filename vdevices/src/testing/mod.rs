@@ -188,6 +188,11 @@ impl Driver {
         &self.guest
     }
 
+    /// Guest address of queue `q`'s used ring (set up by [`Driver::init`]).
+    pub fn used_ring(&self, q: usize) -> Option<u64> {
+        self.queues.get(q).map(|dq| dq.used)
+    }
+
     /// Interrupts seen so far.
     pub fn interrupts(&self) -> u64 {
         self.interrupts
