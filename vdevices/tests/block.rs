@@ -3,7 +3,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{blk_hdr, rig, temp_image};
+use common::{blk_hdr, rig, settle, temp_image};
 use vdevices::testing::DESC_F_WRITE;
 use vdevices::virtio::VIRTIO_F_VERSION_1;
 use vdevices::virtio::block::{Block, BlockConfig, F_DISCARD, F_FLUSH, F_RO, req, req_status};
@@ -122,6 +122,7 @@ fn adjacent_requests_merge_and_keep_their_data() {
     let (path, dev) = block("merge.img", false);
     let mut r = rig(dev);
     r.driver.init(u64::MAX, 128).unwrap();
+    settle(&r);
     // 8 writes of 4 KiB at sectors 40, 48, ..., 96; odd ones split over two buffers.
     let data: Vec<Vec<u8>> = (0..8).map(|i| pattern(i, 4096)).collect();
     let writes: Vec<_> = (0..8u64)
@@ -179,6 +180,7 @@ fn mixed_batch_keeps_order_and_fails_only_the_bad_request() {
     let (path, dev) = block("mix.img", false);
     let mut r = rig(dev);
     r.driver.init(u64::MAX, 128).unwrap();
+    settle(&r);
     let before = std::fs::read(&path).unwrap();
     let new = pattern(9, 2048);
     let ps = [
@@ -219,6 +221,7 @@ fn short_merged_read_falls_back_to_single_requests() {
     let (path, dev) = block("short.img", false);
     let mut r = rig(dev);
     r.driver.init(u64::MAX, 64).unwrap();
+    settle(&r);
     let before = std::fs::read(&path).unwrap();
     std::fs::OpenOptions::new().write(true).open(&path).unwrap().set_len((1 << 20) - 8192).unwrap();
     let ps: Vec<_> = (0..4u64)

@@ -23,6 +23,18 @@ pub fn rig(device: Box<dyn VirtioDevice>) -> Rig {
     Rig { events, driver }
 }
 
+/// Waits until the event loop has served the notification the transport gives itself at
+/// `DRIVER_OK` (for buffers posted before it). Requests posted after this are served by the
+/// test's own notification only, all together: tests that count merged requests need that, or
+/// a busy host can let that first serve take the first request alone. (`stats` takes the
+/// transport's lock, which a serve holds throughout, so a count of one means it is over.)
+pub fn settle(r: &Rig) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while r.driver.transport().stats().notifications == 0 && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+}
+
 /// A temporary file with `len` bytes of a recognizable pattern.
 pub fn temp_image(name: &str, len: usize) -> PathBuf {
     let p = std::env::temp_dir().join(format!("vdevices-{}-{name}", std::process::id()));
