@@ -479,6 +479,12 @@ impl Envelope {
     /// Decodes bytes made by [`Envelope::encode`] of the current version.
     pub fn decode<T: DeserializeOwned>(&self, bytes: &[u8]) -> Result<T, StateError> {
         let (_, payload) = self.open(bytes)?;
+        Self::decode_payload(payload)
+    }
+
+    /// Decodes a payload that [`Envelope::open`] returned, as the structure of the version it
+    /// found (an older minor version has structures of its own).
+    pub fn decode_payload<T: DeserializeOwned>(payload: &[u8]) -> Result<T, StateError> {
         postcard::from_bytes(payload).map_err(StateError::Decode)
     }
 }

@@ -23,6 +23,7 @@ use vm_memory::volatile_memory::VolatileSlice;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
 use super::chain::{Chain, ChainError, Rings, pop_into, pop_seen};
+use super::packed::{PackedPos, PackedQueue};
 
 /// How many queues a [`QueueCtx`] tracks with fixed-size state (the avail index read last, the
 /// used index last signalled). Queues past these work, only less efficiently (see the fields).
@@ -38,8 +39,16 @@ pub struct QueueCtx<'a> {
     queues: &'a mut [Queue],
     used: u64,
     irq: Irq<'a>,
-    /// Queues whose buffers were too few, with the avail index the device had seen.
-    starved: Vec<(usize, u16)>,
+    /// Queues whose buffers were too few, with where the device had seen the ring end.
+    starved: Vec<Starved>,
+    /// The packed rings, when the driver negotiated `VIRTIO_F_RING_PACKED` (then `queues` only
+    /// hold the registers).
+    packed: Option<&'a mut [PackedQueue]>,
+    /// Chains popped from packed rings in this serve: queue, buffer ID, where the ring stood
+    /// (for [`QueueCtx::unpop`]).
+    packed_popped: Vec<(usize, u16, PackedPos)>,
+    /// Packed queues with buffers used since their interrupt was last decided on.
+    packed_added: u64,
     /// What popping keeps per queue (see [`pop_seen`]); queues past the 8th start afresh
     /// every time.
     rings: [Rings<'a>; TRACKED],
@@ -52,6 +61,19 @@ pub struct QueueCtx<'a> {
     marks: [(u64, u32); MARKS],
     /// How many of `marks` are in use.
     n_marks: usize,
+}
+
+/// A queue the device waits on for more buffers ([`QueueCtx::wait_for_buffers`]): where it saw
+/// the ring end (a split ring's avail index; a packed ring's first unavailable descriptor and
+/// its wrap counter).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Starved {
+    /// The queue.
+    pub q: usize,
+    /// Avail index (split) or descriptor position (packed).
+    pub at: u16,
+    /// The wrap counter at `at` (packed only).
+    pub wrap: bool,
 }
 
 /// The transport's interrupt, for [`QueueCtx::signal_used`].
@@ -101,7 +123,12 @@ fn used_ring_len(queue: &Queue) -> usize {
 impl<'a> QueueCtx<'a> {
     /// A context over `queues` in `mem` that can raise the used-buffer interrupt while the
     /// device works.
-    pub(crate) fn with_irq(mem: &'a GuestMemory, queues: &'a mut [Queue], irq: Irq<'a>) -> Self {
+    pub(crate) fn with_irq(
+        mem: &'a GuestMemory,
+        queues: &'a mut [Queue],
+        packed: Option<&'a mut [PackedQueue]>,
+        irq: Irq<'a>,
+    ) -> Self {
         let mut told = [Wrapping(0); TRACKED];
         for (t, q) in told.iter_mut().zip(queues.iter()) {
             *t = Wrapping(q.next_used());
@@ -112,6 +139,9 @@ impl<'a> QueueCtx<'a> {
             used: 0,
             irq,
             starved: Vec::new(),
+            packed,
+            packed_popped: Vec::new(),
+            packed_added: 0,
             rings: std::array::from_fn(|_| Rings::default()),
             told,
             unpublished: 0,
@@ -135,6 +165,9 @@ impl<'a> QueueCtx<'a> {
     }
     /// The next chain of queue `q`, validated; `Ok(None)` when there is none.
     pub fn pop(&mut self, q: usize) -> Result<Option<Chain>, ChainError> {
+        if self.packed.is_some() {
+            return self.pop_packed(q);
+        }
         let mut fresh = Rings::default();
         let rings = self.rings.get_mut(q).unwrap_or(&mut fresh);
         match self.queues.get_mut(q) {
@@ -145,6 +178,18 @@ impl<'a> QueueCtx<'a> {
     /// [`QueueCtx::pop`] into `chain`, reusing its buffer list: `Ok(false)` (and `chain`
     /// emptied) when there is none.
     pub fn pop_into(&mut self, q: usize, chain: &mut Chain) -> Result<bool, ChainError> {
+        if self.packed.is_some() {
+            return Ok(match self.pop_packed(q)? {
+                Some(c) => {
+                    *chain = c;
+                    true
+                }
+                None => {
+                    chain.descs.clear();
+                    false
+                }
+            });
+        }
         let mut fresh = Rings::default();
         let rings = self.rings.get_mut(q).unwrap_or(&mut fresh);
         let head = match self.queues.get_mut(q) {
@@ -157,6 +202,17 @@ impl<'a> QueueCtx<'a> {
         chain.head = head.unwrap_or(0);
         Ok(head.is_some())
     }
+    /// [`QueueCtx::pop`] on a packed ring: the chain's `head` is its buffer ID.
+    fn pop_packed(&mut self, q: usize) -> Result<Option<Chain>, ChainError> {
+        let Some(p) = self.packed.as_deref_mut().and_then(|p| p.get_mut(q)) else { return Ok(None) };
+        if !self.queues.get(q).is_some_and(|x| x.ready()) {
+            return Ok(None);
+        }
+        Ok(p.pop(self.mem)?.map(|(chain, before)| {
+            self.packed_popped.push((q, chain.head, before));
+            chain
+        }))
+    }
     /// Says that the device leaves queue `q`'s buffers unused because they are too few for what
     /// it must deliver (a frame that needs more receive buffers than the ring holds). Call it
     /// after popping up to the end of the ring and before putting the chains back
@@ -164,17 +220,25 @@ impl<'a> QueueCtx<'a> {
     /// buffer it adds (with `VIRTIO_F_RING_EVENT_IDX`, `avail_event` goes to the avail index the
     /// device saw, not to where it stopped), and serves the queue again if one arrived meanwhile.
     pub fn wait_for_buffers(&mut self, q: usize) {
-        if let Some(queue) = self.queues.get(q) {
-            self.starved.push((q, queue.next_avail()));
+        if let Some(p) = self.packed.as_deref().and_then(|p| p.get(q)) {
+            self.starved.push(Starved { q, at: p.ring.next_avail, wrap: p.ring.avail_wrap });
+        } else if let Some(queue) = self.queues.get(q) {
+            self.starved.push(Starved { q, at: queue.next_avail(), wrap: false });
         }
     }
     /// The queues the device is waiting on ([`QueueCtx::wait_for_buffers`]).
-    pub(crate) fn starved(&self) -> &[(usize, u16)] {
+    pub(crate) fn starved(&self) -> &[Starved] {
         &self.starved
     }
     /// Puts the last popped chain of queue `q` back (it will be popped again).
     pub fn unpop(&mut self, q: usize) {
-        if let Some(queue) = self.queues.get_mut(q) {
+        if let Some(p) = self.packed.as_deref_mut() {
+            let Some(k) = self.packed_popped.iter().rposition(|&(pq, _, _)| pq == q) else { return };
+            let (_, id, before) = self.packed_popped.remove(k);
+            if let Some(pq) = p.get_mut(q) {
+                pq.unpop(id, before);
+            }
+        } else if let Some(queue) = self.queues.get_mut(q) {
             queue.go_to_previous_position();
         }
     }
@@ -182,6 +246,13 @@ impl<'a> QueueCtx<'a> {
     /// used index is published ([`QueueCtx::signal_used`], or when the device returns).
     pub fn add_used(&mut self, q: usize, head: u16, len: u32) -> Result<(), ChainError> {
         let mem = self.mem;
+        if let Some(p) = self.packed.as_deref_mut() {
+            // A packed ring's used descriptor is visible to the driver at once.
+            p.get_mut(q).ok_or(ChainError::BadHead)?.complete(mem, head, len)?;
+            self.used |= 1 << q;
+            self.packed_added |= 1 << q;
+            return Ok(());
+        }
         let queue = self.queues.get_mut(q).ok_or(ChainError::BadHead)?;
         if head >= queue.size() {
             return Err(ChainError::BadHead);
@@ -264,6 +335,14 @@ impl<'a> QueueCtx<'a> {
     /// them (as Linux's `virtqueue_kick_prepare` decides on the other side); without it, always
     /// when there are any.
     pub(crate) fn needs_notification(&mut self, q: usize) -> bool {
+        if let Some(p) = self.packed.as_deref_mut() {
+            if self.packed_added & (1 << q) == 0 {
+                return false;
+            }
+            self.packed_added &= !(1 << q);
+            // A driver event structure outside memory: interrupt anyway, the driver resyncs.
+            return p.get_mut(q).is_none_or(|p| p.ring.needs_notification(self.mem).unwrap_or(true));
+        }
         let Some(queue) = self.queues.get(q) else { return false };
         let now = Wrapping(queue.next_used());
         let Some(told) = self.told.get_mut(q) else { return true };
@@ -338,7 +417,7 @@ mod tests {
         let (mem, mut queues) = setup(true, USED);
         let (status, evt, mut raised) = (AtomicU32::new(0), EventFd::new(EFD_NONBLOCK).unwrap(), 0);
         let irq = Irq { status: &status, evt: &evt, raised: &mut raised };
-        let mut ctx = QueueCtx::with_irq(&mem, &mut queues, irq);
+        let mut ctx = QueueCtx::with_irq(&mem, &mut queues, None, irq);
         ctx.add_used(0, 3, 100).unwrap();
         ctx.add_used(0, 5, 200).unwrap();
         ctx.write_deferred(0x9000, &[7]).unwrap();
@@ -372,7 +451,7 @@ mod tests {
         let (mem, mut queues) = setup(false, USED);
         let (status, evt, mut raised) = (AtomicU32::new(0), EventFd::new(EFD_NONBLOCK).unwrap(), 0);
         let irq = Irq { status: &status, evt: &evt, raised: &mut raised };
-        let mut ctx = QueueCtx::with_irq(&mem, &mut queues, irq);
+        let mut ctx = QueueCtx::with_irq(&mem, &mut queues, None, irq);
         assert_eq!(ctx.add_used(0, SIZE, 0), Err(ChainError::BadHead));
         assert_eq!(ctx.add_used(1, 0, 0), Err(ChainError::BadHead));
         assert!(ctx.write_deferred(0x10_0000 - 1, &[1, 2]).is_err());
@@ -380,7 +459,7 @@ mod tests {
         // A used ring the guest placed outside memory.
         let (mem, mut queues) = setup(false, 0x20_0000);
         let irq = Irq { status: &status, evt: &evt, raised: &mut raised };
-        let mut ctx = QueueCtx::with_irq(&mem, &mut queues, irq);
+        let mut ctx = QueueCtx::with_irq(&mem, &mut queues, None, irq);
         assert!(matches!(ctx.add_used(0, 0, 0), Err(ChainError::Used(_))));
     }
 
@@ -396,7 +475,7 @@ mod tests {
             let (mem, mut queues) = setup(event_idx, USED);
             let (status, evt, mut raised) = (AtomicU32::new(0), EventFd::new(EFD_NONBLOCK).unwrap(), 0);
             let irq = Irq { status: &status, evt: &evt, raised: &mut raised };
-            let mut ctx = QueueCtx::with_irq(&mem, &mut queues, irq);
+            let mut ctx = QueueCtx::with_irq(&mem, &mut queues, None, irq);
             let (mut added, mut told) = (Wrapping(0u16), Wrapping(0u16));
             for (n, ahead, signal) in steps {
                 // The driver points `used_event` somewhere around what it has seen.

@@ -8,10 +8,12 @@
 //! descriptors), marks buffers used, and implements both event suppression structures (the
 //! driver's, read to decide on interrupts; the device's, written to ask for notifications).
 //!
-//! The transport does not offer `VIRTIO_F_RING_PACKED` yet: this is the ring itself, tested
-//! against a model driver below; wiring it into [`super::QueueCtx`], the transport's state and
-//! the test driver comes next.
+//! [`PackedQueue`] adds what the device keeps between serves (the buffers in flight, whose
+//! descriptor counts [`PackedRing::add_used`] needs); the transport offers packed rings when
+//! asked to ([`super::mmio::MmioTransport::offer_packed`]) and [`super::QueueCtx`] serves them
+//! to devices like split ones.
 
+use std::collections::BTreeMap;
 use std::sync::atomic::{Ordering, fence};
 
 use serde::{Deserialize, Serialize};
@@ -245,6 +247,19 @@ impl PackedRing {
         Ok(Self::is_avail(self.flags_at(mem, self.next_avail)?, self.avail_wrap))
     }
 
+    /// Asks the driver to notify for every buffer it makes available (for a device that waits
+    /// for more buffers than the ring held), and returns whether the descriptor at `at`, the
+    /// first the device found unavailable (with wrap counter `wrap`), has become available
+    /// meanwhile.
+    pub fn notify_on_any(&mut self, mem: &GuestMemory, at: u16, wrap: bool) -> Result<bool, ChainError> {
+        self.write_device_event(mem, 0, EVENT_ENABLE)?;
+        fence(Ordering::SeqCst);
+        if at >= self.size {
+            return Ok(false);
+        }
+        Ok(Self::is_avail(self.flags_at(mem, at)?, wrap))
+    }
+
     /// Asks the driver not to notify.
     pub fn disable_notification(&mut self, mem: &GuestMemory) -> Result<(), ChainError> {
         self.write_device_event(mem, 0, EVENT_DISABLE)
@@ -254,6 +269,54 @@ impl PackedRing {
         let ring = |e: vm_memory::GuestMemoryError| ChainError::Ring(format!("device event structure: {e}"));
         mem.store(off_wrap.to_le(), GuestAddress(self.device_event), Ordering::Relaxed).map_err(ring)?;
         mem.store(flags.to_le(), GuestAddress(self.device_event + 2), Ordering::Release).map_err(ring)
+    }
+}
+
+/// A packed ring and the buffers in flight on it: their IDs and how many descriptors each
+/// takes in the ring (what [`PackedRing::add_used`] needs when the device completes one, maybe
+/// serves later). Its fields are its whole state.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PackedQueue {
+    /// The ring.
+    pub ring: PackedRing,
+    /// Buffer ID → descriptors it takes, for every buffer popped and not yet used.
+    pub in_flight: BTreeMap<u16, u16>,
+}
+
+/// Where a ring stood before a pop: `(next_avail, avail_wrap)`, to put the chain back.
+pub type PackedPos = (u16, bool);
+
+impl PackedQueue {
+    /// A queue over `ring`, nothing in flight.
+    pub fn new(ring: PackedRing) -> Self {
+        PackedQueue { ring, in_flight: BTreeMap::new() }
+    }
+
+    /// The next available chain (see [`PackedRing::pop`]), now in flight, with where the ring
+    /// stood before it. A buffer ID the driver reuses while it is in flight is an error.
+    pub fn pop(&mut self, mem: &GuestMemory) -> Result<Option<(Chain, PackedPos)>, ChainError> {
+        let before = (self.ring.next_avail, self.ring.avail_wrap);
+        let Some(chain) = self.ring.pop(mem)? else { return Ok(None) };
+        let slots = u16::try_from(chain.descs.len()).unwrap_or(u16::MAX);
+        if self.in_flight.insert(chain.head, slots).is_some() {
+            return Err(ChainError::Malformed("packed buffer ID reused while in flight"));
+        }
+        Ok(Some((chain, before)))
+    }
+
+    /// Puts back the chain with buffer ID `id` that [`PackedQueue::pop`] took at `before`.
+    pub fn unpop(&mut self, id: u16, before: PackedPos) {
+        self.in_flight.remove(&id);
+        (self.ring.next_avail, self.ring.avail_wrap) = before;
+    }
+
+    /// Marks buffer `id` used with `len` bytes written; it must be in flight.
+    pub fn complete(&mut self, mem: &GuestMemory, id: u16, len: u32) -> Result<(), ChainError> {
+        let slots = self
+            .in_flight
+            .remove(&id)
+            .ok_or_else(|| ChainError::Used(format!("buffer ID {id} is not in flight")))?;
+        self.ring.add_used(mem, id, len, slots)
     }
 }
 

@@ -1,4 +1,5 @@
-//! The register window: what a vCPU's MMIO access (or the harness) reads and writes.
+//! The register window: what a vCPU's MMIO access (or the harness) reads and writes, and what
+//! writing the status and queue registers does (negotiation, activation, reset).
 
 use super::*;
 
@@ -85,6 +86,114 @@ impl BusDevice for MmioTransport {
             reg::QUEUE_SEL => inner.queue_sel = v,
             reg::STATUS => self.write_status(&mut inner, v),
             _ => Self::queue_write(&mut inner, offset, v),
+        }
+    }
+}
+
+/// Packed rings over the addresses the driver wrote into `queues` (with a packed ring, the
+/// descriptor area is the ring, the driver and device areas its event suppression structures).
+fn packed_queues(queues: &[Queue], features: u64) -> Vec<PackedQueue> {
+    let event_idx = features & crate::virtio::VIRTIO_F_RING_EVENT_IDX != 0;
+    queues
+        .iter()
+        .map(|q| {
+            let size = if q.ready() { q.size() } else { 0 };
+            PackedQueue::new(PackedRing::new(size, q.desc_table(), q.avail_ring(), q.used_ring(), event_idx))
+        })
+        .collect()
+}
+
+impl MmioTransport {
+    /// The features offered: the device's, plus `VIRTIO_F_RING_EVENT_IDX`, which the transport
+    /// implements for every device (used-ring interrupts follow `used_event`, and [`Self::rearm`]
+    /// keeps `avail_event` current).
+    fn offered(inner: &Inner) -> u64 {
+        let packed = if inner.offer_packed { VIRTIO_F_RING_PACKED } else { 0 };
+        inner.device.features() | crate::virtio::VIRTIO_F_RING_EVENT_IDX | packed
+    }
+
+    fn reset(inner: &mut Inner) {
+        inner.device.reset();
+        for q in &mut inner.queues {
+            q.reset();
+        }
+        inner.status = 0;
+        inner.driver_features = 0;
+        inner.device_features_sel = 0;
+        inner.driver_features_sel = 0;
+        inner.queue_sel = 0;
+        inner.activated = false;
+        inner.broken = None;
+        inner.packed = None;
+    }
+
+    fn write_status(&self, inner: &mut Inner, value: u32) {
+        if value == 0 {
+            Self::reset(inner);
+            self.shared.interrupt_status.store(0, Ordering::Release);
+            return;
+        }
+        let mut value = value & !status::DEVICE_NEEDS_RESET;
+        if value & status::FEATURES_OK != 0 && inner.status & status::FEATURES_OK == 0 {
+            let offered = Self::offered(inner);
+            let ok = inner.driver_features & !offered == 0 && inner.driver_features & VIRTIO_F_VERSION_1 != 0;
+            if !ok {
+                value &= !status::FEATURES_OK;
+            } else {
+                let event_idx = inner.driver_features & crate::virtio::VIRTIO_F_RING_EVENT_IDX != 0;
+                for q in &mut inner.queues {
+                    q.set_event_idx(event_idx);
+                }
+            }
+        }
+        let was_active = inner.activated;
+        if value & status::DRIVER_OK != 0 && !inner.activated {
+            if inner.driver_features & VIRTIO_F_RING_PACKED != 0 {
+                inner.packed = Some(packed_queues(&inner.queues, inner.driver_features));
+            }
+            let queues_ok = match &inner.packed {
+                Some(p) => inner.queues.iter().zip(p).all(|(q, p)| !q.ready() || p.ring.is_valid(&inner.mem)),
+                None => inner.queues.iter().all(|q| !q.ready() || q.is_valid(&inner.mem)),
+            };
+            let features_ok = value & status::FEATURES_OK != 0;
+            let res = if queues_ok && features_ok {
+                inner.device.activate(inner.driver_features).map_err(|e| e.to_string())
+            } else {
+                Err("DRIVER_OK without FEATURES_OK or with an invalid queue".to_string())
+            };
+            match res {
+                Ok(()) => inner.activated = true,
+                Err(e) => {
+                    inner.broken = Some(e);
+                    value |= status::DEVICE_NEEDS_RESET;
+                }
+            }
+        }
+        inner.status = value | (inner.status & status::DEVICE_NEEDS_RESET);
+        if inner.activated && !was_active {
+            // Buffers made available before DRIVER_OK are served now.
+            for evt in &self.shared.queue_evts {
+                let _ = evt.write(1);
+            }
+        }
+    }
+
+    fn queue_write(inner: &mut Inner, offset: u64, v: u32) {
+        let setup_allowed = inner.status & status::DRIVER_OK == 0;
+        let Some(q) = inner.queues.get_mut(inner.queue_sel as usize) else { return };
+        if !setup_allowed && offset != reg::QUEUE_READY {
+            return;
+        }
+        match offset {
+            reg::QUEUE_NUM => q.set_size(v as u16),
+            reg::QUEUE_READY => q.set_ready(v == 1),
+            reg::QUEUE_DESC_LOW => q.set_desc_table_address(Some(v), None),
+            reg::QUEUE_DESC_HIGH => q.set_desc_table_address(None, Some(v)),
+            reg::QUEUE_DRIVER_LOW => q.set_avail_ring_address(Some(v), None),
+            reg::QUEUE_DRIVER_HIGH => q.set_avail_ring_address(None, Some(v)),
+            reg::QUEUE_DEVICE_LOW => q.set_used_ring_address(Some(v), None),
+            reg::QUEUE_DEVICE_HIGH => q.set_used_ring_address(None, Some(v)),
+            _ => {}
         }
     }
 }

@@ -5,7 +5,10 @@ use super::*;
 /// Version of encoded device state ([`TransportState::to_bytes`]). Any change to a saved
 /// structure of the transport or a device changes the encoding and bumps it; decoding an older
 /// version that is still accepted goes through the old structures (see [`vcore::Envelope`]).
-pub const DEVICE_STATE_VERSION: (u16, u16) = (1, 0);
+///
+/// 1.1 added packed rings ([`TransportState::offer_packed`], [`TransportState::packed`]). A
+/// state that has neither is still written as 1.0, which 1.0 builds read.
+pub const DEVICE_STATE_VERSION: (u16, u16) = (1, 1);
 
 /// The envelope of encoded device state.
 pub const DEVICE_STATE: vcore::Envelope =
@@ -13,15 +16,82 @@ pub const DEVICE_STATE: vcore::Envelope =
 
 impl TransportState {
     /// Encodes the state (transport and device) for a snapshot or a migration section:
-    /// versioned and checksummed ([`DEVICE_STATE`]).
+    /// versioned and checksummed ([`DEVICE_STATE`]); as version 1.0 when packed rings are
+    /// neither offered nor in use.
     pub fn to_bytes(&self) -> Vec<u8> {
+        if !self.offer_packed && self.packed.is_none() {
+            let v1_0 = vcore::Envelope { version: (1, 0), ..DEVICE_STATE };
+            return v1_0.encode(&TransportStateV1_0::from(self.clone()));
+        }
         DEVICE_STATE.encode(self)
     }
 
-    /// Decodes bytes made by [`TransportState::to_bytes`]; a wrong kind, an unreadable version,
-    /// a bad length or checksum, or a payload that does not decode is a typed error.
+    /// Decodes bytes made by [`TransportState::to_bytes`] (of this version or 1.0); a wrong
+    /// kind, an unreadable version, a bad length or checksum, or a payload that does not decode
+    /// is a typed error.
     pub fn from_bytes(bytes: &[u8]) -> Result<Self, StateError> {
-        DEVICE_STATE.decode(bytes)
+        let ((_, minor), payload) = DEVICE_STATE.open(bytes)?;
+        if minor == 0 {
+            return vcore::Envelope::decode_payload::<TransportStateV1_0>(payload).map(Into::into);
+        }
+        vcore::Envelope::decode_payload(payload)
+    }
+}
+
+/// [`TransportState`] as version 1.0 encoded it, without packed rings.
+#[derive(Serialize, Deserialize)]
+struct TransportStateV1_0 {
+    status: u32,
+    driver_features: u64,
+    device_features_sel: u32,
+    driver_features_sel: u32,
+    queue_sel: u32,
+    interrupt_status: u32,
+    config_generation: u32,
+    activated: bool,
+    broken: Option<String>,
+    queues: Vec<QueueSnapshot>,
+    stats: TransportStats,
+    device: DeviceState,
+}
+
+impl From<TransportState> for TransportStateV1_0 {
+    fn from(s: TransportState) -> Self {
+        TransportStateV1_0 {
+            status: s.status,
+            driver_features: s.driver_features,
+            device_features_sel: s.device_features_sel,
+            driver_features_sel: s.driver_features_sel,
+            queue_sel: s.queue_sel,
+            interrupt_status: s.interrupt_status,
+            config_generation: s.config_generation,
+            activated: s.activated,
+            broken: s.broken,
+            queues: s.queues,
+            stats: s.stats,
+            device: s.device,
+        }
+    }
+}
+
+impl From<TransportStateV1_0> for TransportState {
+    fn from(s: TransportStateV1_0) -> Self {
+        TransportState {
+            status: s.status,
+            driver_features: s.driver_features,
+            device_features_sel: s.device_features_sel,
+            driver_features_sel: s.driver_features_sel,
+            queue_sel: s.queue_sel,
+            interrupt_status: s.interrupt_status,
+            config_generation: s.config_generation,
+            activated: s.activated,
+            broken: s.broken,
+            queues: s.queues,
+            stats: s.stats,
+            device: s.device,
+            offer_packed: false,
+            packed: None,
+        }
     }
 }
 
@@ -75,6 +145,10 @@ pub struct TransportState {
     pub stats: TransportStats,
     /// The device behind the transport.
     pub device: DeviceState,
+    /// Whether `VIRTIO_F_RING_PACKED` was offered (version 1.1).
+    pub offer_packed: bool,
+    /// The packed rings, if the driver negotiated them (version 1.1).
+    pub packed: Option<Vec<PackedQueue>>,
 }
 
 /// What restoring a transport needs: guest memory (already restored) and the device (restored
@@ -121,6 +195,8 @@ impl Snapshot for MmioTransport {
             queues,
             stats: inner.stats,
             device: inner.device.state(),
+            offer_packed: inner.offer_packed,
+            packed: inner.packed.clone(),
         }
     }
 
@@ -150,6 +226,19 @@ impl Snapshot for MmioTransport {
                 };
                 inner.queues[i] = Queue::try_from(state).map_err(|e| bad(format!("queue {i}: {e}")))?;
             }
+            if let Some(p) = &s.packed {
+                let negotiated = s.driver_features & VIRTIO_F_RING_PACKED != 0;
+                if !negotiated || p.len() != s.queues.len() {
+                    return Err(bad(format!("{} packed rings saved for {} queues", p.len(), s.queues.len())));
+                }
+                for (i, (pq, qs)) in p.iter().zip(&s.queues).enumerate() {
+                    if qs.ready && s.activated && !pq.ring.is_valid(&inner.mem) {
+                        return Err(bad(format!("packed ring {i} lies outside guest memory")));
+                    }
+                }
+            }
+            inner.packed = s.packed.clone();
+            inner.offer_packed = s.offer_packed;
             inner.status = s.status;
             inner.driver_features = s.driver_features;
             inner.device_features_sel = s.device_features_sel;
@@ -166,5 +255,59 @@ impl Snapshot for MmioTransport {
             }
         }
         Ok(t)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::virtio::packed::PackedQueue;
+    use crate::virtio::rng::Rng;
+
+    fn transport() -> MmioTransport {
+        let mem = GuestMemory::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        MmioTransport::new(mem, Box::new(Rng::new())).unwrap()
+    }
+
+    fn version(bytes: &[u8]) -> (u16, u16) {
+        (u16::from_le_bytes([bytes[8], bytes[9]]), u16::from_le_bytes([bytes[10], bytes[11]]))
+    }
+
+    #[test]
+    fn state_without_packed_rings_stays_readable_by_1_0() {
+        let s = transport().save();
+        let bytes = s.to_bytes();
+        assert_eq!(version(&bytes), (1, 0));
+        assert_eq!(TransportState::from_bytes(&bytes).unwrap(), s);
+        // What a 1.0 build reads: its own structure, nothing after it.
+        let (_, payload) = DEVICE_STATE.open(&bytes).unwrap();
+        let old: TransportStateV1_0 = vcore::Envelope::decode_payload(payload).unwrap();
+        assert_eq!(TransportState::from(old), s);
+    }
+
+    #[test]
+    fn state_with_packed_rings_is_1_1_and_round_trips() {
+        let t = transport();
+        t.offer_packed(true);
+        let mut s = t.save();
+        assert!(s.offer_packed);
+        let bytes = s.to_bytes();
+        assert_eq!(version(&bytes), (1, 1));
+        assert_eq!(TransportState::from_bytes(&bytes).unwrap(), s);
+        let mut q = PackedQueue::new(crate::virtio::packed::PackedRing::new(8, 0x1000, 0x2000, 0x2004, true));
+        q.in_flight.insert(3, 2);
+        s.packed = Some(vec![q]);
+        assert_eq!(TransportState::from_bytes(&s.to_bytes()).unwrap(), s);
+    }
+
+    #[test]
+    fn packed_rings_without_the_feature_are_refused() {
+        let mut s = transport().save();
+        s.packed = Some(vec![PackedQueue::new(crate::virtio::packed::PackedRing::new(
+            8, 0x1000, 0x2000, 0x2004, true,
+        ))]);
+        let mem = GuestMemory::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let args = TransportArgs { mem, device: Box::new(Rng::new()) };
+        assert!(matches!(MmioTransport::restore(args, &s), Err(StateError::Device { .. })));
     }
 }
