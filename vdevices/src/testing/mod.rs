@@ -499,6 +499,7 @@ impl Driver {
     }
 
     /// The error for a split-only helper called for queue `q`: it is packed, or missing.
+    #[cold]
     fn not_split(&self, q: usize) -> HarnessError {
         if q < self.packed.len() { HarnessError::SplitOnly(q) } else { HarnessError::Queue(q) }
     }

@@ -231,7 +231,7 @@ impl PackedQueue {
 }
 
 /// The packed paths of [`Driver`]'s methods: the split paths hand over here when queue `q` is
-/// not a split queue.
+/// not a split queue. Never inlined, so that the split paths compile as they did before.
 impl Driver {
     /// Asks for packed virtqueues (`VIRTIO_F_RING_PACKED`) at the next [`Driver::init`], or
     /// for split ones again: call it before `init`. `init` fails with
@@ -246,6 +246,7 @@ impl Driver {
     }
 
     /// [`Driver::post_raw`] on a packed queue.
+    #[inline(never)]
     pub(super) fn post_raw_packed(
         &mut self,
         q: usize,
@@ -256,6 +257,7 @@ impl Driver {
     }
 
     /// [`Driver::kick`] on a packed queue.
+    #[inline(never)]
     pub(super) fn kick_packed(&mut self, q: usize) -> Result<bool, HarnessError> {
         let pq = self.packed.get_mut(q).ok_or(HarnessError::Queue(q))?;
         let need = pq.kick_needed(&self.guest)?;
@@ -268,6 +270,7 @@ impl Driver {
 
     /// [`Driver::reap`] on a packed queue: every used buffer at the used position, then
     /// interrupts asked for again (as the split path writes `used_event`).
+    #[inline(never)]
     pub(super) fn reap_packed(&mut self, q: usize, out: &mut Vec<(u16, u32)>) -> Result<usize, HarnessError> {
         let pq = self.packed.get_mut(q).ok_or(HarnessError::Queue(q))?;
         let mut n = 0;
@@ -285,6 +288,7 @@ impl Driver {
     /// interrupt and looks once more, as Linux's `virtqueue_enable_cb` does: a buffer the
     /// device used before it could see the request raised no interrupt. A buffer ID not in
     /// flight counts as a double completion ([`Driver::saw_double_completion`]) and is an error.
+    #[inline(never)]
     pub(super) fn collect_used_packed(&mut self, q: usize) -> Result<usize, HarnessError> {
         let pq = self.packed.get_mut(q).ok_or(HarnessError::Queue(q))?;
         let mut n = 0;
@@ -312,6 +316,7 @@ impl Driver {
     }
 
     /// [`Driver::has_used`] on a packed queue.
+    #[inline(never)]
     pub(super) fn has_used_packed(&self, q: usize) -> Result<bool, HarnessError> {
         self.packed.get(q).ok_or(HarnessError::Queue(q))?.has_used(&self.guest)
     }
