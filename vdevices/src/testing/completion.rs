@@ -25,8 +25,9 @@ impl Driver {
     }
 
     /// Moves new used-ring entries of queue `q` into the completion table; returns how many.
+    /// On a packed queue: the used descriptors at the driver's used position, by buffer ID.
     pub fn collect_used(&mut self, q: usize) -> Result<usize, HarnessError> {
-        let dq = self.queues.get_mut(q).ok_or(HarnessError::Queue(q))?;
+        let Some(dq) = self.queues.get_mut(q) else { return self.collect_used_packed(q) };
         let mut used_idx: u16 = self.guest.read_obj(GuestAddress(dq.used + 2))?;
         let mut n = 0;
         loop {
@@ -64,9 +65,10 @@ impl Driver {
     /// Takes the new used-ring entries of queue `q` as `(head, len)` pairs in ring order,
     /// appended to `out`, and frees their descriptors; returns how many. For drivers that
     /// track their own requests (a streaming benchmark): entries taken here never reach
-    /// [`Driver::wait`] or [`Driver::wait_head`].
+    /// [`Driver::wait`] or [`Driver::wait_head`]. On a packed queue the pairs are
+    /// `(buffer ID, len)`, in the order the device marked them used.
     pub fn reap(&mut self, q: usize, out: &mut Vec<(u16, u32)>) -> Result<usize, HarnessError> {
-        let dq = self.queues.get_mut(q).ok_or(HarnessError::Queue(q))?;
+        let Some(dq) = self.queues.get_mut(q) else { return self.reap_packed(q, out) };
         let used_idx: u16 = self.guest.read_obj(GuestAddress(dq.used + 2))?;
         // The entries must be read after the index that published them.
         std::sync::atomic::fence(std::sync::atomic::Ordering::Acquire);
@@ -94,9 +96,20 @@ impl Driver {
     /// Waits until queue `q` has used entries not yet taken (see [`Driver::set_wait_poll`]).
     pub fn wait_used(&mut self, q: usize, timeout: Duration) -> Result<(), HarnessError> {
         self.wait_for(timeout, |d| {
-            let last = d.queues.get(q).ok_or(HarnessError::Queue(q))?.last_used;
+            let Some(dq) = d.queues.get(q) else { return Ok(d.has_used_packed(q)?.then_some(())) };
+            let last = dq.last_used;
             Ok((d.used_idx(q)? != last).then_some(()))
         })
+    }
+
+    /// Whether queue `q` has used entries not yet taken: on a split queue, whether the used
+    /// index moved past the driver's; on a packed queue, whether the descriptor at the
+    /// driver's used position is marked used for its wrap counter.
+    pub fn has_used(&self, q: usize) -> Result<bool, HarnessError> {
+        match self.queues.get(q) {
+            Some(dq) => Ok(self.used_idx(q)? != dq.last_used),
+            None => self.has_used_packed(q),
+        }
     }
 
     /// Calls `ready` until it returns a value: polls for up to the [`Driver::set_wait_poll`]
@@ -142,9 +155,10 @@ impl Driver {
         false
     }
 
-    /// The used index the device has published for queue `q`.
+    /// The used index the device has published for queue `q`. Split queues only (a packed ring
+    /// has no used index: see [`Driver::has_used`]); [`HarnessError::SplitOnly`] otherwise.
     pub fn used_idx(&self, q: usize) -> Result<u16, HarnessError> {
-        let dq = self.queues.get(q).ok_or(HarnessError::Queue(q))?;
+        let Some(dq) = self.queues.get(q) else { return Err(self.not_split(q)) };
         Ok(self.guest.read_obj(GuestAddress(dq.used + 2))?)
     }
 

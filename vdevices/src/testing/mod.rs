@@ -5,6 +5,10 @@
 //! memory, writes descriptor chains and the available ring, notifies through `QueueNotify`, and
 //! waits for the interrupt on the transport's irqfd and for the used ring. It can also write any
 //! garbage into the queues, to test that bad guests only break their own device.
+//!
+//! After [`Driver::set_packed`] it speaks packed virtqueues instead (virtio 1.1,
+//! `VIRTIO_F_RING_PACKED`, see `packed.rs`): the same methods post, kick, reap and wait with
+//! the same meaning, and only the helpers that write split-ring structures verbatim refuse.
 
 use std::collections::HashMap;
 use std::os::fd::AsRawFd;
@@ -16,6 +20,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
 use crate::virtio::mmio::{INT_CONFIG, INT_VRING, MmioTransport, reg, status};
+use crate::virtio::packed::VIRTIO_F_RING_PACKED;
 
 /// Where the harness maps the transport on its bus.
 pub const BASE: u64 = 0xd000_0000;
@@ -43,6 +48,17 @@ pub enum HarnessError {
     /// Out of descriptors or buffer memory.
     #[error("out of {0}")]
     Exhausted(&'static str),
+    /// Packed virtqueues were asked for ([`Driver::set_packed`]) but the device does not offer
+    /// `VIRTIO_F_RING_PACKED`.
+    #[error("the device does not offer VIRTIO_F_RING_PACKED")]
+    PackedNotOffered,
+    /// A helper that writes split-ring structures was called on a packed queue.
+    #[error("queue {0} is packed: this helper only writes split rings")]
+    SplitOnly(usize),
+    /// The device marked used a buffer ID that is not in flight (a device bug): the driver
+    /// cannot tell how far to move on in a packed ring.
+    #[error("the device used buffer ID {0}, which is not in flight")]
+    UnknownId(u16),
     /// Guest memory access failed.
     #[error("guest memory: {0}")]
     Memory(#[from] vm_memory::GuestMemoryError),
@@ -71,7 +87,7 @@ struct DriverQueue {
 pub struct Pending {
     /// Queue.
     pub queue: usize,
-    /// Chain head.
+    /// Chain head (on a packed queue: the chain's buffer ID, below the queue size).
     pub head: u16,
     /// The device-writable buffers, to read back on completion.
     pub in_bufs: Vec<(u64, u32)>,
@@ -105,6 +121,12 @@ pub struct Driver {
     wait_poll: Duration,
     event_idx: bool,
     kicks: u64,
+    /// Whether [`Driver::set_packed`] asked for packed virtqueues.
+    packed_wanted: bool,
+    /// The queues when `VIRTIO_F_RING_PACKED` was negotiated (`queues` is empty then, and
+    /// the other way round): the split paths find no queue and hand over to the packed ones
+    /// on that error path only, so split requests pay nothing for them.
+    packed: Vec<PackedQueue>,
 }
 
 impl Driver {
@@ -150,6 +172,8 @@ impl Driver {
             wait_poll: Duration::ZERO,
             event_idx: false,
             kicks: 0,
+            packed_wanted: false,
+            packed: Vec::new(),
         })
     }
 
@@ -170,6 +194,8 @@ impl Driver {
         d.next_buf = self.next_buf;
         d.done = self.done;
         d.event_idx = self.event_idx;
+        d.packed_wanted = self.packed_wanted;
+        d.packed = self.packed;
         Ok(d)
     }
 
@@ -188,9 +214,10 @@ impl Driver {
         &self.guest
     }
 
-    /// Guest address of queue `q`'s used ring (set up by [`Driver::init`]).
+    /// Guest address of queue `q`'s used ring (set up by [`Driver::init`]); for a packed queue,
+    /// its descriptor ring, where the device marks buffers used.
     pub fn used_ring(&self, q: usize) -> Option<u64> {
-        self.queues.get(q).map(|dq| dq.used)
+        self.queues.get(q).map(|dq| dq.used).or_else(|| self.packed.get(q).map(|pq| pq.ring))
     }
 
     /// Interrupts seen so far.
@@ -228,11 +255,23 @@ impl Driver {
 
     /// Resets the device and brings it up: acknowledges `offered & wanted` features, sets up
     /// every queue with `queue_size` entries, sets `DRIVER_OK`. Returns the features acked.
+    ///
+    /// `VIRTIO_F_RING_PACKED` is acknowledged if and only if [`Driver::set_packed`] asked for it
+    /// (whatever `wanted` says: callers that pass `u64::MAX` keep split queues), and asking for
+    /// it from a device that does not offer it is [`HarnessError::PackedNotOffered`]. A packed
+    /// queue takes `16 * size` bytes of ring, at most 0x3000.
     pub fn init(&mut self, wanted: u64, queue_size: u16) -> Result<u64, HarnessError> {
         self.write_reg(reg::STATUS, 0);
         self.write_reg(reg::STATUS, status::ACKNOWLEDGE);
         self.write_reg(reg::STATUS, status::ACKNOWLEDGE | status::DRIVER);
-        let features = self.device_features() & wanted;
+        let offered = self.device_features();
+        if self.packed_wanted && offered & VIRTIO_F_RING_PACKED == 0 {
+            return Err(HarnessError::PackedNotOffered);
+        }
+        let wanted =
+            if self.packed_wanted { wanted | VIRTIO_F_RING_PACKED } else { wanted & !VIRTIO_F_RING_PACKED };
+        let features = offered & wanted;
+        let packed = features & VIRTIO_F_RING_PACKED != 0;
         self.event_idx = features & crate::virtio::VIRTIO_F_RING_EVENT_IDX != 0;
         self.write_reg(reg::DRIVER_FEATURES_SEL, 0);
         self.write_reg(reg::DRIVER_FEATURES, features as u32);
@@ -244,6 +283,7 @@ impl Driver {
             return Err(HarnessError::Negotiation(self.read_reg(reg::STATUS)));
         }
         self.queues.clear();
+        self.packed.clear();
         for q in 0.. {
             self.write_reg(reg::QUEUE_SEL, q);
             let max = self.read_reg(reg::QUEUE_NUM_MAX) as u16;
@@ -252,29 +292,39 @@ impl Driver {
             }
             let size = queue_size.min(max);
             let base = self.queue_area + 0x4000 * u64::from(q);
-            let dq = DriverQueue {
-                size,
-                desc: base,
-                avail: base + 0x1000,
-                used: base + 0x2000,
-                free: (0..size).rev().collect(),
-                avail_idx: 0,
-                last_used: 0,
-                kicked: 0,
-                chains: vec![Vec::new(); usize::from(size)],
+            // Split: descriptor table, available ring, used ring. Packed: the descriptor ring,
+            // then the driver's and the device's event suppression structures.
+            let (desc, driver, device) = if packed {
+                PackedQueue::layout(base, size).ok_or(HarnessError::Queue(q as usize))?
+            } else {
+                (base, base + 0x1000, base + 0x2000)
             };
             self.guest.write_slice(&[0u8; 0x4000], GuestAddress(base))?;
             self.write_reg(reg::QUEUE_NUM, u32::from(size));
             for (lo, hi, addr) in [
-                (reg::QUEUE_DESC_LOW, reg::QUEUE_DESC_HIGH, dq.desc),
-                (reg::QUEUE_DRIVER_LOW, reg::QUEUE_DRIVER_HIGH, dq.avail),
-                (reg::QUEUE_DEVICE_LOW, reg::QUEUE_DEVICE_HIGH, dq.used),
+                (reg::QUEUE_DESC_LOW, reg::QUEUE_DESC_HIGH, desc),
+                (reg::QUEUE_DRIVER_LOW, reg::QUEUE_DRIVER_HIGH, driver),
+                (reg::QUEUE_DEVICE_LOW, reg::QUEUE_DEVICE_HIGH, device),
             ] {
                 self.write_reg(lo, addr as u32);
                 self.write_reg(hi, (addr >> 32) as u32);
             }
             self.write_reg(reg::QUEUE_READY, 1);
-            self.queues.push(dq);
+            if packed {
+                self.packed.push(PackedQueue::new(size, desc, driver, device, self.event_idx));
+            } else {
+                self.queues.push(DriverQueue {
+                    size,
+                    desc,
+                    avail: driver,
+                    used: device,
+                    free: (0..size).rev().collect(),
+                    avail_idx: 0,
+                    last_used: 0,
+                    kicked: 0,
+                    chains: vec![Vec::new(); usize::from(size)],
+                });
+            }
         }
         self.write_reg(reg::STATUS, st | status::DRIVER_OK);
         let s = self.read_reg(reg::STATUS);
@@ -314,7 +364,8 @@ impl Driver {
         self.next_buf = self.buf_start;
     }
 
-    /// Writes descriptor `i` of queue `q` verbatim (for bad-guest tests).
+    /// Writes descriptor `i` of queue `q` verbatim (for bad-guest tests). Split queues only:
+    /// [`HarnessError::SplitOnly`] on a packed queue.
     pub fn write_desc(
         &self,
         q: usize,
@@ -324,7 +375,7 @@ impl Driver {
         flags: u16,
         next: u16,
     ) -> Result<(), HarnessError> {
-        let dq = self.queues.get(q).ok_or(HarnessError::Queue(q))?;
+        let Some(dq) = self.queues.get(q) else { return Err(self.not_split(q)) };
         // One 16-byte store, as a guest writes a descriptor (not four accesses).
         let mut d = [0u8; 16];
         d[..8].copy_from_slice(&addr.to_le_bytes());
@@ -336,8 +387,9 @@ impl Driver {
     }
 
     /// Writes `head` into the next available slot and publishes it (for bad-guest tests).
+    /// Split queues only: [`HarnessError::SplitOnly`] on a packed queue.
     pub fn publish(&mut self, q: usize, head: u16) -> Result<(), HarnessError> {
-        let dq = self.queues.get_mut(q).ok_or(HarnessError::Queue(q))?;
+        let Some(dq) = self.queues.get_mut(q) else { return Err(self.not_split(q)) };
         let slot = dq.avail_idx % dq.size;
         self.guest.write_obj(head, GuestAddress(dq.avail + 4 + 2 * u64::from(slot)))?;
         dq.avail_idx = dq.avail_idx.wrapping_add(1);
@@ -346,9 +398,10 @@ impl Driver {
         Ok(())
     }
 
-    /// Sets the available index to any value (for bad-guest tests).
+    /// Sets the available index to any value (for bad-guest tests). Split queues only:
+    /// [`HarnessError::SplitOnly`] on a packed queue.
     pub fn set_avail_idx(&mut self, q: usize, idx: u16) -> Result<(), HarnessError> {
-        let dq = self.queues.get_mut(q).ok_or(HarnessError::Queue(q))?;
+        let Some(dq) = self.queues.get_mut(q) else { return Err(self.not_split(q)) };
         dq.avail_idx = idx;
         self.guest.write_obj(idx, GuestAddress(dq.avail + 2))?;
         Ok(())
@@ -374,9 +427,12 @@ impl Driver {
         Ok(Pending { queue: q, head, in_bufs })
     }
 
-    /// Posts a chain of `(addr, len, flags)` buffers already in memory; returns its head.
+    /// Posts a chain of `(addr, len, flags)` buffers already in memory; returns its head. On a
+    /// packed queue it returns the chain's buffer ID instead (below the queue size, like a
+    /// head, so tables indexed by head work unchanged), and `flags` keep their meaning
+    /// ([`DESC_F_WRITE`]; the driver sets the chaining and availability bits).
     pub fn post_raw(&mut self, q: usize, bufs: &[(u64, u32, u16)]) -> Result<u16, HarnessError> {
-        let dq = self.queues.get_mut(q).ok_or(HarnessError::Queue(q))?;
+        let Some(dq) = self.queues.get_mut(q) else { return self.post_raw_packed(q, bufs) };
         if bufs.is_empty() || dq.free.len() < bufs.len() {
             return Err(HarnessError::Exhausted("descriptors"));
         }
@@ -407,9 +463,10 @@ impl Driver {
     /// with `VIRTIO_F_RING_EVENT_IDX` when the entries published since the last kick pass the
     /// device's `avail_event`, otherwise unless the device set `VRING_USED_F_NO_NOTIFY`.
     /// Returns whether it notified. A device that never re-arms `avail_event` stops hearing
-    /// from this driver (and from Linux) after its first request.
+    /// from this driver (and from Linux) after its first request. On a packed queue it reads
+    /// the device's event suppression structure instead (see `packed.rs`).
     pub fn kick(&mut self, q: usize) -> Result<bool, HarnessError> {
-        let dq = self.queues.get_mut(q).ok_or(HarnessError::Queue(q))?;
+        let Some(dq) = self.queues.get_mut(q) else { return self.kick_packed(q) };
         // The avail index must be visible before the device's suppression state is read.
         std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
         let (old, new) = (dq.kicked, dq.avail_idx);
@@ -429,9 +486,10 @@ impl Driver {
         Ok(need)
     }
 
-    /// The device's `avail_event` for queue `q` (where it asked to be notified next).
+    /// The device's `avail_event` for queue `q` (where it asked to be notified next). Split
+    /// queues only: [`HarnessError::SplitOnly`] on a packed queue.
     pub fn avail_event(&self, q: usize) -> Result<u16, HarnessError> {
-        let dq = self.queues.get(q).ok_or(HarnessError::Queue(q))?;
+        let Some(dq) = self.queues.get(q) else { return Err(self.not_split(q)) };
         Ok(self.guest.read_obj(GuestAddress(dq.used + 4 + 8 * u64::from(dq.size)))?)
     }
 
@@ -439,11 +497,19 @@ impl Driver {
     pub fn kicks(&self) -> u64 {
         self.kicks
     }
+
+    /// The error for a split-only helper called for queue `q`: it is packed, or missing.
+    #[cold]
+    fn not_split(&self, q: usize) -> HarnessError {
+        if q < self.packed.len() { HarnessError::SplitOnly(q) } else { HarnessError::Queue(q) }
+    }
 }
 
 mod completion;
 mod memory;
 pub mod netns;
+mod packed;
 
 use memory::guest_view;
 pub use memory::{GuestView, copy_memory, guest_memory};
+use packed::PackedQueue;
