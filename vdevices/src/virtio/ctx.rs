@@ -49,6 +49,8 @@ pub struct QueueCtx<'a> {
     packed_popped: Vec<(usize, u16, PackedPos)>,
     /// Packed queues with buffers used since their interrupt was last decided on.
     packed_added: u64,
+    /// Queues the device took a chain from.
+    popped: u64,
     /// What popping keeps per queue (see [`pop_seen`]); queues past the 8th start afresh
     /// every time.
     rings: [Rings<'a>; TRACKED],
@@ -99,7 +101,7 @@ impl Irq<'_> {
 
 /// `len` bytes of guest memory at `addr` without the VMM's dirty bitmap: writes through it are
 /// not marked (the caller marks them, see [`mark`]). `None` outside guest memory.
-fn unmarked(mem: &GuestMemory, addr: u64, len: usize) -> Option<VolatileSlice<'_, ()>> {
+pub(super) fn unmarked(mem: &GuestMemory, addr: u64, len: usize) -> Option<VolatileSlice<'_, ()>> {
     let s = mem.get_slice(GuestAddress(addr), len).ok()?;
     // SAFETY: `s` is `len` bytes inside one region of `mem`, checked by `get_slice`. The memory
     // is a plain mmap (`GuestMemoryMmap`): it stays mapped as long as `mem`, which the returned
@@ -109,7 +111,7 @@ fn unmarked(mem: &GuestMemory, addr: u64, len: usize) -> Option<VolatileSlice<'_
 }
 
 /// Marks `len` bytes at `addr` dirty in the VMM's bitmap (nothing outside guest memory).
-fn mark(mem: &GuestMemory, addr: u64, len: usize) {
+pub(super) fn mark(mem: &GuestMemory, addr: u64, len: usize) {
     if let Ok(s) = mem.get_slice(GuestAddress(addr), len) {
         s.bitmap().mark_dirty(0, len);
     }
@@ -142,6 +144,7 @@ impl<'a> QueueCtx<'a> {
             packed,
             packed_popped: Vec::new(),
             packed_added: 0,
+            popped: 0,
             rings: std::array::from_fn(|_| Rings::default()),
             told,
             unpublished: 0,
@@ -170,10 +173,14 @@ impl<'a> QueueCtx<'a> {
         }
         let mut fresh = Rings::default();
         let rings = self.rings.get_mut(q).unwrap_or(&mut fresh);
-        match self.queues.get_mut(q) {
-            Some(queue) => pop_seen(queue, self.mem, rings),
-            None => Ok(None),
+        let chain = match self.queues.get_mut(q) {
+            Some(queue) => pop_seen(queue, self.mem, rings)?,
+            None => None,
+        };
+        if chain.is_some() {
+            self.popped |= 1 << q;
         }
+        Ok(chain)
     }
     /// [`QueueCtx::pop`] into `chain`, reusing its buffer list: `Ok(false)` (and `chain`
     /// emptied) when there is none.
@@ -200,6 +207,9 @@ impl<'a> QueueCtx<'a> {
             }
         };
         chain.head = head.unwrap_or(0);
+        if head.is_some() {
+            self.popped |= 1 << q;
+        }
         Ok(head.is_some())
     }
     /// [`QueueCtx::pop`] on a packed ring: the chain's `head` is its buffer ID.
@@ -210,6 +220,7 @@ impl<'a> QueueCtx<'a> {
         }
         Ok(p.pop(self.mem)?.map(|(chain, before)| {
             self.packed_popped.push((q, chain.head, before));
+            self.popped |= 1 << q;
             chain
         }))
     }
@@ -247,9 +258,11 @@ impl<'a> QueueCtx<'a> {
     pub fn add_used(&mut self, q: usize, head: u16, len: u32) -> Result<(), ChainError> {
         let mem = self.mem;
         if let Some(p) = self.packed.as_deref_mut() {
-            // A packed ring's used descriptor is visible to the driver at once.
+            // A packed ring's used descriptor is visible to the driver at once; the ring is
+            // marked dirty when published, as a split ring is.
             p.get_mut(q).ok_or(ChainError::BadHead)?.complete(mem, head, len)?;
             self.used |= 1 << q;
+            self.unpublished |= 1 << q;
             self.packed_added |= 1 << q;
             return Ok(());
         }
@@ -309,7 +322,9 @@ impl<'a> QueueCtx<'a> {
             return;
         }
         self.unpublished &= !(1 << q);
-        if let Some(queue) = self.queues.get(q) {
+        if let Some(p) = self.packed.as_deref().and_then(|p| p.get(q)) {
+            mark(self.mem, p.ring.ring, 16 * usize::from(p.ring.size));
+        } else if let Some(queue) = self.queues.get(q) {
             // The entries (and the buffers they describe) were written before: the Release
             // store orders them before the index. A ring outside memory was refused by
             // `add_used` already.
@@ -362,6 +377,10 @@ impl<'a> QueueCtx<'a> {
             // A ring the guest moved out of memory: interrupt anyway, the driver resyncs.
             Err(_) => true,
         }
+    }
+    /// Bitmask of queues the device took chains from (put back or not).
+    pub(crate) fn popped_mask(&self) -> u64 {
+        self.popped
     }
     /// Bitmask of queues that got used entries.
     pub(crate) fn used_mask(&self) -> u64 {

@@ -18,7 +18,7 @@ use std::sync::atomic::{Ordering, fence};
 
 use serde::{Deserialize, Serialize};
 use vcore::GuestMemory;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
 use super::chain::read_array;
 use super::{Chain, ChainError, Desc};
@@ -68,6 +68,9 @@ pub struct PackedRing {
     pub used_wrap: bool,
     /// `next_used` when interrupts were last decided on (`None`: never).
     pub signalled_used: Option<u16>,
+    /// Descriptors marked used since then (saturating): a position alone cannot tell a whole
+    /// ring's worth of them from none.
+    pub used_since: u16,
 }
 
 /// `vring_need_event`: whether moving from `old` to `new` passed `event`.
@@ -90,6 +93,7 @@ impl PackedRing {
             next_used: 0,
             used_wrap: true,
             signalled_used: None,
+            used_since: 0,
         }
     }
 
@@ -132,12 +136,24 @@ impl PackedRing {
         let (mut i, mut wrap) = (self.next_avail, self.avail_wrap);
         let mut descs = Vec::with_capacity(4);
         let mut seen_write = false;
+        // One mapping for the ring (each descriptor otherwise costs a region lookup); a ring
+        // across two adjacent regions is read descriptor by descriptor.
+        let ring = mem.get_slice(GuestAddress(self.ring), 16 * usize::from(self.size)).ok();
+        // The region of the last buffer checked: most buffers are in it.
+        let mut region = (0u64, 0u64);
         let id = loop {
             if descs.len() == usize::from(self.size) {
                 return Err(ChainError::Unterminated { head: self.next_avail });
             }
-            let raw = read_array::<16>(mem, self.desc_addr(i))
-                .ok_or_else(|| ChainError::Ring(format!("packed descriptor {i}")))?;
+            let raw = match &ring {
+                Some(r) => r.subslice(16 * usize::from(i), 16).ok().map(|d| {
+                    let mut raw = [0u8; 16];
+                    d.copy_to(&mut raw[..]);
+                    raw
+                }),
+                None => read_array::<16>(mem, self.desc_addr(i)),
+            };
+            let raw = raw.ok_or_else(|| ChainError::Ring(format!("packed descriptor {i}")))?;
             let [a0, a1, a2, a3, a4, a5, a6, a7, l0, l1, l2, l3, id0, id1, f0, f1] = raw;
             let flags = u16::from_le_bytes([f0, f1]);
             if !Self::is_avail(flags, wrap) {
@@ -155,8 +171,14 @@ impl PackedRing {
                 len: u32::from_le_bytes([l0, l1, l2, l3]),
                 write: flags & DESC_F_WRITE != 0,
             };
-            if !mem.check_range(GuestAddress(desc.addr), desc.len as usize) {
-                return Err(ChainError::OutOfMemory { addr: desc.addr, len: desc.len });
+            let end = desc.addr.checked_add(u64::from(desc.len));
+            if !end.is_some_and(|end| desc.addr >= region.0 && end <= region.1) {
+                if !mem.check_range(GuestAddress(desc.addr), desc.len as usize) {
+                    return Err(ChainError::OutOfMemory { addr: desc.addr, len: desc.len });
+                }
+                if let Some(r) = mem.find_region(GuestAddress(desc.addr)) {
+                    region = (r.start_addr().0, r.start_addr().0 + r.len());
+                }
             }
             if !desc.write && seen_write {
                 return Err(ChainError::Order { head: self.next_avail });
@@ -172,6 +194,13 @@ impl PackedRing {
             }
         };
         (self.next_avail, self.avail_wrap) = (i, wrap);
+        // The first buffer (a request header, mostly) is what the device reads next: the
+        // driver wrote it on another core.
+        if let Some(d) = descs.first()
+            && let Ok(s) = mem.get_slice(GuestAddress(d.addr), 1)
+        {
+            crate::sys::prefetch(s.ptr_guard().as_ptr() as usize);
+        }
         Ok(Some(Chain { head: id, descs }))
     }
 
@@ -179,6 +208,20 @@ impl PackedRing {
     /// (its chain's length). The descriptor's flags are written last, with release ordering, so
     /// a driver that sees them sees the ID and length.
     pub fn add_used(&mut self, mem: &GuestMemory, id: u16, len: u32, slots: u16) -> Result<(), ChainError> {
+        self.add_used_unmarked(mem, id, len, slots)?;
+        super::ctx::mark(mem, self.ring, 16 * usize::from(self.size));
+        Ok(())
+    }
+
+    /// [`PackedRing::add_used`] without marking the ring in the VMM's dirty bitmap: the caller
+    /// marks it (`QueueCtx` does once per batch, see its module documentation).
+    pub(crate) fn add_used_unmarked(
+        &mut self,
+        mem: &GuestMemory,
+        id: u16,
+        len: u32,
+        slots: u16,
+    ) -> Result<(), ChainError> {
         if slots == 0 || slots > self.size {
             return Err(ChainError::Used(format!(
                 "a buffer of {slots} descriptors in a ring of {}",
@@ -186,15 +229,20 @@ impl PackedRing {
             )));
         }
         let at = self.desc_addr(self.next_used);
-        let used = |e: vm_memory::GuestMemoryError| ChainError::Used(e.to_string());
-        mem.write_obj(len.to_le(), GuestAddress(at + 8)).map_err(used)?;
-        mem.write_obj(id.to_le(), GuestAddress(at + 12)).map_err(used)?;
+        let desc = super::ctx::unmarked(mem, at, 16)
+            .ok_or_else(|| ChainError::Used(format!("used descriptor at {at:#x} is outside guest memory")))?;
+        let used = |e: vm_memory::VolatileMemoryError| ChainError::Used(e.to_string());
+        let mut head = [0u8; 6];
+        head[..4].copy_from_slice(&len.to_le_bytes());
+        head[4..].copy_from_slice(&id.to_le_bytes());
+        desc.write_slice(&head, 8).map_err(used)?;
         let mut flags = if self.used_wrap { DESC_F_AVAIL | DESC_F_USED } else { 0 };
         if len > 0 {
             flags |= DESC_F_WRITE;
         }
         fence(Ordering::Release);
-        mem.store(flags.to_le(), GuestAddress(at + 14), Ordering::Release).map_err(used)?;
+        desc.store(flags.to_le(), 14, Ordering::Release).map_err(used)?;
+        self.used_since = self.used_since.saturating_add(slots);
         let next = u32::from(self.next_used) + u32::from(slots);
         if next >= u32::from(self.size) {
             self.next_used = (next - u32::from(self.size)) as u16;
@@ -217,10 +265,13 @@ impl PackedRing {
         );
         let new = self.next_used;
         let old = self.signalled_used.replace(new);
+        let used = std::mem::take(&mut self.used_since);
         Ok(match flags {
             EVENT_DISABLE => false,
             EVENT_DESC if self.event_idx => match old {
                 None => true,
+                // A whole ring or more since the last decision passed every position.
+                Some(_) if used >= self.size => true,
                 Some(old) => {
                     let mut off = off_wrap & 0x7fff;
                     if (off_wrap >> 15 == 1) != self.used_wrap {
@@ -310,13 +361,14 @@ impl PackedQueue {
         (self.ring.next_avail, self.ring.avail_wrap) = before;
     }
 
-    /// Marks buffer `id` used with `len` bytes written; it must be in flight.
-    pub fn complete(&mut self, mem: &GuestMemory, id: u16, len: u32) -> Result<(), ChainError> {
+    /// Marks buffer `id` used with `len` bytes written; it must be in flight. The ring is not
+    /// marked in the VMM's dirty bitmap: `QueueCtx` marks it when it publishes.
+    pub(crate) fn complete(&mut self, mem: &GuestMemory, id: u16, len: u32) -> Result<(), ChainError> {
         let slots = self
             .in_flight
             .remove(&id)
             .ok_or_else(|| ChainError::Used(format!("buffer ID {id} is not in flight")))?;
-        self.ring.add_used(mem, id, len, slots)
+        self.ring.add_used_unmarked(mem, id, len, slots)
     }
 }
 

@@ -125,6 +125,7 @@ impl MmioTransport {
         inner.activated = false;
         inner.broken = None;
         inner.packed = None;
+        inner.starved.clear();
     }
 
     fn write_status(&self, inner: &mut Inner, value: u32) {

@@ -156,6 +156,8 @@ struct Inner {
     offer_packed: bool,
     /// The packed rings, built at `DRIVER_OK` when the driver negotiated them.
     packed: Option<Vec<PackedQueue>>,
+    /// Queues the device waits on for more buffers (see [`MmioTransport::rearm`]).
+    starved: Vec<Starved>,
 }
 
 #[derive(Debug)]
@@ -199,6 +201,7 @@ impl MmioTransport {
             stats: TransportStats::default(),
             offer_packed: false,
             packed: None,
+            starved: Vec::new(),
         };
         Ok(MmioTransport {
             shared: Arc::new(Shared {
@@ -415,7 +418,12 @@ impl MmioTransport {
                 notify |= ctx.needs_notification(q);
             }
         }
-        let starved = ctx.starved().to_vec();
+        // A queue the device took buffers from without running short again has what it
+        // waited for; one it ran short on now waits from where it saw the ring end.
+        let popped = ctx.popped_mask();
+        let reported = ctx.starved().to_vec();
+        inner.starved.retain(|st| popped & (1 << st.q) == 0 && !reported.iter().any(|r| r.q == st.q));
+        inner.starved.extend(reported);
         if let Err(e) = res {
             let mut msg = e.to_string();
             let mut src = std::error::Error::source(&e);
@@ -429,7 +437,7 @@ impl MmioTransport {
             self.raise(inner, INT_CONFIG);
         }
         self.after_work(inner, notify);
-        Self::rearm(inner, &starved)
+        Self::rearm(inner)
     }
 
     /// Asks the driver to notify again for what it publishes next: with
@@ -437,15 +445,18 @@ impl MmioTransport {
     /// it, notifications are never suppressed). A driver that honours `avail_event`, as Linux
     /// does, notifies only for entries past it, so a device that skipped this would hear nothing
     /// after its first request. A queue the device waits on for more buffers (`starved`, with
-    /// the avail index it saw) asks for a notification on the very next buffer instead.
-    fn rearm(inner: &mut Inner, starved: &[Starved]) -> Served {
+    /// where it saw the ring end) asks for a notification on the very next buffer instead, at
+    /// every serve until the device takes buffers from it again: a serve of another queue must
+    /// not move its `avail_event` back to where the device stopped, or the driver would not
+    /// notify for the buffer the device waits for.
+    fn rearm(inner: &mut Inner) -> Served {
         let mut served = Served::default();
         if !inner.activated || inner.broken.is_some() {
             return served;
         }
-        let Inner { queues, packed, mem, .. } = inner;
+        let Inner { queues, packed, mem, starved, .. } = inner;
         for (q, queue) in queues.iter_mut().enumerate() {
-            if !queue.ready() {
+            if !queue.ready() || starved.iter().any(|st| st.q == q) {
                 continue;
             }
             // A ring outside guest memory fails here and again at the next pop, which breaks
@@ -458,7 +469,7 @@ impl MmioTransport {
                 served.pending |= 1 << q;
             }
         }
-        for st in starved {
+        for st in starved.iter() {
             let Some(queue) = queues.get(st.q).filter(|x| x.ready()) else { continue };
             let fresh = match packed.as_deref_mut() {
                 Some(p) => p
