@@ -193,6 +193,17 @@ pub(crate) fn prefetch(addr: usize) {
     let _ = addr;
 }
 
+/// `len` bytes of guest memory at `addr` without the VMM's dirty bitmap: writes through it are
+/// not marked (the caller marks them; see `virtio::ctx`). `None` outside guest memory.
+pub(crate) fn unmarked(mem: &GuestMemory, addr: u64, len: usize) -> Option<VolatileSlice<'_, ()>> {
+    let s = mem.get_slice(GuestAddress(addr), len).ok()?;
+    // SAFETY: `s` is `len` bytes inside one region of `mem`, checked by `get_slice`. The memory
+    // is a plain mmap (`GuestMemoryMmap`): it stays mapped as long as `mem`, which the returned
+    // slice borrows, and the pointer guard holds nothing that must outlive this call. The new
+    // slice covers the same bytes and differs only in having no bitmap.
+    Some(unsafe { VolatileSlice::new(s.ptr_guard_mut().as_ptr(), len) })
+}
+
 /// Machine code of the built-in `virtio_rng` guest (see `guest`).
 pub(crate) fn virtio_rng_code() -> &'static [u8] {
     unsafe extern "C" {

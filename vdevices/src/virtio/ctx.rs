@@ -19,7 +19,6 @@ use std::sync::atomic::{Ordering, fence};
 use vcore::GuestMemory;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::bitmap::Bitmap;
-use vm_memory::volatile_memory::VolatileSlice;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
 use super::chain::{Chain, ChainError, Rings, pop_into, pop_seen};
@@ -99,16 +98,7 @@ impl Irq<'_> {
     }
 }
 
-/// `len` bytes of guest memory at `addr` without the VMM's dirty bitmap: writes through it are
-/// not marked (the caller marks them, see [`mark`]). `None` outside guest memory.
-pub(super) fn unmarked(mem: &GuestMemory, addr: u64, len: usize) -> Option<VolatileSlice<'_, ()>> {
-    let s = mem.get_slice(GuestAddress(addr), len).ok()?;
-    // SAFETY: `s` is `len` bytes inside one region of `mem`, checked by `get_slice`. The memory
-    // is a plain mmap (`GuestMemoryMmap`): it stays mapped as long as `mem`, which the returned
-    // slice borrows, and the pointer guard holds nothing that must outlive this call. The new
-    // slice covers the same bytes and differs only in having no bitmap.
-    Some(unsafe { VolatileSlice::new(s.ptr_guard_mut().as_ptr(), len) })
-}
+pub(super) use crate::sys::unmarked;
 
 /// Marks `len` bytes at `addr` dirty in the VMM's bitmap (nothing outside guest memory).
 pub(super) fn mark(mem: &GuestMemory, addr: u64, len: usize) {
