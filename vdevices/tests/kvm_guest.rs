@@ -48,10 +48,11 @@ fn cpl3_guest_drives_virtio_rng() {
     // the 19 register accesses of device setup.
     assert_eq!(mmio_exits, 19, "notifications took the ioeventfd path, not MMIO exits");
     // Notifications were served (a serve pass takes every chain available, so one eventfd
-    // wake-up can cover a request the guest published while the device was still working), and
-    // each pass that used buffers raised the irqfd.
+    // wake-up can cover a request the guest published while the device was still working, and
+    // a second pass of the same wake-up serves one published after the first pass ended), and
+    // the irqfd was raised at most once per request.
     assert!((1..=51).contains(&stats.notifications), "{stats:?}");
-    assert!(stats.interrupts >= 1 && stats.interrupts <= stats.notifications, "{stats:?}");
+    assert!(stats.interrupts >= 1 && stats.interrupts <= r.completed, "{stats:?}");
     eprintln!(
         "virtio_rng guest: {} requests, mean {} cycles notify-to-used, min {}, max {}; {mmio_exits} MMIO exits",
         r.completed,
