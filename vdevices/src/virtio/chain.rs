@@ -181,7 +181,7 @@ pub(crate) fn read_array<const N: usize>(mem: &GuestMemory, addr: u64) -> Option
 }
 
 /// A host view of part of guest memory.
-type GuestSlice<'a> = VolatileSlice<'a, MS<'a, GuestMemory>>;
+pub(super) type GuestSlice<'a> = VolatileSlice<'a, MS<'a, GuestMemory>>;
 
 /// What [`pop_seen`] keeps between the pops of one queue while a device serves it (the queue's
 /// addresses cannot change meanwhile: the driver writes them under the lock the device holds).
@@ -196,17 +196,45 @@ pub(super) struct Rings<'a> {
     table: Option<GuestSlice<'a>>,
     /// The avail ring's entries, likewise.
     avail: Option<GuestSlice<'a>>,
-    /// The memory region that held the last buffer checked: most buffers are in it, and need
-    /// no lookup.
+    /// The region of the last buffer checked.
     region: Span,
 }
 
-/// A memory region: guest addresses `[start, end)`, mapped at host address `host`.
+/// The memory region that held the last buffer checked, as guest addresses `[start, end)`
+/// mapped at host address `host`: buffers of one chain, or of a batch, are mostly in one
+/// region, and need no lookup.
 #[derive(Debug, Default, Clone, Copy)]
-struct Span {
+pub(super) struct Span {
     start: u64,
     end: u64,
     host: usize,
+}
+
+impl Span {
+    /// Whether the `len` bytes at `addr` are all guest memory; remembers the region that holds
+    /// `addr` when it had to look.
+    pub(super) fn holds(&mut self, mem: &GuestMemory, addr: u64, len: u32) -> bool {
+        let end = addr.checked_add(u64::from(len));
+        if end.is_some_and(|end| addr >= self.start && end <= self.end) {
+            return true;
+        }
+        if !mem.check_range(GuestAddress(addr), len as usize) {
+            return false;
+        }
+        if let Some(r) = mem.find_region(GuestAddress(addr)) {
+            let start = r.start_addr().0;
+            *self = Span { start, end: start + r.len(), host: r.as_ptr() as usize };
+        }
+        true
+    }
+
+    /// Prefetches the cache line of guest address `addr` if it is in this region (see
+    /// [`crate::sys::prefetch`]).
+    pub(super) fn prefetch(&self, addr: u64) {
+        if addr >= self.start && addr < self.end {
+            crate::sys::prefetch(self.host + (addr - self.start) as usize);
+        }
+    }
 }
 
 impl<'a> Rings<'a> {
@@ -219,34 +247,10 @@ impl<'a> Rings<'a> {
             self.mapped = true;
         }
     }
-
-    /// Whether the `len` bytes at `addr` are all guest memory.
-    fn holds(&mut self, mem: &GuestMemory, addr: u64, len: u32) -> bool {
-        let end = addr.checked_add(u64::from(len));
-        if end.is_some_and(|end| addr >= self.region.start && end <= self.region.end) {
-            return true;
-        }
-        if !mem.check_range(GuestAddress(addr), len as usize) {
-            return false;
-        }
-        if let Some(r) = mem.find_region(GuestAddress(addr)) {
-            let start = r.start_addr().0;
-            self.region = Span { start, end: start + r.len(), host: r.as_ptr() as usize };
-        }
-        true
-    }
-
-    /// Prefetches the cache line of guest address `addr` if it is in the last region checked
-    /// (see [`crate::sys::prefetch`]).
-    fn prefetch(&self, addr: u64) {
-        if addr >= self.region.start && addr < self.region.end {
-            crate::sys::prefetch(self.region.host + (addr - self.region.start) as usize);
-        }
-    }
 }
 
 /// `N` bytes at offset `at` of `ring` (mapped), or at guest address `addr` (not mapped).
-fn ring_bytes<const N: usize>(
+pub(super) fn ring_bytes<const N: usize>(
     ring: &Option<GuestSlice<'_>>,
     at: usize,
     mem: &GuestMemory,
@@ -365,7 +369,7 @@ pub(super) fn pop_into<'a>(
         if flags & F_INDIRECT != 0 {
             return Err(ChainError::Malformed("indirect descriptor (VIRTIO_F_INDIRECT_DESC is not offered)"));
         }
-        if !rings.holds(mem, desc.addr, desc.len) {
+        if !rings.region.holds(mem, desc.addr, desc.len) {
             return Err(ChainError::OutOfMemory { addr: desc.addr, len: desc.len });
         }
         if !desc.write && seen_write {
@@ -383,7 +387,7 @@ pub(super) fn pop_into<'a>(
     }
     queue.set_next_avail(next.0.wrapping_add(1));
     if let Some(d) = descs.first() {
-        rings.prefetch(d.addr);
+        rings.region.prefetch(d.addr);
     }
     Ok(Some(head))
 }

@@ -18,9 +18,9 @@ use std::sync::atomic::{Ordering, fence};
 
 use serde::{Deserialize, Serialize};
 use vcore::GuestMemory;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
-use super::chain::read_array;
+use super::chain::{Span, ring_bytes};
 use super::{Chain, ChainError, Desc};
 
 /// `VIRTIO_F_RING_PACKED`: the driver may use packed virtqueues.
@@ -139,20 +139,12 @@ impl PackedRing {
         // One mapping for the ring (each descriptor otherwise costs a region lookup); a ring
         // across two adjacent regions is read descriptor by descriptor.
         let ring = mem.get_slice(GuestAddress(self.ring), 16 * usize::from(self.size)).ok();
-        // The region of the last buffer checked: most buffers are in it.
-        let mut region = (0u64, 0u64);
+        let mut region = Span::default();
         let id = loop {
             if descs.len() == usize::from(self.size) {
                 return Err(ChainError::Unterminated { head: self.next_avail });
             }
-            let raw = match &ring {
-                Some(r) => r.subslice(16 * usize::from(i), 16).ok().map(|d| {
-                    let mut raw = [0u8; 16];
-                    d.copy_to(&mut raw[..]);
-                    raw
-                }),
-                None => read_array::<16>(mem, self.desc_addr(i)),
-            };
+            let raw = ring_bytes::<16>(&ring, 16 * usize::from(i), mem, self.desc_addr(i));
             let raw = raw.ok_or_else(|| ChainError::Ring(format!("packed descriptor {i}")))?;
             let [a0, a1, a2, a3, a4, a5, a6, a7, l0, l1, l2, l3, id0, id1, f0, f1] = raw;
             let flags = u16::from_le_bytes([f0, f1]);
@@ -171,14 +163,8 @@ impl PackedRing {
                 len: u32::from_le_bytes([l0, l1, l2, l3]),
                 write: flags & DESC_F_WRITE != 0,
             };
-            let end = desc.addr.checked_add(u64::from(desc.len));
-            if !end.is_some_and(|end| desc.addr >= region.0 && end <= region.1) {
-                if !mem.check_range(GuestAddress(desc.addr), desc.len as usize) {
-                    return Err(ChainError::OutOfMemory { addr: desc.addr, len: desc.len });
-                }
-                if let Some(r) = mem.find_region(GuestAddress(desc.addr)) {
-                    region = (r.start_addr().0, r.start_addr().0 + r.len());
-                }
+            if !region.holds(mem, desc.addr, desc.len) {
+                return Err(ChainError::OutOfMemory { addr: desc.addr, len: desc.len });
             }
             if !desc.write && seen_write {
                 return Err(ChainError::Order { head: self.next_avail });
@@ -196,10 +182,8 @@ impl PackedRing {
         (self.next_avail, self.avail_wrap) = (i, wrap);
         // The first buffer (a request header, mostly) is what the device reads next: the
         // driver wrote it on another core.
-        if let Some(d) = descs.first()
-            && let Ok(s) = mem.get_slice(GuestAddress(d.addr), 1)
-        {
-            crate::sys::prefetch(s.ptr_guard().as_ptr() as usize);
+        if let Some(d) = descs.first() {
+            region.prefetch(d.addr);
         }
         Ok(Some(Chain { head: id, descs }))
     }
