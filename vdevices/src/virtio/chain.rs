@@ -183,7 +183,7 @@ pub(crate) fn read_array<const N: usize>(mem: &GuestMemory, addr: u64) -> Option
 /// A host view of part of guest memory.
 pub(super) type GuestSlice<'a> = VolatileSlice<'a, MS<'a, GuestMemory>>;
 
-/// What [`pop_seen`] keeps between the pops of one queue while a device serves it (the queue's
+/// What [`pop_into`] keeps between the pops of one queue while a device serves it (the queue's
 /// addresses cannot change meanwhile: the driver writes them under the lock the device holds).
 #[derive(Debug, Default)]
 pub(super) struct Rings<'a> {
@@ -287,7 +287,8 @@ fn prefetch_heads(queue: &Queue, mem: &GuestMemory, rings: &Rings<'_>, next: Wra
 }
 
 /// [`pop_chain`] with what `rings` keeps between pops.
-pub(super) fn pop_seen<'a>(
+#[cfg(test)]
+fn pop_seen<'a>(
     queue: &mut Queue,
     mem: &'a GuestMemory,
     rings: &mut Rings<'a>,

@@ -21,7 +21,7 @@ use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::bitmap::Bitmap;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
-use super::chain::{Chain, ChainError, Rings, pop_into, pop_seen};
+use super::chain::{Chain, ChainError, Rings, pop_into};
 use super::packed::{PackedPos, PackedQueue};
 
 /// How many queues a [`QueueCtx`] tracks with fixed-size state (the avail index read last, the
@@ -50,7 +50,7 @@ pub struct QueueCtx<'a> {
     packed_added: u64,
     /// Queues the device took a chain from.
     popped: u64,
-    /// What popping keeps per queue (see [`pop_seen`]); queues past the 8th start afresh
+    /// What popping keeps per queue (see [`pop_into`]); queues past the 8th start afresh
     /// every time.
     rings: [Rings<'a>; TRACKED],
     /// Per queue, the used index when the driver's `used_event` was last checked (the Linux
@@ -107,6 +107,12 @@ pub(super) fn mark(mem: &GuestMemory, addr: u64, len: usize) {
     }
 }
 
+/// Linux's `vring_need_event`: whether moving the used (or available) index from `old` to
+/// `new` passed `event`, the index the other side asked to hear about.
+pub(super) fn need_event(event: u16, new: u16, old: u16) -> bool {
+    new.wrapping_sub(event).wrapping_sub(1) < new.wrapping_sub(old)
+}
+
 /// The bytes of `queue`'s used ring: flags, index, the entries and `avail_event`.
 fn used_ring_len(queue: &Queue) -> usize {
     6 + 8 * usize::from(queue.size())
@@ -161,16 +167,8 @@ impl<'a> QueueCtx<'a> {
         if self.packed.is_some() {
             return self.pop_packed(q);
         }
-        let mut fresh = Rings::default();
-        let rings = self.rings.get_mut(q).unwrap_or(&mut fresh);
-        let chain = match self.queues.get_mut(q) {
-            Some(queue) => pop_seen(queue, self.mem, rings)?,
-            None => None,
-        };
-        if chain.is_some() {
-            self.popped |= 1 << q;
-        }
-        Ok(chain)
+        let mut chain = Chain { head: 0, descs: Vec::with_capacity(4) };
+        Ok(self.pop_into(q, &mut chain)?.then_some(chain))
     }
     /// [`QueueCtx::pop`] into `chain`, reusing its buffer list: `Ok(false)` (and `chain`
     /// emptied) when there is none.
@@ -363,7 +361,7 @@ impl<'a> QueueCtx<'a> {
         fence(Ordering::SeqCst);
         let at = queue.avail_ring() + 4 + 2 * u64::from(queue.size());
         match self.mem.load::<u16>(GuestAddress(at), Ordering::Acquire) {
-            Ok(event) => now - Wrapping(u16::from_le(event)) - Wrapping(1) < now - old,
+            Ok(event) => need_event(u16::from_le(event), now.0, old.0),
             // A ring the guest moved out of memory: interrupt anyway, the driver resyncs.
             Err(_) => true,
         }

@@ -21,6 +21,7 @@ use vcore::GuestMemory;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
 use super::chain::{Span, ring_bytes};
+use super::ctx::need_event;
 use super::{Chain, ChainError, Desc};
 
 /// `VIRTIO_F_RING_PACKED`: the driver may use packed virtqueues.
@@ -71,11 +72,6 @@ pub struct PackedRing {
     /// Descriptors marked used since then (saturating): a position alone cannot tell a whole
     /// ring's worth of them from none.
     pub used_since: u16,
-}
-
-/// `vring_need_event`: whether moving from `old` to `new` passed `event`.
-fn need_event(event: u16, new: u16, old: u16) -> bool {
-    new.wrapping_sub(event).wrapping_sub(1) < new.wrapping_sub(old)
 }
 
 impl PackedRing {
