@@ -46,8 +46,6 @@ pub struct QueueCtx<'a> {
     /// Chains popped from packed rings in this serve: queue, buffer ID, where the ring stood
     /// (for [`QueueCtx::unpop`]).
     packed_popped: Vec<(usize, u16, PackedPos)>,
-    /// Packed queues with buffers used since their interrupt was last decided on.
-    packed_added: u64,
     /// Queues the device took a chain from.
     popped: u64,
     /// What popping keeps per queue (see [`pop_into`]); queues past the 8th start afresh
@@ -107,6 +105,17 @@ pub(super) fn mark(mem: &GuestMemory, addr: u64, len: usize) {
     }
 }
 
+/// The queue numbers set in `mask`, lowest first.
+fn bits(mut mask: u64) -> impl Iterator<Item = usize> {
+    std::iter::from_fn(move || {
+        (mask != 0).then(|| {
+            let q = mask.trailing_zeros() as usize;
+            mask &= mask - 1;
+            q
+        })
+    })
+}
+
 /// Linux's `vring_need_event`: whether moving the used (or available) index from `old` to
 /// `new` passed `event`, the index the other side asked to hear about.
 pub(super) fn need_event(event: u16, new: u16, old: u16) -> bool {
@@ -139,7 +148,6 @@ impl<'a> QueueCtx<'a> {
             starved: Vec::new(),
             packed,
             packed_popped: Vec::new(),
-            packed_added: 0,
             popped: 0,
             rings: std::array::from_fn(|_| Rings::default()),
             told,
@@ -251,7 +259,6 @@ impl<'a> QueueCtx<'a> {
             p.get_mut(q).ok_or(ChainError::BadHead)?.complete(mem, head, len)?;
             self.used |= 1 << q;
             self.unpublished |= 1 << q;
-            self.packed_added |= 1 << q;
             return Ok(());
         }
         let queue = self.queues.get_mut(q).ok_or(ChainError::BadHead)?;
@@ -324,27 +331,30 @@ impl<'a> QueueCtx<'a> {
         self.flush_marks();
     }
     /// Publishes every queue's used entries ([`QueueCtx::signal_used`] without the interrupt).
-    pub(crate) fn publish_all(&mut self) {
-        let mut left = self.unpublished;
-        while left != 0 {
-            let q = left.trailing_zeros() as usize;
-            left &= left - 1;
+    fn publish_all(&mut self) {
+        for q in bits(self.unpublished) {
             self.publish_used(q);
         }
         self.flush_marks();
+    }
+    /// What the transport does when the device returns: publishes every queue's used entries
+    /// and says whether a driver wants the used-buffer interrupt for them.
+    pub(crate) fn finish(&mut self) -> bool {
+        self.publish_all();
+        // Every queue is asked (no short cut), so that each one's last decision moves on.
+        bits(self.used).fold(false, |notify, q| self.needs_notification(q) | notify)
     }
     /// Whether the driver wants an interrupt for the used entries queue `q` published since
     /// this was last asked: with `VIRTIO_F_RING_EVENT_IDX`, when its `used_event` lies among
     /// them (as Linux's `virtqueue_kick_prepare` decides on the other side); without it, always
     /// when there are any.
-    pub(crate) fn needs_notification(&mut self, q: usize) -> bool {
+    fn needs_notification(&mut self, q: usize) -> bool {
         if let Some(p) = self.packed.as_deref_mut() {
-            if self.packed_added & (1 << q) == 0 {
-                return false;
-            }
-            self.packed_added &= !(1 << q);
-            // A driver event structure outside memory: interrupt anyway, the driver resyncs.
-            return p.get_mut(q).is_none_or(|p| p.ring.needs_notification(self.mem).unwrap_or(true));
+            // Nothing used since the last decision (`used_since`), nothing to tell. A driver
+            // event structure outside memory: interrupt anyway, the driver resyncs.
+            return p.get_mut(q).is_some_and(|p| {
+                p.ring.used_since > 0 && p.ring.needs_notification(self.mem).unwrap_or(true)
+            });
         }
         let Some(queue) = self.queues.get(q) else { return false };
         let now = Wrapping(queue.next_used());
@@ -371,7 +381,8 @@ impl<'a> QueueCtx<'a> {
         self.popped
     }
     /// Bitmask of queues that got used entries.
-    pub(crate) fn used_mask(&self) -> u64 {
+    #[cfg(test)]
+    fn used_mask(&self) -> u64 {
         self.used
     }
 }

@@ -410,14 +410,7 @@ impl MmioTransport {
         let irq = self.irq(stats);
         let mut ctx = QueueCtx::with_irq(mem, queues, packed.as_deref_mut(), irq);
         let res = work(device.as_mut(), &mut ctx);
-        ctx.publish_all();
-        let used = ctx.used_mask();
-        let mut notify = false;
-        for q in 0..64 {
-            if used & (1 << q) != 0 {
-                notify |= ctx.needs_notification(q);
-            }
-        }
+        let notify = ctx.finish();
         // A queue the device took buffers from without running short again has what it
         // waited for; one it ran short on now waits from where it saw the ring end.
         let popped = ctx.popped_mask();
