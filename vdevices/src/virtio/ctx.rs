@@ -172,9 +172,6 @@ impl<'a> QueueCtx<'a> {
     }
     /// The next chain of queue `q`, validated; `Ok(None)` when there is none.
     pub fn pop(&mut self, q: usize) -> Result<Option<Chain>, ChainError> {
-        if self.packed.is_some() {
-            return self.pop_packed(q);
-        }
         let mut chain = Chain { head: 0, descs: Vec::with_capacity(4) };
         Ok(self.pop_into(q, &mut chain)?.then_some(chain))
     }
@@ -182,16 +179,7 @@ impl<'a> QueueCtx<'a> {
     /// emptied) when there is none.
     pub fn pop_into(&mut self, q: usize, chain: &mut Chain) -> Result<bool, ChainError> {
         if self.packed.is_some() {
-            return Ok(match self.pop_packed(q)? {
-                Some(c) => {
-                    *chain = c;
-                    true
-                }
-                None => {
-                    chain.descs.clear();
-                    false
-                }
-            });
+            return self.pop_packed(q, chain);
         }
         let mut fresh = Rings::default();
         let rings = self.rings.get_mut(q).unwrap_or(&mut fresh);
@@ -208,17 +196,17 @@ impl<'a> QueueCtx<'a> {
         }
         Ok(head.is_some())
     }
-    /// [`QueueCtx::pop`] on a packed ring: the chain's `head` is its buffer ID.
-    fn pop_packed(&mut self, q: usize) -> Result<Option<Chain>, ChainError> {
-        let Some(p) = self.packed.as_deref_mut().and_then(|p| p.get_mut(q)) else { return Ok(None) };
-        if !self.queues.get(q).is_some_and(|x| x.ready()) {
-            return Ok(None);
-        }
-        Ok(p.pop(self.mem)?.map(|(chain, before)| {
-            self.packed_popped.push((q, chain.head, before));
-            self.popped |= 1 << q;
-            chain
-        }))
+    /// [`QueueCtx::pop_into`] on a packed ring: the chain's `head` is its buffer ID.
+    fn pop_packed(&mut self, q: usize, chain: &mut Chain) -> Result<bool, ChainError> {
+        let p = self.packed.as_deref_mut().and_then(|p| p.get_mut(q));
+        let Some(p) = p.filter(|_| self.queues.get(q).is_some_and(|x| x.ready())) else {
+            chain.descs.clear();
+            return Ok(false);
+        };
+        let Some(before) = p.pop(self.mem, chain)? else { return Ok(false) };
+        self.packed_popped.push((q, chain.head, before));
+        self.popped |= 1 << q;
+        Ok(true)
     }
     /// Says that the device leaves queue `q`'s buffers unused because they are too few for what
     /// it must deliver (a frame that needs more receive buffers than the ring holds). Call it

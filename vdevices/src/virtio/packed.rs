@@ -124,13 +124,20 @@ impl PackedRing {
     /// The chain's `head` is its buffer ID (from its last descriptor), and `descs.len()` the
     /// descriptors it takes in the ring (pass it to [`PackedRing::add_used`]).
     pub fn pop(&mut self, mem: &GuestMemory) -> Result<Option<Chain>, ChainError> {
+        let mut descs = Vec::with_capacity(4);
+        Ok(self.pop_into(mem, &mut descs)?.map(|head| Chain { head, descs }))
+    }
+
+    /// [`PackedRing::pop`] into `descs` (emptied first, its allocation reused); returns the
+    /// chain's buffer ID.
+    pub fn pop_into(&mut self, mem: &GuestMemory, descs: &mut Vec<Desc>) -> Result<Option<u16>, ChainError> {
+        descs.clear();
         if self.size == 0 || !Self::is_avail(self.flags_at(mem, self.next_avail)?, self.avail_wrap) {
             return Ok(None);
         }
         // The head's flags were read with Acquire: the descriptors the driver wrote before them
         // are visible.
         let (mut i, mut wrap) = (self.next_avail, self.avail_wrap);
-        let mut descs = Vec::with_capacity(4);
         let mut seen_write = false;
         // One mapping for the ring (each descriptor otherwise costs a region lookup); a ring
         // across two adjacent regions is read descriptor by descriptor.
@@ -181,7 +188,7 @@ impl PackedRing {
         if let Some(d) = descs.first() {
             region.prefetch(d.addr);
         }
-        Ok(Some(Chain { head: id, descs }))
+        Ok(Some(id))
     }
 
     /// Marks buffer `id` used with `len` bytes written; it took `slots` descriptors in the ring
@@ -323,16 +330,18 @@ impl PackedQueue {
         PackedQueue { ring, in_flight: BTreeMap::new() }
     }
 
-    /// The next available chain (see [`PackedRing::pop`]), now in flight, with where the ring
-    /// stood before it. A buffer ID the driver reuses while it is in flight is an error.
-    pub fn pop(&mut self, mem: &GuestMemory) -> Result<Option<(Chain, PackedPos)>, ChainError> {
+    /// The next available chain, into `chain` (see [`PackedRing::pop_into`]), now in flight;
+    /// returns where the ring stood before it (`None`, and `chain` emptied, if there is none).
+    /// A buffer ID the driver reuses while it is in flight is an error.
+    pub fn pop(&mut self, mem: &GuestMemory, chain: &mut Chain) -> Result<Option<PackedPos>, ChainError> {
         let before = (self.ring.next_avail, self.ring.avail_wrap);
-        let Some(chain) = self.ring.pop(mem)? else { return Ok(None) };
+        let Some(id) = self.ring.pop_into(mem, &mut chain.descs)? else { return Ok(None) };
+        chain.head = id;
         let slots = u16::try_from(chain.descs.len()).unwrap_or(u16::MAX);
-        if self.in_flight.insert(chain.head, slots).is_some() {
+        if self.in_flight.insert(id, slots).is_some() {
             return Err(ChainError::Malformed("packed buffer ID reused while in flight"));
         }
-        Ok(Some((chain, before)))
+        Ok(Some(before))
     }
 
     /// Puts back the chain with buffer ID `id` that [`PackedQueue::pop`] took at `before`.
