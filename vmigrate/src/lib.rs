@@ -24,4 +24,5 @@ pub use storage::{
 };
 pub use stream::StreamError;
 pub use vcore::DeviceSections;
+mod pagemap;
 mod sys;

@@ -199,3 +199,9 @@ pub(crate) fn dup_fd(fd: &impl AsRawFd) -> std::io::Result<OwnedFd> {
     // duplicate is a new descriptor we own.
     unsafe { BorrowedFd::borrow_raw(fd.as_raw_fd()) }.try_clone_to_owned()
 }
+
+/// The host's page size.
+pub(crate) fn host_page_size() -> usize {
+    // SAFETY: sysconf has no memory-safety preconditions.
+    unsafe { libc::sysconf(libc::_SC_PAGESIZE) as usize }
+}

@@ -536,7 +536,7 @@ mod writer;
 
 pub use reader::FrameReader;
 pub(crate) use reader::vmm_wrote;
-pub use writer::{FrameWriter, LIVE_MIN_PAGES};
+pub use writer::{FrameWriter, HOLE_CHECK_PAGES, LIVE_MIN_PAGES};
 
 /// Whether `page` is all zeros: 64 bytes at a time (vectorizable), stopping at the first
 /// non-zero block, so a data page costs almost nothing to classify.

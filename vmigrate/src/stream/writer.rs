@@ -14,6 +14,10 @@ use super::{
 /// scattered dirty pages are copied and leave in 1 MiB writes as before.
 pub const LIVE_MIN_PAGES: usize = 64;
 
+/// Shortest range [`FrameWriter::guest_range`] looks up in the host's page tables before
+/// reading it: the lookup is a system call, worth it once it can spare a run of page faults.
+pub const HOLE_CHECK_PAGES: usize = 16;
+
 /// A piece of what the writer hands to the transport next.
 #[derive(Debug, Clone, Copy)]
 enum Part {
@@ -51,6 +55,8 @@ pub struct FrameWriter<W: Write> {
     part_from: usize,
     /// Guest bytes in `parts`.
     guest_bytes: usize,
+    /// Pages of the range being encoded that the host never allocated (reused).
+    holes: Vec<u64>,
 }
 
 impl<W: Write> FrameWriter<W> {
@@ -71,6 +77,7 @@ impl<W: Write> FrameWriter<W> {
             parts: Vec::new(),
             part_from: 0,
             guest_bytes: 0,
+            holes: Vec::new(),
         }
     }
 
@@ -247,6 +254,11 @@ impl<W: Write> FrameWriter<W> {
 
     /// Encodes the `len` bytes of `mem` from guest address `gpa` (inside one region) as
     /// [`FrameWriter::guest_pages`] does: one region lookup for the whole range, not one per page.
+    /// In private anonymous memory (as `vcore` allocates it), a range of at least
+    /// [`HOLE_CHECK_PAGES`] pages is first looked up in the host's page tables
+    /// (`/proc/self/pagemap`): pages the host never allocated are sent as zero pages without
+    /// being read, so the encoder neither faults them in nor makes the guest's first write to
+    /// them copy a shared zero page.
     pub fn guest_range(
         &mut self,
         mem: &vcore::GuestMemory,
@@ -257,7 +269,9 @@ impl<W: Write> FrameWriter<W> {
         let run = mem
             .get_slice(vm_memory::GuestAddress(gpa), len)
             .map_err(|e| StreamError::Io(std::io::Error::other(e.to_string())))?;
-        self.guest_pages(gpa, &run)
+        let anonymous =
+            mem.find_region(vm_memory::GuestAddress(gpa)).is_some_and(crate::pagemap::region_is_anonymous);
+        self.encode(gpa, &run, anonymous)
     }
 
     /// Encodes the pages of `run`, guest memory starting at guest address `gpa` (whole pages;
@@ -277,7 +291,25 @@ impl<W: Write> FrameWriter<W> {
         gpa: u64,
         run: &vm_memory::VolatileSlice<'_, B>,
     ) -> Result<(u64, u64), StreamError> {
-        let res = self.encode_pages(gpa, run);
+        self.encode(gpa, run, false)
+    }
+
+    /// [`FrameWriter::guest_pages`], told whether `run` is private anonymous memory.
+    fn encode<B: vm_memory::bitmap::BitmapSlice>(
+        &mut self,
+        gpa: u64,
+        run: &vm_memory::VolatileSlice<'_, B>,
+        anonymous: bool,
+    ) -> Result<(u64, u64), StreamError> {
+        let mut holes = std::mem::take(&mut self.holes);
+        let pages = run.len() / PAGE;
+        if !(anonymous && pages >= HOLE_CHECK_PAGES && {
+            crate::pagemap::holes(run.ptr_guard().as_ptr() as usize, pages, &mut holes)
+        }) {
+            holes.clear();
+        }
+        let res = self.encode_pages(gpa, run, &holes);
+        self.holes = holes;
         if !self.parts.is_empty() {
             // The guest parts must not outlive `run`'s borrow: send them now, or forget them
             // (and the stream with them) after an error.
@@ -291,14 +323,22 @@ impl<W: Write> FrameWriter<W> {
         res
     }
 
+    /// Encodes `run`; a page whose bit is set in `holes` (if not empty) is zero without a look.
     fn encode_pages<B: vm_memory::bitmap::BitmapSlice>(
         &mut self,
         gpa: u64,
         run: &vm_memory::VolatileSlice<'_, B>,
+        holes: &[u64],
     ) -> Result<(u64, u64), StreamError> {
         let io = |e: vm_memory::VolatileMemoryError| StreamError::Io(std::io::Error::other(e.to_string()));
         let pages = run.len() / PAGE;
-        let zero_at = |i: usize| run.subslice(i * PAGE, PAGE).map(|p| crate::sys::guest_page_is_zero(&p));
+        let hole = |i: usize| holes.get(i / 64).is_some_and(|w| w >> (i % 64) & 1 == 1);
+        let zero_at = |i: usize| {
+            if hole(i) {
+                return Ok(true);
+            }
+            run.subslice(i * PAGE, PAGE).map(|p| crate::sys::guest_page_is_zero(&p))
+        };
         let live = self.live && !self.compress;
         let (mut normal, mut zero) = (0u64, 0u64);
         let mut open: Option<(usize, usize)> = None; // data frame being filled: (start, pages)
