@@ -28,8 +28,8 @@ use crate::dirty::{DirtyBitmap, DirtyTracker, empty_maps, trackers_for};
 pub use crate::error::MigrationError;
 use crate::stats::{Iteration, MigrationStats, Progress};
 use crate::stream::{
-    COMPRESSION_VERSION, FrameReader, FrameWriter, Hello, LIVE_PAGES_VERSION, Layout, Message, PAGE,
-    PROTOCOL_VERSIONS, StreamError,
+    APPLIED_VERSION, COMPRESSION_VERSION, FrameReader, FrameWriter, Hello, LIVE_PAGES_VERSION, Layout,
+    Message, PAGE, PROTOCOL_VERSIONS, StreamError,
 };
 use crate::streams::{Encoding, Out, Senders, Tally, check_streams};
 use crate::transport::Transport;
@@ -358,14 +358,15 @@ impl<'a> Source<'a> {
         let main = enc.writer(&mut *transport, FLUSH_BYTES);
         let (pause_at, sent) = if data.is_empty() {
             let mut out = Out { main, streams: None, main_pages: Tally::default() };
-            self.stream_memory(&mut out, stats, paused, start)?
+            let acked = version >= APPLIED_VERSION;
+            self.stream_memory(&mut out, acked, stats, paused, start)?
         } else {
             std::thread::scope(|s| {
                 let senders = Senders::start(s, vm.memory(), data, enc);
                 let mut out = Out { main, streams: Some(&senders), main_pages: Tally::default() };
                 // On an error the senders go first: their threads then see their queues close,
                 // close their streams and end, and the scope can join them.
-                let r = self.stream_memory(&mut out, stats, paused, start);
+                let r = self.stream_memory(&mut out, false, stats, paused, start);
                 drop(out);
                 drop(senders);
                 r
@@ -405,9 +406,16 @@ impl<'a> Source<'a> {
 
     /// Pre-copy iterations, then pause and copy the rest, the vCPU and device state, `Complete`.
     /// Returns when the VM was paused, and what all streams sent.
-    fn stream_memory<W: std::io::Write>(
+    ///
+    /// With `acked` (protocol version 5, no data streams) an iteration ends when the destination
+    /// answers its `IterationEnd` with `IterationApplied`: its duration, and so the measured
+    /// bandwidth, the dirty set and the predicted downtime, then include the destination writing
+    /// the pages into its memory. Without it, a destination still applying an earlier iteration
+    /// when the source pauses adds that backlog to the downtime.
+    fn stream_memory<W: std::io::Read + std::io::Write>(
         &mut self,
         out: &mut Out<'_, W>,
+        acked: bool,
         stats: &mut MigrationStats,
         paused: &mut bool,
         start: Instant,
@@ -424,6 +432,18 @@ impl<'a> Source<'a> {
             self.send_maps(out, &to_send, index, start)?;
             out.main.message(&Message::IterationEnd(index))?;
             let now = out.sync(false)?;
+            if acked {
+                match FrameReader::new(out.main.get_mut()).read_frame()? {
+                    Message::IterationApplied(n) if n == index => {}
+                    Message::Abort(reason) => return Err(MigrationError::PeerAborted(reason)),
+                    other => {
+                        return Err(MigrationError::Protocol {
+                            expected: "IterationApplied",
+                            got: format!("{other:?}"),
+                        });
+                    }
+                }
+            }
             let duration = t.elapsed();
             let sent = now - before;
             let it_bytes = sent.bytes;

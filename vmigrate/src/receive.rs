@@ -12,8 +12,8 @@ use vm_memory::{Bytes, GuestAddress};
 
 use crate::precopy::{MigrationError, hello_for, host_cpu_features};
 use crate::stream::{
-    COMPRESSION_VERSION, FrameReader, FrameWriter, Hello, Kind, Layout, MAX_PAGES_PER_FRAME, Message, PAGE,
-    PROTOCOL_VERSIONS, StreamError, page_crc, vmm_wrote,
+    APPLIED_VERSION, COMPRESSION_VERSION, FrameReader, FrameWriter, Hello, Kind, Layout, MAX_PAGES_PER_FRAME,
+    Message, PAGE, PROTOCOL_VERSIONS, StreamError, page_crc, vmm_wrote,
 };
 use crate::streams::{check_streams, receive_stream};
 use crate::transport::Transport;
@@ -302,7 +302,10 @@ impl<'a> Destination<'a> {
         let mem = vm.memory();
         let kz = Fresh { never_ran, populate: never_ran && !vm.config().prealloc };
         let (state, sections) = if data.is_empty() {
-            receive_main(transport, vm.memory(), &hello.layout, version, kz, false, &mut stats)?
+            // A live source without data streams waits for each iteration to be applied.
+            let ack = live && version >= APPLIED_VERSION;
+            let main = Main { version, fresh: kz, data_streams: false, ack };
+            receive_main(transport, vm.memory(), &hello.layout, main, &mut stats)?
         } else {
             let layout = &hello.layout;
             let count = data.len();
@@ -312,7 +315,8 @@ impl<'a> Destination<'a> {
                     .enumerate()
                     .map(|(i, t)| s.spawn(move || receive_stream(mem, layout, kz, t, i, count)))
                     .collect();
-                let main = receive_main(transport, mem, layout, version, kz, true, &mut stats);
+                let main = Main { version, fresh: kz, data_streams: true, ack: false };
+                let main = receive_main(transport, mem, layout, main, &mut stats);
                 let mut errors = Vec::new();
                 for h in streams {
                     match h.join().expect("a receiving thread panicked") {
@@ -441,13 +445,23 @@ fn is_echo(e: &MigrationError) -> bool {
 /// Reads the main stream from after the handshake to `Complete`: pages (unless `data_streams`:
 /// then pages belong on the data streams), iteration marks, the vCPU/VM state and the device
 /// sections. Returns the state and the sections.
+/// How the main stream is received.
+#[derive(Debug, Clone, Copy)]
+struct Main {
+    /// The protocol version agreed on.
+    version: u16,
+    fresh: Fresh,
+    /// Data streams carry the pages; the main stream must not.
+    data_streams: bool,
+    /// Answer each `IterationEnd` with `IterationApplied` (protocol version 5, live).
+    ack: bool,
+}
+
 fn receive_main<T: Transport>(
     transport: &mut T,
     mem: &GuestMemory,
     layout: &Layout,
-    version: u16,
-    fresh: Fresh,
-    data_streams: bool,
+    Main { version, fresh, data_streams, ack }: Main,
     stats: &mut ReceiveStats,
 ) -> Result<(Option<Vec<u8>>, Sections), MigrationError> {
     let mut r = FrameReader::new(&mut *transport);
@@ -478,7 +492,13 @@ fn receive_main<T: Transport>(
                     got: "CompressedPages".into(),
                 });
             }
-            Message::IterationEnd(_) => stats.iterations += 1,
+            Message::IterationEnd(n) => {
+                stats.iterations += 1;
+                // Every frame before it is in guest memory: frames are applied as they are read.
+                if ack {
+                    FrameWriter::new(r.get_mut(), 0).message(&Message::IterationApplied(n))?;
+                }
+            }
             Message::CpuState(b) => state = Some(b.to_vec()),
             Message::Device { name, data } => sections.push((name, data.to_vec())),
             Message::Complete => break,

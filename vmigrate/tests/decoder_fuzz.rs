@@ -104,7 +104,7 @@ proptest! {
 
     #[test]
     fn arbitrary_frames_with_valid_checksums_never_escape(
-        frames in proptest::collection::vec((0u16..19, any::<u64>(), any::<u64>(), 0usize..3), 1..20),
+        frames in proptest::collection::vec((0u16..20, any::<u64>(), any::<u64>(), 0usize..3), 1..20),
         lz4 in proptest::collection::vec(any::<u8>(), 0..256),
     ) {
         // Well-formed headers and checksums around hostile contents: addresses anywhere.
@@ -186,6 +186,7 @@ fn kind_of(k: u16) -> Option<vmigrate::stream::Kind> {
         DiskWrite,
         DiskAck,
         LivePages,
+        IterationApplied,
     ]
     .into_iter()
     .find(|x| *x as u16 == k)

@@ -31,13 +31,16 @@
 use serde::{Deserialize, Serialize};
 
 /// Protocol versions this build speaks (oldest, newest).
-pub const PROTOCOL_VERSIONS: (u16, u16) = (1, 4);
+pub const PROTOCOL_VERSIONS: (u16, u16) = (1, 5);
 /// The first version with [`Kind::CompressedPages`].
 pub const COMPRESSION_VERSION: u16 = 2;
 /// The first version with data streams ([`Kind::StreamHello`]).
 pub const STREAMS_VERSION: u16 = 3;
 /// The first version with [`Kind::LivePages`].
 pub const LIVE_PAGES_VERSION: u16 = 4;
+/// The first version in which the destination answers each [`Kind::IterationEnd`] of a live
+/// migration without data streams with [`Kind::IterationApplied`].
+pub const APPLIED_VERSION: u16 = 5;
 /// Most data streams of one migration.
 pub const MAX_DATA_STREAMS: u16 = 64;
 /// Most bytes in one `DiskWrite` frame (a disk mirror's largest block).
@@ -98,6 +101,9 @@ pub enum Kind {
     /// A run of guest pages sent from a running guest's memory without a copy, with a checksum
     /// of its own for the data (protocol version 4; see the module documentation).
     LivePages = 18,
+    /// Destination → source: every frame up to `IterationEnd(n)` is applied (protocol version
+    /// 5; live migrations without data streams).
+    IterationApplied = 19,
 }
 
 impl Kind {
@@ -122,6 +128,7 @@ impl Kind {
             16 => DiskWrite,
             17 => DiskAck,
             18 => LivePages,
+            19 => IterationApplied,
             _ => return None,
         })
     }
@@ -137,7 +144,7 @@ impl Kind {
             Kind::Hello => 4096,
             Kind::Abort => 1024,
             Kind::ZeroPages => 16,
-            Kind::IterationEnd | Kind::HelloAck | Kind::StreamHello => 4,
+            Kind::IterationEnd | Kind::IterationApplied | Kind::HelloAck | Kind::StreamHello => 4,
             Kind::DiskHello | Kind::DiskAck => 8,
             Kind::DiskWrite => 8 + MAX_DISK_WRITE,
             Kind::Complete | Kind::Ready | Kind::Commit | Kind::Started => 0,
@@ -376,6 +383,8 @@ pub enum Message<'a> {
     },
     /// End of iteration `n`.
     IterationEnd(u32),
+    /// The destination applied everything up to the end of iteration `n`.
+    IterationApplied(u32),
     /// A disk mirror session begins: the image is `size` bytes.
     DiskHello {
         /// Image size in bytes.
@@ -514,9 +523,14 @@ impl Message<'_> {
                 }
                 Message::StreamHello { index, count }
             }
-            Kind::IterationEnd => {
+            Kind::IterationEnd | Kind::IterationApplied => {
                 exact(4)?;
-                Message::IterationEnd(u32::from_le_bytes([payload[0], payload[1], payload[2], payload[3]]))
+                let n = u32::from_le_bytes([payload[0], payload[1], payload[2], payload[3]]);
+                if kind == Kind::IterationEnd {
+                    Message::IterationEnd(n)
+                } else {
+                    Message::IterationApplied(n)
+                }
             }
             Kind::Complete | Kind::Ready | Kind::Commit | Kind::Started => {
                 exact(0)?;

@@ -222,6 +222,7 @@ impl<W: Write> FrameWriter<W> {
                 self.end(at)
             }
             Message::IterationEnd(n) => self.frame(Kind::IterationEnd, &n.to_le_bytes()),
+            Message::IterationApplied(n) => self.frame(Kind::IterationApplied, &n.to_le_bytes()),
             Message::DiskHello { size } => self.frame(Kind::DiskHello, &size.to_le_bytes()),
             Message::DiskAck(n) => self.frame(Kind::DiskAck, &n.to_le_bytes()),
             Message::DiskWrite { offset, data } => {
