@@ -1,8 +1,11 @@
 //! The pre-copy engine (source side) and its [`ConvergencePolicy`].
 //!
 //! 1. Handshake (`Hello` → `HelloAck`), start dirty tracking.
-//! 2. Iteration 0 sends all memory (zero pages as runs); each later iteration re-sends what got
-//!    dirty, while the predicted downtime (dirty bytes / measured bandwidth) exceeds the limit.
+//! 2. Iteration 0 sends all memory (zero pages as runs; pages the host never allocated are not
+//!    even read); each later iteration re-sends what got dirty, while the predicted downtime
+//!    (dirty bytes / measured bandwidth) exceeds the limit. An iteration ends with
+//!    `IterationEnd`; from protocol version 5 (without data streams) the source then waits for
+//!    the destination's `IterationApplied`, so that the measurement covers applying the pages.
 //!    Auto-converge throttles the vCPUs when the dirty rate outruns the link; stall detection
 //!    and a total timeout each end in the strategy the caller picked.
 //! 3. Pause the vCPUs, then the devices ([`DeviceSections`]); send the rest, the vCPU/VM state
