@@ -442,9 +442,6 @@ fn is_echo(e: &MigrationError) -> bool {
     )
 }
 
-/// Reads the main stream from after the handshake to `Complete`: pages (unless `data_streams`:
-/// then pages belong on the data streams), iteration marks, the vCPU/VM state and the device
-/// sections. Returns the state and the sections.
 /// How the main stream is received.
 #[derive(Debug, Clone, Copy)]
 struct Main {
@@ -457,6 +454,9 @@ struct Main {
     ack: bool,
 }
 
+/// Reads the main stream from after the handshake to `Complete`: pages (unless `data_streams`:
+/// then pages belong on the data streams), iteration marks, the vCPU/VM state and the device
+/// sections. Returns the state and the sections.
 fn receive_main<T: Transport>(
     transport: &mut T,
     mem: &GuestMemory,
