@@ -10,6 +10,8 @@ use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::sync::OnceLock;
 
+use crate::dirty::DirtyBitmap;
+
 /// Bit 63 of a pagemap entry: a page is mapped.
 const PRESENT: u64 = 1 << 63;
 /// Bit 62: the page is swapped out (or in transit: migration entries count as swapped).
@@ -38,50 +40,40 @@ pub(crate) fn region_is_anonymous<B: vm_memory::bitmap::Bitmap>(
     region.file_offset().is_none() && region.flags() & (want | libc::MAP_SHARED) == want
 }
 
-/// Fills `holes` with one bit per page of the `pages` pages at host address `addr` (page-aligned;
-/// bit `i % 64` of word `i / 64`): set for a page with nothing behind it, neither mapped nor
-/// swapped out. Only meaningful for private anonymous memory ([`region_is_anonymous`]), where
-/// such a page reads as zeros. Returns false, with `holes` all clear, when the host cannot say
-/// (no procfs, another page size, an unaligned address).
+/// The pages of the `pages` pages at host address `addr` (page-aligned) with nothing behind
+/// them, neither mapped nor swapped out: one bit per page, set for such a hole. Only meaningful
+/// for private anonymous memory ([`region_is_anonymous`]), where a hole reads as zeros. `None`
+/// when the host cannot say (no procfs, another page size, an unaligned address).
 ///
 /// The answer describes a moment of the call: a page the guest writes afterwards is dirty and
 /// sent again, as for any page the encoder reads.
-pub(crate) fn holes(addr: usize, pages: usize, holes: &mut Vec<u64>) -> bool {
-    holes.clear();
-    holes.resize(pages.div_ceil(64), 0);
-    let Some(file) = pagemap() else { return false };
+pub(crate) fn holes(addr: usize, pages: usize) -> Option<DirtyBitmap> {
+    let file = pagemap()?;
     if !addr.is_multiple_of(PAGE) {
-        return false;
+        return None;
     }
+    let mut holes = DirtyBitmap::new(pages as u64);
     let mut raw = [0u8; 8 * BATCH];
     let mut done = 0;
     while done < pages {
         let n = (pages - done).min(BATCH);
         let at = ((addr / PAGE + done) * 8) as u64;
-        if file.read_exact_at(&mut raw[..8 * n], at).is_err() {
-            holes.iter_mut().for_each(|w| *w = 0);
-            return false;
-        }
+        file.read_exact_at(&mut raw[..8 * n], at).ok()?;
         for (k, e) in raw[..8 * n].chunks_exact(8).enumerate() {
             let e = u64::from_ne_bytes(e.try_into().expect("8 bytes"));
             if e & (PRESENT | SWAPPED) == 0 {
-                let i = done + k;
-                holes[i / 64] |= 1 << (i % 64);
+                holes.set((done + k) as u64);
             }
         }
         done += n;
     }
-    true
+    Some(holes)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
-
-    fn bit(h: &[u64], i: usize) -> bool {
-        h[i / 64] >> (i % 64) & 1 == 1
-    }
 
     #[test]
     fn holes_follow_what_the_host_allocated() {
@@ -94,23 +86,23 @@ mod tests {
         let region = mem.find_region(GuestAddress(0)).unwrap();
         assert!(region_is_anonymous(region));
         let addr = mem.get_slice(GuestAddress(0), PAGE).unwrap().ptr_guard().as_ptr() as usize;
-        let mut h = Vec::new();
-        if !holes(addr, pages, &mut h) {
+        let Some(h) = holes(addr, pages) else {
             eprintln!("skipping: /proc/self/pagemap is not readable here");
             return;
-        }
-        assert!((0..pages).all(|i| bit(&h, i)), "fresh memory is all holes");
+        };
+        assert_eq!(h.count(), pages as u64, "fresh memory is all holes");
         // Written pages are allocated, zeros included; a page only read maps the zero page.
         mem.write_slice(&[1], GuestAddress(3 * PAGE as u64)).unwrap();
         mem.write_slice(&[0], GuestAddress(200 * PAGE as u64)).unwrap();
         let mut b = [0u8];
         mem.read_slice(&mut b, GuestAddress(299 * PAGE as u64)).unwrap();
-        assert!(holes(addr, pages, &mut h));
-        let filled: Vec<usize> = (0..pages).filter(|&i| !bit(&h, i)).collect();
+        let h = holes(addr, pages).unwrap();
+        let filled: Vec<u64> = (0..pages as u64).filter(|&i| !h.is_set(i)).collect();
         assert_eq!(filled, [3, 200, 299]);
         // Bits past `pages` stay clear.
-        assert_eq!(h.len(), pages.div_ceil(64));
-        assert_eq!(h[h.len() - 1] >> (pages % 64), 0);
+        assert_eq!(h.pages(), pages as u64);
+        assert_eq!(h.words().len(), pages.div_ceil(64));
+        assert_eq!(h.words()[h.words().len() - 1] >> (pages % 64), 0);
     }
 
     #[test]

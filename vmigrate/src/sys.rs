@@ -58,8 +58,7 @@ impl DirtyRing {
     /// Maps the ring of the vCPU whose fd is `vcpu_fd` (`entries` must be the ring size the VM
     /// enabled). The fd must stay open for the ring's lifetime (the `Vm` owns it).
     pub(crate) fn map(vcpu_fd: RawFd, entries: u32) -> std::io::Result<Self> {
-        // SAFETY: sysconf has no memory-safety preconditions.
-        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as i64;
+        let page = host_page_size() as i64;
         let len = entries as usize * std::mem::size_of::<kvm_dirty_gfn>();
         // SAFETY: a fresh shared mapping of the vCPU fd at KVM's documented ring offset; the
         // result is checked before use and unmapped in Drop.

@@ -55,8 +55,6 @@ pub struct FrameWriter<W: Write> {
     part_from: usize,
     /// Guest bytes in `parts`.
     guest_bytes: usize,
-    /// Pages of the range being encoded that the host never allocated (reused).
-    holes: Vec<u64>,
 }
 
 impl<W: Write> FrameWriter<W> {
@@ -77,7 +75,6 @@ impl<W: Write> FrameWriter<W> {
             parts: Vec::new(),
             part_from: 0,
             guest_bytes: 0,
-            holes: Vec::new(),
         }
     }
 
@@ -266,13 +263,15 @@ impl<W: Write> FrameWriter<W> {
         gpa: u64,
         len: usize,
     ) -> Result<(u64, u64), StreamError> {
-        use vm_memory::GuestMemoryBackend as _;
-        let run = mem
-            .get_slice(vm_memory::GuestAddress(gpa), len)
-            .map_err(|e| StreamError::Io(std::io::Error::other(e.to_string())))?;
-        let anonymous =
-            mem.find_region(vm_memory::GuestAddress(gpa)).is_some_and(crate::pagemap::region_is_anonymous);
-        self.encode(gpa, &run, anonymous)
+        use vm_memory::{GuestMemoryBackend as _, GuestMemoryRegion as _};
+        let io = |e: String| StreamError::Io(std::io::Error::other(e));
+        let region = mem
+            .find_region(vm_memory::GuestAddress(gpa))
+            .ok_or_else(|| io(format!("no guest memory at {gpa:#x}")))?;
+        let run = region
+            .get_slice(vm_memory::MemoryRegionAddress(gpa - region.start_addr().0), len)
+            .map_err(|e| io(e.to_string()))?;
+        self.encode(gpa, &run, crate::pagemap::region_is_anonymous(region))
     }
 
     /// Encodes the pages of `run`, guest memory starting at guest address `gpa` (whole pages;
@@ -302,15 +301,12 @@ impl<W: Write> FrameWriter<W> {
         run: &vm_memory::VolatileSlice<'_, B>,
         anonymous: bool,
     ) -> Result<(u64, u64), StreamError> {
-        let mut holes = std::mem::take(&mut self.holes);
         let pages = run.len() / PAGE;
-        if !(anonymous && pages >= HOLE_CHECK_PAGES && {
-            crate::pagemap::holes(run.ptr_guard().as_ptr() as usize, pages, &mut holes)
-        }) {
-            holes.clear();
-        }
+        let holes = (anonymous && pages >= HOLE_CHECK_PAGES)
+            .then(|| crate::pagemap::holes(run.ptr_guard().as_ptr() as usize, pages))
+            .flatten()
+            .unwrap_or_default();
         let res = self.encode_pages(gpa, run, &holes);
-        self.holes = holes;
         if !self.parts.is_empty() {
             // The guest parts must not outlive `run`'s borrow: send them now, or forget them
             // (and the stream with them) after an error.
@@ -324,18 +320,17 @@ impl<W: Write> FrameWriter<W> {
         res
     }
 
-    /// Encodes `run`; a page whose bit is set in `holes` (if not empty) is zero without a look.
+    /// Encodes `run`; a page set in `holes` (empty if unknown) is zero without a look.
     fn encode_pages<B: vm_memory::bitmap::BitmapSlice>(
         &mut self,
         gpa: u64,
         run: &vm_memory::VolatileSlice<'_, B>,
-        holes: &[u64],
+        holes: &crate::dirty::DirtyBitmap,
     ) -> Result<(u64, u64), StreamError> {
         let io = |e: vm_memory::VolatileMemoryError| StreamError::Io(std::io::Error::other(e.to_string()));
         let pages = run.len() / PAGE;
-        let hole = |i: usize| holes.get(i / 64).is_some_and(|w| w >> (i % 64) & 1 == 1);
         let zero_at = |i: usize| {
-            if hole(i) {
+            if holes.is_set(i as u64) {
                 return Ok(true);
             }
             run.subslice(i * PAGE, PAGE).map(|p| crate::sys::guest_page_is_zero(&p))
