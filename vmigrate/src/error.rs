@@ -1,7 +1,7 @@
 //! The errors of a migration, on either side.
 
 use crate::dirty::DirtyError;
-use crate::stream::StreamError;
+use crate::stream::{FrameReader, Message, StreamError};
 
 /// Errors of a migration. Every variant but [`MigrationError::CommitUncertain`] leaves the source
 /// VM running (source side) or the destination VM never started (destination side).
@@ -66,4 +66,19 @@ pub enum MigrationError {
     /// guest. The source VM stays paused and must not be resumed without outside knowledge.
     #[error("connection lost at commit: the guest may be running on the destination; source left paused")]
     CommitUncertain(#[source] StreamError),
+}
+
+/// Reads the peer's next frame on `r` and lets `want` take it (it hands back a frame it does not
+/// want). An `Abort` in its place ends the session with the peer's reason; any other frame is a
+/// protocol violation naming `expected`.
+pub(crate) fn expect_frame<R: std::io::Read, T>(
+    r: &mut FrameReader<R>,
+    expected: &'static str,
+    want: impl FnOnce(Message<'_>) -> Result<T, Message<'_>>,
+) -> Result<T, MigrationError> {
+    match want(r.read_frame()?) {
+        Ok(t) => Ok(t),
+        Err(Message::Abort(reason)) => Err(MigrationError::PeerAborted(reason)),
+        Err(other) => Err(MigrationError::Protocol { expected, got: format!("{other:?}") }),
+    }
 }

@@ -29,6 +29,7 @@ use vcore::{DeviceSections, Vm};
 
 use crate::dirty::{DirtyBitmap, DirtyTracker, empty_maps, trackers_for};
 pub use crate::error::MigrationError;
+use crate::error::expect_frame;
 use crate::stats::{Iteration, MigrationStats, Progress};
 use crate::stream::{
     APPLIED_VERSION, COMPRESSION_VERSION, FrameReader, FrameWriter, Hello, LIVE_PAGES_VERSION, Layout,
@@ -338,13 +339,10 @@ impl<'a> Source<'a> {
         w.flush()?;
         let mut total_bytes = w.bytes;
         drop(w);
-        let version = match FrameReader::new(&mut *transport).read_frame()? {
-            Message::HelloAck(v) => v,
-            Message::Abort(reason) => return Err(MigrationError::PeerAborted(reason)),
-            other => {
-                return Err(MigrationError::Protocol { expected: "HelloAck", got: format!("{other:?}") });
-            }
-        };
+        let version = expect_frame(&mut FrameReader::new(&mut *transport), "HelloAck", |m| match m {
+            Message::HelloAck(v) => Ok(v),
+            m => Err(m),
+        })?;
         check_streams(data.len(), version, "destination")?;
         for t in &mut self.trackers {
             t.start(vm)?;
@@ -378,11 +376,10 @@ impl<'a> Source<'a> {
         stats.compressed_pages = sent.compressed;
         stats.live_pages = sent.live;
         total_bytes += sent.bytes;
-        match FrameReader::new(&mut *transport).read_frame()? {
-            Message::Ready => {}
-            Message::Abort(reason) => return Err(MigrationError::PeerAborted(reason)),
-            other => return Err(MigrationError::Protocol { expected: "Ready", got: format!("{other:?}") }),
-        }
+        expect_frame(&mut FrameReader::new(&mut *transport), "Ready", |m| match m {
+            Message::Ready => Ok(()),
+            m => Err(m),
+        })?;
         self.check(start)?;
         let handover_at = Instant::now();
 
@@ -436,16 +433,10 @@ impl<'a> Source<'a> {
             out.main.message(&Message::IterationEnd(index))?;
             let now = out.sync(false)?;
             if acked {
-                match FrameReader::new(out.main.get_mut()).read_frame()? {
-                    Message::IterationApplied(n) if n == index => {}
-                    Message::Abort(reason) => return Err(MigrationError::PeerAborted(reason)),
-                    other => {
-                        return Err(MigrationError::Protocol {
-                            expected: "IterationApplied",
-                            got: format!("{other:?}"),
-                        });
-                    }
-                }
+                expect_frame(&mut FrameReader::new(out.main.get_mut()), "IterationApplied", |m| match m {
+                    Message::IterationApplied(n) if n == index => Ok(()),
+                    m => Err(m),
+                })?;
             }
             let duration = t.elapsed();
             let sent = now - before;

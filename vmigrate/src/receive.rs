@@ -10,6 +10,7 @@ use serde::Serialize;
 use vcore::{GuestMemory, Vm, VmSnapshot};
 use vm_memory::{Bytes, GuestAddress};
 
+use crate::error::expect_frame;
 use crate::precopy::{MigrationError, hello_for, host_cpu_features};
 use crate::stream::{
     APPLIED_VERSION, COMPRESSION_VERSION, FrameReader, FrameWriter, Hello, Kind, Layout, MAX_PAGES_PER_FRAME,
@@ -285,11 +286,10 @@ impl<'a> Destination<'a> {
         let vm = self.vm;
         let mut stats = ReceiveStats::default();
         let mut r = FrameReader::new(&mut *transport);
-        let hello = match r.read_frame()? {
-            Message::Hello(h) => h,
-            Message::Abort(reason) => return Err(MigrationError::PeerAborted(reason)),
-            other => return Err(MigrationError::Protocol { expected: "Hello", got: format!("{other:?}") }),
-        };
+        let hello = expect_frame(&mut r, "Hello", |m| match m {
+            Message::Hello(h) => Ok(h),
+            m => Err(m),
+        })?;
         let version = check_hello(vm, &hello).map_err(MigrationError::Incompatible)?;
         stats.bytes = r.bytes;
         drop(r);
@@ -356,11 +356,10 @@ impl<'a> Destination<'a> {
             return Ok(stats);
         }
         FrameWriter::new(&mut *transport, 0).message(&Message::Ready)?;
-        match FrameReader::new(&mut *transport).read_frame()? {
-            Message::Commit => {}
-            Message::Abort(reason) => return Err(MigrationError::PeerAborted(reason)),
-            other => return Err(MigrationError::Protocol { expected: "Commit", got: format!("{other:?}") }),
-        }
+        expect_frame(&mut FrameReader::new(&mut *transport), "Commit", |m| match m {
+            Message::Commit => Ok(()),
+            m => Err(m),
+        })?;
         let t = Instant::now();
         vm.start()?;
         stats.start_us = t.elapsed().as_micros() as u64;
